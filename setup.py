@@ -1,0 +1,154 @@
+"""Build fastmerge._C (fused CPU kernels, always) and the CUDA kernels (when asked for and possible).
+
+Environment switches:
+  FASTMERGE_CUDA=auto|0|1     auto (default): build the CUDA kernels when torch has CUDA and nvcc is
+                              found; 0: never; 1: always (fail if impossible).
+  FASTMERGE_CUDA_ARCHS        CUDA architectures, default "80;90".
+  FASTMERGE_CPU_ISA           CPU instruction-set builds to compile, default "default,avx2,avx512" on
+                              x86-64 ("default" elsewhere). The right one is picked at run time; no
+                              -march=native anywhere.
+  MAX_JOBS                    parallel compile jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(ROOT, "csrc")
+
+
+def log(msg: str) -> None:
+    print(f"[fastmerge setup] {msg}", flush=True)
+
+
+# Flags that every C++ translation unit gets. -ffp-contract=off: no silent fused multiply-add, so
+# the kernels round exactly like the PyTorch reference (TIES results are compared bit for bit).
+CXX_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fno-strict-aliasing", "-fopenmp", "-fno-math-errno"]
+ISA_FLAGS = {
+    "default": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+}
+
+
+def wanted_isas() -> list[str]:
+    is_x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+    env = os.environ.get("FASTMERGE_CPU_ISA")
+    isas = [s.strip().lower() for s in env.split(",")] if env else (["default", "avx2", "avx512"] if is_x86 else ["default"])
+    for s in isas:
+        if s not in ISA_FLAGS:
+            raise SystemExit(f"FASTMERGE_CPU_ISA: unknown instruction set {s!r} (use default, avx2, avx512)")
+    if not is_x86:
+        isas = ["default"]
+    if "default" not in isas:
+        isas.insert(0, "default")
+    return isas
+
+
+def cuda_decision() -> tuple[bool, str]:
+    mode = os.environ.get("FASTMERGE_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise SystemExit(f"FASTMERGE_CUDA must be auto, 0 or 1, got {mode!r}")
+    if mode == "0":
+        return False, "FASTMERGE_CUDA=0"
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    has_cuda_torch = torch.version.cuda is not None
+    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")))
+    cuda_dir = os.path.join(CSRC, "cuda")
+    has_sources = os.path.isdir(cuda_dir) and any(f.endswith(".cu") for f in os.listdir(cuda_dir))
+    reasons = []
+    if not has_cuda_torch:
+        reasons.append("torch is a CPU-only build")
+    if not nvcc:
+        reasons.append("nvcc was not found (set CUDA_HOME)")
+    if not has_sources:
+        reasons.append("this version has no CUDA kernel sources (csrc/cuda/*.cu)")
+    if reasons:
+        if mode == "1":
+            raise SystemExit("FASTMERGE_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(reasons))
+        return False, "; ".join(reasons)
+    return True, f"torch {torch.__version__} has CUDA {torch.version.cuda} and nvcc is available"
+
+
+def ext_modules_and_cmdclass():
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, include_paths
+
+    isas = wanted_isas()
+    log(f"CPU kernels: building instruction sets {', '.join(isas)} (chosen at run time)")
+    build_cuda, why = cuda_decision()
+    log(("CUDA kernels: building (" if build_cuda else "CUDA kernels: skipped (") + why + ")")
+    if build_cuda:  # pragma: no cover - the GPU issue adds the sources
+        raise SystemExit("CUDA sources are present but this setup.py predates them")
+
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    defines = [f"-DFASTMERGE_HAVE_{s.upper()}" for s in isas if s != "default"]
+    incs = [os.path.join(CSRC, "include"), os.path.join(CSRC, "cpu")]
+
+    class Build(BuildExtension):
+        """Compiles the per-instruction-set kernel objects (each needs its own -m flags), then links
+        them into the extension with the op layer."""
+
+        def build_extensions(self):
+            for ext in self.extensions:
+                ext.extra_objects = self._isa_objects() + list(ext.extra_objects or [])
+            super().build_extensions()
+
+        def _isa_objects(self) -> list[str]:
+            cxx = os.environ.get("CXX", "c++")
+            out_dir = os.path.join(os.path.abspath(self.build_temp), "isa")
+            os.makedirs(out_dir, exist_ok=True)
+            deps = [os.path.join(CSRC, "cpu", f) for f in ("kernels.h", "common.h")]
+            deps.append(os.path.join(CSRC, "include", "fastmerge", "entry_math.h"))
+            jobs = []
+            for isa in isas:
+                src = os.path.join(CSRC, "cpu", f"kernels_{isa}.cpp")
+                obj = os.path.join(out_dir, f"kernels_{isa}.o")
+                cap = isa.upper()
+                cmd = [cxx, "-c", src, "-o", obj, "-fPIC", *CXX_FLAGS, *ISA_FLAGS[isa],
+                       f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+                cmd += [f"-I{p}" for p in incs + include_paths()]
+                fresh = os.path.exists(obj) and all(os.path.getmtime(obj) > os.path.getmtime(d) for d in deps + [src])
+                jobs.append((isa, cmd, obj, fresh))
+
+            def run(job):
+                isa, cmd, obj, fresh = job
+                if fresh:
+                    log(f"kernels[{isa}]: up to date")
+                    return obj
+                log(f"kernels[{isa}]: compiling")
+                subprocess.check_call(cmd)
+                return obj
+
+            max_jobs = int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))
+            with ThreadPoolExecutor(max_workers=max(1, max_jobs)) as pool:
+                return list(pool.map(run, jobs))
+
+    ext = CppExtension(
+        name="fastmerge._C",
+        sources=[os.path.relpath(os.path.join(CSRC, "cpu", "ops_cpu.cpp"), ROOT)],
+        include_dirs=incs,
+        extra_compile_args={"cxx": CXX_FLAGS + defines},
+        extra_link_args=["-fopenmp"],
+    )
+    return [ext], {"build_ext": Build.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+ext_modules, cmdclass = ext_modules_and_cmdclass()
+
+setup(
+    packages=["fastmerge", "fastmerge.kernels", "fastmerge.benchmarks"],
+    package_dir={"fastmerge": "fastmerge", "fastmerge.kernels": "kernels", "fastmerge.benchmarks": "benchmarks"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
