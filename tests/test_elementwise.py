@@ -1,0 +1,94 @@
+"""uniform_average and task_arithmetic: the fused CPU kernels against their reference twins."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastmerge
+from fastmerge import reference as ref
+from conftest import AWKWARD_SIZES, DTYPES, make_tasks, strided
+
+
+@pytest.mark.parametrize("d", AWKWARD_SIZES)
+@pytest.mark.parametrize("T", [1, 2, 5])
+def test_uniform_average_matches_reference_fp32(d, T):
+    _, thetas = make_tasks(d, T, seed=d + T)
+    out = fastmerge.uniform_average(thetas, backend="cpu")
+    expect = ref.uniform_average(thetas)
+    # same operation order, no fused multiply-add: bit for bit
+    assert torch.equal(out, expect)
+
+
+@pytest.mark.parametrize("dtype,rtol,atol", DTYPES + [(torch.float64, 1e-12, 1e-12)])
+@pytest.mark.parametrize("d", [1, 257, 4099])
+def test_uniform_average_dtypes_and_weights(dtype, rtol, atol, d):
+    _, thetas = make_tasks(d, 4, dtype=dtype, seed=3)
+    w = [0.5, 2.0, 0.0, 1.25]
+    out = fastmerge.uniform_average(thetas, weights=w, backend="cpu")
+    expect = ref.uniform_average(thetas, weights=w)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, expect, rtol=rtol, atol=atol)
+    naive = sum(wt * x.double() for wt, x in zip(w, thetas)) / sum(w)
+    torch.testing.assert_close(out.double(), naive, rtol=max(rtol, 1e-6), atol=max(atol, 1e-6))
+
+
+@pytest.mark.parametrize("dtype,rtol,atol", DTYPES)
+@pytest.mark.parametrize("d", [1, 2, 513, 65537])
+def test_task_arithmetic_matches_reference(dtype, rtol, atol, d):
+    base, thetas = make_tasks(d, 3, dtype=dtype, seed=d)
+    for lam in (0.4, [1.0, -0.5, 0.3]):
+        out = fastmerge.task_arithmetic(base, thetas, lam=lam, backend="cpu")
+        expect = ref.task_arithmetic(base, thetas, lam=lam)
+        assert torch.equal(out, expect), (dtype, d, lam)
+        lams = [lam] * 3 if isinstance(lam, float) else lam
+        naive = base.double() + sum(l * (x.double() - base.double()) for l, x in zip(lams, thetas))
+        torch.testing.assert_close(out.double(), naive, rtol=max(rtol, 1e-5), atol=max(atol, 1e-5))
+
+
+def test_stacked_input_equals_list_input():
+    base, thetas = make_tasks(1021, 4, seed=1)
+    stacked = torch.stack(thetas)
+    assert torch.equal(fastmerge.uniform_average(stacked), fastmerge.uniform_average(thetas))
+    assert torch.equal(fastmerge.task_arithmetic(base, stacked, 0.3), fastmerge.task_arithmetic(base, thetas, 0.3))
+
+
+def test_non_contiguous_inputs():
+    base, thetas = make_tasks(4099, 3, seed=2)
+    nb = strided(base, 3)
+    nts = [strided(x, 2) for x in thetas]
+    assert not nb.is_contiguous()
+    assert torch.equal(fastmerge.uniform_average(nts), fastmerge.uniform_average(thetas))
+    assert torch.equal(fastmerge.task_arithmetic(nb, nts, 0.7), fastmerge.task_arithmetic(base, thetas, 0.7))
+    # a [d, T] tensor seen through its transpose: every row is a strided view
+    cols = torch.stack(thetas, dim=1)
+    assert torch.equal(fastmerge.uniform_average(cols.t()), fastmerge.uniform_average(thetas))
+    # multi-dimensional tensors keep their shape
+    mats = [x.view(4099, 1) for x in thetas]
+    assert fastmerge.uniform_average(mats).shape == (4099, 1)
+
+
+def test_zeros_signed_zeros_and_cancellation():
+    a = torch.tensor([0.0, -0.0, 1.0, -1.0, 3.0e38])
+    b = torch.tensor([-0.0, -0.0, -1.0, 1.0, 3.0e38])
+    out = fastmerge.uniform_average([a, b], backend="cpu")
+    expect = ref.uniform_average([a, b])
+    assert torch.equal(out, expect)
+    assert torch.equal(torch.signbit(out), torch.signbit(expect))
+
+
+@pytest.mark.parametrize("op", ["uniform_average", "task_arithmetic"])
+def test_threads_bit_identical(op):
+    base, thetas = make_tasks(300_007, 5, seed=7)
+    fn = (lambda: fastmerge.uniform_average(thetas, [1, 2, 3, 4, 5])) if op == "uniform_average" else (
+        lambda: fastmerge.task_arithmetic(base, thetas, [0.1, 0.2, 0.3, 0.4, 0.5]))
+    torch.set_num_threads(1)
+    one = fn()
+    torch.set_num_threads(2)
+    two = fn()
+    assert torch.equal(one, two)
+
+
+def test_reference_average_is_the_plain_mean():
+    thetas = [torch.randn(100) for _ in range(3)]
+    torch.testing.assert_close(ref.uniform_average(thetas), torch.stack(thetas).mean(0), rtol=1e-6, atol=1e-6)

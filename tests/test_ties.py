@@ -1,0 +1,152 @@
+"""merge_ties: the fused CPU kernel against the reference, bit for bit, on awkward inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastmerge
+from fastmerge import reference as ref
+from conftest import AWKWARD_SIZES, make_tasks, strided
+
+MODES = ["mean", "sum", "max"]
+
+
+def check(base, thetas, **kw):
+    out = fastmerge.merge_ties(base, thetas, backend="cpu", **kw)
+    expect, parts = ref.merge_ties(base, thetas, return_parts=True, **kw)
+    assert out.dtype == expect.dtype and out.shape == expect.shape
+    # bit for bit, zero signs included: equal outputs imply equal masks and elected signs, and the
+    # parts below make the test fail loudly if the reference itself changes its conventions
+    assert torch.equal(out.view(-1).view(torch.int16 if out.element_size() == 2 else
+                                         (torch.int32 if out.element_size() == 4 else torch.int64)),
+                       expect.view(-1).view(torch.int16 if out.element_size() == 2 else
+                                            (torch.int32 if out.element_size() == 4 else torch.int64))), kw
+    return out, parts
+
+
+@pytest.mark.parametrize("d", AWKWARD_SIZES)
+@pytest.mark.parametrize("merge", MODES)
+def test_sizes_and_modes(d, merge):
+    base, thetas = make_tasks(d, 4, seed=d)
+    check(base, thetas, density=0.2, merge=merge)
+
+
+@pytest.mark.parametrize("density", [1.0, 0.999, 0.5, 0.2, 0.01, 1e-6])
+@pytest.mark.parametrize("T", [1, 2, 3, 8])
+def test_densities(density, T):
+    base, thetas = make_tasks(3001, T, seed=T)
+    _, parts = check(base, thetas, density=density, lam=0.8)
+    if density == 1.0:
+        assert bool(parts["mask"].all())
+    if density == 1e-6:  # k = n: only the entries equal to the max magnitude survive
+        assert int(parts["mask"].sum()) >= T
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("merge", MODES)
+def test_dtypes(dtype, merge):
+    base, thetas = make_tasks(4099, 5, dtype=dtype, seed=11)
+    check(base, thetas, density=0.3, merge=merge, lam=1.3)
+
+
+def test_ties_at_the_threshold_are_all_kept():
+    # many entries share the threshold magnitude: every tied entry is kept
+    base = torch.zeros(1000)
+    x = torch.tensor([1.0, -1.0, 0.5, 2.0] * 250)
+    y = torch.tensor([-1.0, 1.0, 1.0, 1.0] * 250)
+    _, parts = check(base, [x, y], density=0.3)
+    assert bool(parts["mask"][0][x.abs() >= 1.0].all())
+    check(base, [x, y], density=0.3, merge="max")
+
+
+def test_exact_cancellation_takes_the_majority_sign():
+    base = torch.zeros(8)
+    a = torch.tensor([1.0, 2.0, 3.0, 0.5, -0.25, 4.0, 1.0, 1.0])
+    b = torch.tensor([-1.0, 1.0, 1.0, 0.5, 0.25, -4.0, 1.0, 1.0])
+    for merge in MODES:
+        out, parts = check(base, [a, b], density=1.0, merge=merge)
+        # positions 0, 4, 5 cancel exactly; the majority of elected signs is +
+        assert bool((parts["gamma"][[0, 4, 5]] == 1).all())
+    # a negative majority
+    check(base, [-a, -b], density=1.0)
+    # all positions cancel: the majority sign is 0 and nothing is selected there
+    check(base, [a, -a], density=1.0)
+
+
+def test_all_zero_task_vector_and_signed_zeros():
+    base = torch.tensor([0.0, -0.0, 1.0, -0.0, 2.0, -3.0, 0.0])
+    zero_task = base.clone()
+    other = base + torch.tensor([0.5, -0.0, -1.0, 0.0, 0.25, 1.0, -2.0])
+    for merge in MODES:
+        check(base, [zero_task, other], density=0.5, merge=merge)
+        check(base, [zero_task, zero_task], density=0.5, merge=merge)
+        check(base, [zero_task], density=1.0, merge=merge)
+
+
+def test_weights_multiply_first():
+    base, thetas = make_tasks(2049, 3, seed=5)
+    check(base, thetas, density=0.25, weights=[0.5, 2.0, 1.0])
+    check(base, thetas, density=0.25, weights=[3.0, 3.0, 3.0], merge="max")
+
+
+def test_scope_tensor():
+    sizes = [1, 7, 300, 0, 4099, 2, 65537]
+    off = torch.tensor([0] + list(torch.tensor(sizes).cumsum(0).tolist()))
+    d = int(off[-1])
+    base, thetas = make_tasks(d, 4, seed=9)
+    for merge in MODES:
+        check(base, thetas, density=0.2, merge=merge, scope="tensor", layout=off)
+    layout = fastmerge.FlatLayout.from_shapes([(f"p{i}", (s,)) for i, s in enumerate(sizes)])
+    a = fastmerge.merge_ties(base, thetas, scope="tensor", layout=layout)
+    assert torch.equal(a, fastmerge.merge_ties(base, thetas, scope="tensor", layout=off))
+
+
+def test_large_problem_uses_the_sampled_bracket_and_stays_exact():
+    # problems above the exact-selection size go through the sampled bracket, the streaming pass and
+    # the fix-ups; heavy tails and repeated magnitudes make it harder
+    d = 1_500_007
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(d, generator=g) * 0.02
+    thetas = []
+    for t in range(3):
+        tau = torch.randn(d, generator=g) ** 3 * 0.001
+        tau[torch.randint(0, d, (d // 10,), generator=g)] = 0.0005  # many ties
+        thetas.append(base + tau)
+    for merge in MODES:
+        check(base, thetas, density=0.2, merge=merge)
+    stats = fastmerge.ties_stats()
+    assert stats["bracket_problems"] == 3
+    assert stats["passes"] >= 1
+
+
+def test_non_contiguous_and_stacked_inputs():
+    base, thetas = make_tasks(5003, 3, seed=4)
+    expect = fastmerge.merge_ties(base, thetas)
+    assert torch.equal(fastmerge.merge_ties(strided(base), [strided(x, 3) for x in thetas]), expect)
+    assert torch.equal(fastmerge.merge_ties(base, torch.stack(thetas)), expect)
+    assert torch.equal(fastmerge.merge_ties(base, torch.stack(thetas, 1).t()), expect)
+
+
+def test_threads_bit_identical():
+    d = 1_200_011
+    base, thetas = make_tasks(d, 4, seed=8)
+    off = torch.tensor([0, 5, 600_000, 600_001, d])
+    for kw in ({}, {"scope": "tensor", "layout": off}):
+        torch.set_num_threads(1)
+        one = fastmerge.merge_ties(base, thetas, **kw)
+        torch.set_num_threads(2)
+        two = fastmerge.merge_ties(base, thetas, **kw)
+        assert torch.equal(one, two)
+
+
+def test_reference_follows_the_published_algorithm():
+    # a direct transcription of trim / elect / disjoint-mean on a tiny case, computed by hand
+    base = torch.zeros(5)
+    t1 = torch.tensor([0.9, -0.1, 0.5, -0.7, 0.2])
+    t2 = torch.tensor([-0.8, 0.3, 0.4, -0.6, -0.05])
+    # density 0.6: k = 5 - 3 = 2; thresholds 0.2 (t1) and 0.3 (t2)
+    # trimmed: t1 -> [0.9, 0, 0.5, -0.7, 0.2], t2 -> [-0.8, 0.3, 0.4, -0.6, 0]
+    # sums: [0.1, 0.3, 0.9, -1.3, 0.2] -> signs [+, +, +, -, +]
+    expect = torch.tensor([0.9, 0.3, 0.45, -0.65, 0.2])
+    torch.testing.assert_close(ref.merge_ties(base, [t1, t2], density=0.6), expect)
