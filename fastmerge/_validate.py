@@ -126,23 +126,30 @@ def check_scope(scope: str) -> str:
 
 
 def check_offsets(offsets, numel: int, name: str = "blocks") -> torch.Tensor:
-    """Validate block boundaries: a 1-D int64 sequence from 0 to numel, non-decreasing."""
+    """Validate block boundaries: a 1-D int64 sequence from 0 to numel, non-decreasing.
+
+    Accepts an int64 tensor, a sequence of Python ints, or a FlatLayout (one block per parameter
+    tensor). Returns a contiguous int64 CPU tensor. The C++ kernels repeat these checks with the
+    same messages (they run alone under torch.compile).
+    """
     if hasattr(offsets, "block_offsets") and not isinstance(offsets, torch.Tensor):
         offsets = offsets.block_offsets("tensor")
     if isinstance(offsets, torch.Tensor):
-        if offsets.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"{name} must hold integer offsets, got dtype {offsets.dtype}")
         if offsets.dim() != 1:
             raise ValueError(f"{name} must be a 1-D sequence of offsets, got shape {tuple(offsets.shape)}")
-        off = offsets.detach().to("cpu", torch.int64).contiguous()
+        if offsets.dtype != torch.int64:
+            raise ValueError(f"{name} must hold int64 offsets, got dtype {offsets.dtype}")
+        off = offsets.detach().to("cpu").contiguous()
     else:
         try:
             vals = list(offsets)
         except TypeError:
             raise TypeError(f"{name} must be a sequence of offsets or a FlatLayout, got {type(offsets).__name__}") from None
         for v in vals:
+            if isinstance(v, (list, tuple)) or (isinstance(v, torch.Tensor) and v.dim() > 0):
+                raise ValueError(f"{name} must be a 1-D sequence of offsets, got a nested entry {v!r}")
             if isinstance(v, bool) or not isinstance(v, int):
-                raise ValueError(f"{name} must hold integer offsets, got {v!r}")
+                raise ValueError(f"{name} must hold int64 offsets (Python ints), got {v!r}")
         off = torch.tensor(vals, dtype=torch.int64)
     if off.numel() < 2:
         raise ValueError(f"{name} must have at least two offsets (start 0 and end {numel}), got {off.numel()}")

@@ -455,8 +455,7 @@ class FlatLayout:
             numel: Number of elements of the buffer being tiled.
 
         Returns:
-            The boundaries as a contiguous 1-D ``torch.int64`` tensor (a
-            tensor input keeps its device).
+            The boundaries as a contiguous 1-D ``torch.int64`` CPU tensor.
 
         Raises:
             ValueError: naming ``blocks`` when the boundaries are invalid.
@@ -465,49 +464,9 @@ class FlatLayout:
             >>> FlatLayout.check_blocks([0, 4, 10], 10).tolist()
             [0, 4, 10]
         """
-        try:
-            numel = operator.index(numel)
-        except TypeError:
-            raise ValueError(f"numel must be an int, got {numel!r}") from None
-        if numel < 0:
-            raise ValueError(f"numel must be non-negative, got {numel}")
-        if isinstance(offsets, torch.Tensor):
-            blocks = offsets
-        else:
-            try:
-                blocks = torch.as_tensor(offsets)
-            except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
-                raise ValueError(
-                    f"blocks must be a 1-D int64 sequence of offsets: {exc}"
-                ) from None
-            if blocks.numel() == 0:  # an empty list carries no dtype
-                blocks = blocks.to(torch.int64)
-        if blocks.dtype != torch.int64:
-            raise ValueError(
-                f"blocks must have dtype torch.int64, got {blocks.dtype}"
-            )
-        if blocks.dim() != 1:
-            raise ValueError(
-                f"blocks must be 1-D, got a {blocks.dim()}-D tensor of shape "
-                f"{tuple(blocks.shape)}"
-            )
-        if blocks.numel() == 0:
-            raise ValueError("blocks must contain at least one offset (0)")
-        first = int(blocks[0])
-        last = int(blocks[-1])
-        if first != 0:
-            raise ValueError(f"blocks must start at 0, got {first}")
-        if last != numel:
-            raise ValueError(f"blocks must end at numel={numel}, got {last}")
-        if blocks.numel() > 1:
-            diffs = blocks[1:] - blocks[:-1]
-            if bool((diffs < 0).any()):
-                j = int(torch.nonzero(diffs < 0)[0, 0])
-                raise ValueError(
-                    f"blocks must be non-decreasing, but blocks[{j}]="
-                    f"{int(blocks[j])} > blocks[{j + 1}]={int(blocks[j + 1])}"
-                )
-        return blocks.contiguous()
+        from ._validate import check_offsets
+
+        return check_offsets(offsets, operator.index(numel), name="blocks")
 
     # ------------------------------------------------------------------
     # flatten / unflatten

@@ -85,7 +85,7 @@ def test_bad_weights_and_lambdas(backend, data):
     ([0, 100], "last offset is 100"),
     ([0, 60, 50, 101], "offsets decrease at block 1"),
     ([0], "at least two offsets"),
-    (torch.tensor([0.0, 101.0]), "integer offsets"),
+    (torch.tensor([0.0, 101.0]), "int64 offsets"),
     (torch.tensor([[0, 101]]), "1-D"),
 ])
 def test_blocks_that_do_not_tile(backend, blocks, msg, data):

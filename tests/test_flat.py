@@ -339,21 +339,21 @@ def test_check_blocks_accepts_lists_and_tensors():
     assert out.dtype == torch.int64 and out.tolist() == [0, 3, 3, 10]
     t = torch.tensor([0, 10], dtype=torch.int64)
     assert torch.equal(FlatLayout.check_blocks(t, 10), t)
-    assert FlatLayout.check_blocks([0], 0).tolist() == [0]
+    assert FlatLayout.check_blocks([0, 0], 0).tolist() == [0, 0]
 
 
 @pytest.mark.parametrize(
     "blocks, why",
     [
-        ([1, 5, 10], "start at 0"),
-        (torch.tensor([0, 5, 9]), "end at"),
-        ([0, 6, 4, 10], "non-decreasing"),
+        ([1, 5, 10], "the first offset is 1"),
+        (torch.tensor([0, 5, 9]), "the last offset is 9"),
+        ([0, 6, 4, 10], "offsets decrease at block 1"),
         (torch.tensor([0.0, 5.0, 10.0]), "int64"),
         ([0.0, 10.0], "int64"),
         (torch.tensor([0, 5, 10], dtype=torch.int32), "int64"),
         (torch.tensor([[0, 5], [5, 10]]), "1-D"),
         ([[0, 5], [5, 10]], "1-D"),
-        ([], "at least one"),
+        ([], "at least two"),
     ],
     ids=[
         "not-start-0",

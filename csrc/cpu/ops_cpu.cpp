@@ -209,8 +209,9 @@ std::vector<std::pair<std::string, at::Tensor>> named_inputs(const at::Tensor* b
 }
 
 at::Tensor check_offsets(const at::Tensor& offsets, int64_t numel, const char* name) {
-  TORCH_CHECK_VALUE(offsets.scalar_type() == at::kLong && offsets.dim() == 1, name,
-                    " must be a 1-D int64 tensor of offsets");
+  TORCH_CHECK_VALUE(offsets.dim() == 1, name, " must be a 1-D sequence of offsets, got shape ", offsets.sizes());
+  TORCH_CHECK_VALUE(offsets.scalar_type() == at::kLong, name, " must hold int64 offsets, got dtype ",
+                    offsets.scalar_type());
   at::Tensor off = offsets.to(at::kCPU).contiguous();
   const int64_t* o = off.data_ptr<int64_t>();
   const int64_t m = off.numel();
