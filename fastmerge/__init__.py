@@ -85,7 +85,7 @@ def uniform_average(thetas: Thetas, weights: Optional[Sequence[float]] = None, *
     w = V.per_task_floats(1.0 if weights is None else weights, len(ths), "weights", nonneg=True)
     if not _compiling() and not sum(w) > 0:
         raise ValueError("weights sum to zero")
-    shape = thetas.shape[1:] if isinstance(thetas, Tensor) else ths[0].shape if thetas[0].dim() == 0 else thetas[0].shape
+    shape = thetas.shape[1:] if isinstance(thetas, Tensor) else thetas[0].shape
     be = resolve_backend(backend, ths[0].device)
     return OPS["uniform_average"](ths, w, be).view(shape)
 
