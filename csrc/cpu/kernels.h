@@ -13,6 +13,10 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -34,6 +38,15 @@ using at::vec::Vectorized;
 constexpr int64_t kChunk = 512;      // elements converted per input at a time (fits L1 for T ~ 8-16)
 constexpr int64_t kItem = 1 << 16;   // elements per work item (fixed: results never depend on threads)
 constexpr int64_t kGrain = 1 << 15;  // parallel grain of the purely elementwise ops
+constexpr int64_t kPrefetch = 2 * kChunk;  // software prefetch distance, in elements
+#ifndef FM_SCHUNK
+#define FM_SCHUNK 512
+#endif
+constexpr int64_t kSChunk = FM_SCHUNK;  // elementwise ops: chunk per input
+#ifndef FM_GCHUNK
+#define FM_GCHUNK 128
+#endif
+constexpr int64_t kGChunk = FM_GCHUNK;  // Gram: positions per tile pass (T x kGChunk doubles stay in L1)
 
 template <typename T>
 struct AccOf {
@@ -130,10 +143,50 @@ inline out_t to_out(acc_t v) {
   }
 }
 
+// Write a finished chunk to memory that will not be read again soon: non-temporal stores skip the
+// read-for-ownership of the destination lines (one stream less of memory traffic). Callers end
+// their parallel region with stream_fence().
+inline void stream_copy_bytes(void* dst, const void* src, int64_t bytes) {
+#if defined(__AVX512F__) || defined(__AVX__) || defined(__SSE2__)
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+#if defined(__AVX512F__)
+  constexpr int64_t W = 64;
+#elif defined(__AVX__)
+  constexpr int64_t W = 32;
+#else
+  constexpr int64_t W = 16;
+#endif
+  int64_t k = 0;
+  while (k < bytes && (reinterpret_cast<uintptr_t>(d + k) % W) != 0) {
+    d[k] = s[k];
+    ++k;
+  }
+  for (; k + W <= bytes; k += W) {
+#if defined(__AVX512F__)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(d + k), _mm512_loadu_si512(s + k));
+#elif defined(__AVX__)
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(d + k), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + k)));
+#else
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + k), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + k)));
+#endif
+  }
+  if (k < bytes) std::memcpy(d + k, s + k, size_t(bytes - k));
+#else
+  std::memcpy(dst, src, size_t(bytes));
+#endif
+}
+
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
 template <typename out_t, typename acc_t>
 inline void store_chunk(out_t* out, const acc_t* v, int64_t n) {
   if constexpr (std::is_same_v<out_t, acc_t>) {
-    if (out != v) std::memcpy(out, v, n * sizeof(acc_t));
+    if (out != v) stream_copy_bytes(out, v, n * int64_t(sizeof(acc_t)));
   } else if constexpr (std::is_same_v<out_t, c10::BFloat16>) {
     uint16_t* o = reinterpret_cast<uint16_t*>(out);
     const uint32_t* u = reinterpret_cast<const uint32_t*>(v);
@@ -144,6 +197,16 @@ inline void store_chunk(out_t* out, const acc_t* v, int64_t n) {
   } else {
     at::vec::convert(v, out, n);
   }
+}
+
+// Software prefetch of an input's next chunk: the hardware prefetchers lose track of T + 1
+// interleaved streams. Strided inputs are left to the hardware.
+template <typename in_t>
+inline void prefetch_chunk(const Src& s, int64_t i, int64_t end, int64_t len = kChunk) {
+  if (s.stride != 1 || i >= end) return;
+  const char* p = reinterpret_cast<const char*>(static_cast<const in_t*>(s.ptr) + i);
+  const int64_t bytes = std::min(len, end - i) * int64_t(sizeof(in_t));
+  for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch(p + k, 0, 0);
 }
 
 template <typename V>
@@ -173,6 +236,54 @@ inline std::vector<Item> make_items(const int64_t* off, int64_t S) {
   return items;
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kSimdBytes = 64;
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int kSimdBytes = 32;
+#else
+constexpr int kSimdBytes = 16;
+#endif
+
+// Plain compiler vector types (one register per ISA build): comparisons give all-ones / zero lanes.
+template <typename acc_t>
+struct SimdVec;
+template <>
+struct SimdVec<float> {
+  typedef float F __attribute__((vector_size(kSimdBytes)));
+  typedef int32_t I __attribute__((vector_size(kSimdBytes)));
+  static constexpr int W = kSimdBytes / 4;
+  static constexpr int32_t kAbs = 0x7FFFFFFF;
+};
+template <>
+struct SimdVec<double> {
+  typedef double F __attribute__((vector_size(kSimdBytes)));
+  typedef int64_t I __attribute__((vector_size(kSimdBytes)));
+  static constexpr int W = kSimdBytes / 8;
+  static constexpr int64_t kAbs = 0x7FFFFFFFFFFFFFFFll;
+};
+
+template <typename I>
+inline bool simd_any(I m) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_test_epi32_mask((__m512i)m, (__m512i)m) != 0;
+#elif defined(CPU_CAPABILITY_AVX2)
+  return !_mm256_testz_si256((__m256i)m, (__m256i)m);
+#elif defined(__SSE2__)
+  return _mm_movemask_epi8((__m128i)m) != 0;
+#else
+  bool r = false;
+  for (size_t l = 0; l < sizeof(I) / sizeof(m[0]); ++l) r = r || m[l] != 0;
+  return r;
+#endif
+}
+
+template <typename V, typename S>
+inline V simd_load(const S* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
 // ---------------------------------------------------------------- uniform_average / task_arithmetic
 
 template <typename in_t>
@@ -186,35 +297,29 @@ bool average_impl(const AvgArgs& a) {
   in_t* out = static_cast<in_t*>(a.out);
   std::atomic<bool> bad{false};
   at::parallel_for(0, a.n, kGrain, [&](int64_t b, int64_t e) {
-    alignas(64) acc_t buf[kChunk];
-    alignas(64) acc_t accb[kChunk];
+    std::vector<acc_t> bufs(size_t(a.T) * kSChunk);
+    std::vector<const acc_t*> xs(a.T);
+    alignas(64) acc_t accb[kSChunk];
+    const V ws(wsum);
     V chk(0);
-    for (int64_t i = b; i < e; i += kChunk) {
-      const int64_t n = std::min(kChunk, e - i);
-      acc_t* acc = std::is_same_v<in_t, acc_t> ? reinterpret_cast<acc_t*>(out + i) : accb;
-      const acc_t* x = load_chunk<in_t>(a.thetas[0], i, n, buf);
-      const V w0(w[0]);
+    for (int64_t i = b; i < e; i += kSChunk) {
+      const int64_t n = std::min(kSChunk, e - i);
+      for (int t = 0; t < a.T; ++t) {
+        prefetch_chunk<in_t>(a.thetas[t], i + kPrefetch, e, kSChunk);
+        xs[t] = load_chunk<in_t>(a.thetas[t], i, n, bufs.data() + size_t(t) * kSChunk);
+      }
+      // all tasks of one vector of positions in registers, in task order
       for (int64_t j = 0; j < n; j += V::size()) {
         const int64_t c = std::min<int64_t>(V::size(), n - j);
-        (V::loadu(x + j, c) * w0).store(acc + j, c);
+        V acc = V::loadu(xs[0] + j, c) * V(w[0]);
+        for (int t = 1; t < a.T; ++t) acc = acc + V::loadu(xs[t] + j, c) * V(w[t]);
+        acc = acc / ws;
+        chk = chk + (acc - acc);
+        acc.store(accb + j, c);
       }
-      for (int t = 1; t < a.T; ++t) {
-        x = load_chunk<in_t>(a.thetas[t], i, n, buf);
-        const V wt(w[t]);
-        for (int64_t j = 0; j < n; j += V::size()) {
-          const int64_t c = std::min<int64_t>(V::size(), n - j);
-          (V::loadu(acc + j, c) + V::loadu(x + j, c) * wt).store(acc + j, c);
-        }
-      }
-      const V ws(wsum);
-      for (int64_t j = 0; j < n; j += V::size()) {
-        const int64_t c = std::min<int64_t>(V::size(), n - j);
-        V o = V::loadu(acc + j, c) / ws;
-        chk = chk + (o - o);
-        o.store(acc + j, c);
-      }
-      store_chunk(out + i, acc, n);
+      store_chunk(out + i, accb, n);
     }
+    stream_fence();
     if (!all_zero(chk)) bad = true;
   });
   return bad;
@@ -229,31 +334,29 @@ bool task_arith_impl(const TAArgs& a) {
   in_t* out = static_cast<in_t*>(a.out);
   std::atomic<bool> bad{false};
   at::parallel_for(0, a.n, kGrain, [&](int64_t b, int64_t e) {
-    alignas(64) acc_t bbuf[kChunk];
-    alignas(64) acc_t buf[kChunk];
-    alignas(64) acc_t accb[kChunk];
+    std::vector<acc_t> bufs(size_t(a.T + 1) * kSChunk);
+    std::vector<const acc_t*> xs(a.T);
+    alignas(64) acc_t accb[kSChunk];
     V chk(0);
-    for (int64_t i = b; i < e; i += kChunk) {
-      const int64_t n = std::min(kChunk, e - i);
-      acc_t* acc = std::is_same_v<in_t, acc_t> ? reinterpret_cast<acc_t*>(out + i) : accb;
-      const acc_t* bp = load_chunk<in_t>(a.base, i, n, bbuf);
-      if (acc != bp) std::memcpy(acc, bp, n * sizeof(acc_t));
+    for (int64_t i = b; i < e; i += kSChunk) {
+      const int64_t n = std::min(kSChunk, e - i);
+      prefetch_chunk<in_t>(a.base, i + kPrefetch, e, kSChunk);
+      const acc_t* bp = load_chunk<in_t>(a.base, i, n, bufs.data() + size_t(a.T) * kSChunk);
       for (int t = 0; t < a.T; ++t) {
-        const acc_t* x = load_chunk<in_t>(a.thetas[t], i, n, buf);
-        const V lt(lam[t]);
-        for (int64_t j = 0; j < n; j += V::size()) {
-          const int64_t c = std::min<int64_t>(V::size(), n - j);
-          const V bv = V::loadu(bp + j, c);
-          (V::loadu(acc + j, c) + lt * (V::loadu(x + j, c) - bv)).store(acc + j, c);
-        }
+        prefetch_chunk<in_t>(a.thetas[t], i + kPrefetch, e, kSChunk);
+        xs[t] = load_chunk<in_t>(a.thetas[t], i, n, bufs.data() + size_t(t) * kSChunk);
       }
-      for (int64_t j = 0; j < n; j += V::size()) {
+      for (int64_t j = 0; j < n; j += V::size()) {  // all tasks in registers, in task order
         const int64_t c = std::min<int64_t>(V::size(), n - j);
-        const V o = V::loadu(acc + j, c);
-        chk = chk + (o - o);
+        const V bv = V::loadu(bp + j, c);
+        V acc = bv;
+        for (int t = 0; t < a.T; ++t) acc = acc + V(lam[t]) * (V::loadu(xs[t] + j, c) - bv);
+        chk = chk + (acc - acc);
+        acc.store(accb + j, c);
       }
-      store_chunk(out + i, acc, n);
+      store_chunk(out + i, accb, n);
     }
+    stream_fence();
     if (!all_zero(chk)) bad = true;
   });
   return bad;
@@ -264,66 +367,62 @@ bool task_arith_impl(const TAArgs& a) {
 template <typename in_t>
 bool gram_impl(const GramArgs& a) {
   using acc_t = typename AccOf<in_t>::type;
-  using VD = Vectorized<double>;
+  using F = typename SimdVec<double>::F;
+  constexpr int W = SimdVec<double>::W;
   const int T = a.T;
   const int64_t zero_off[2] = {0, a.n};
   const std::vector<Item> items = make_items(zero_off, 1);
   const int64_t P2 = int64_t(T) * T;
   std::vector<double> part(items.size() * P2, 0.0);
   at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t ib, int64_t ie) {
-    alignas(64) acc_t bbuf[kChunk];
-    alignas(64) acc_t buf[kChunk];
-    std::vector<double> tau(size_t(T) * kChunk + 8);  // kChunk doubles per task: L1/L2 resident
+    alignas(64) acc_t bbuf[kGChunk];
+    alignas(64) acc_t buf[kGChunk];
+    std::vector<double> tau(size_t(T) * kGChunk + 8);  // kGChunk doubles per task: L1/L2 resident
     for (int64_t it = ib; it < ie; ++it) {
       double* p = part.data() + it * P2;
-      for (int64_t i = items[it].begin; i < items[it].end; i += kChunk) {
-        const int64_t n = std::min(kChunk, items[it].end - i);
-        const int64_t nvec = (n + VD::size() - 1) / VD::size() * VD::size();
+      for (int64_t i = items[it].begin; i < items[it].end; i += kGChunk) {
+        const int64_t n = std::min(kGChunk, items[it].end - i);
+        const int64_t nvec = (n + W - 1) / W * W;
+        prefetch_chunk<in_t>(a.base, i + kPrefetch, items[it].end);
+        for (int t = 0; t < T; ++t) prefetch_chunk<in_t>(a.thetas[t], i + kPrefetch, items[it].end);
         const acc_t* bp = load_chunk<in_t>(a.base, i, n, bbuf);
         for (int t = 0; t < T; ++t) {
           const acc_t* x = load_chunk<in_t>(a.thetas[t], i, n, buf);
-          double* d = tau.data() + size_t(t) * kChunk;
+          double* d = tau.data() + size_t(t) * kGChunk;
           for (int64_t j = 0; j < n; ++j) d[j] = double(acc_t(x[j] - bp[j]));
           for (int64_t j = n; j < nvec; ++j) d[j] = 0.0;
         }
-        // 4 x 4 tiles of task pairs: 8 loads feed 16 fused multiply-adds (the Gram matrix is
-        // compared within a tolerance, so fused rounding is fine here).
+        // 4 x 4 tiles of task pairs: 8 loads feed 16 multiply-adds.
         for (int ta0 = 0; ta0 < T; ta0 += 4) {
           for (int tb0 = ta0; tb0 < T; tb0 += 4) {
             const int na = std::min(4, T - ta0), nb = std::min(4, T - tb0);
-            VD acc[4][4];
-            for (int u = 0; u < 4; ++u)
-              for (int v = 0; v < 4; ++v) acc[u][v] = VD(0);
+            // 16 accumulators in registers (plain vector types: at::vec arrays end up on the stack)
+            F c00{}, c01{}, c02{}, c03{}, c10{}, c11{}, c12{}, c13{}, c20{}, c21{}, c22{}, c23{}, c30{}, c31{},
+                c32{}, c33{};
             const double* rows[8];
             for (int u = 0; u < 4; ++u) {
-              rows[u] = tau.data() + size_t(ta0 + std::min(u, na - 1)) * kChunk;
-              rows[4 + u] = tau.data() + size_t(tb0 + std::min(u, nb - 1)) * kChunk;
+              rows[u] = tau.data() + size_t(ta0 + std::min(u, na - 1)) * kGChunk;
+              rows[4 + u] = tau.data() + size_t(tb0 + std::min(u, nb - 1)) * kGChunk;
             }
-            for (int64_t j = 0; j < nvec; j += VD::size()) {
-              const VD a0 = VD::loadu(rows[0] + j), a1 = VD::loadu(rows[1] + j);
-              const VD a2 = VD::loadu(rows[2] + j), a3 = VD::loadu(rows[3] + j);
-              const VD b0 = VD::loadu(rows[4] + j), b1 = VD::loadu(rows[5] + j);
-              const VD b2 = VD::loadu(rows[6] + j), b3 = VD::loadu(rows[7] + j);
-              acc[0][0] = at::vec::fmadd(a0, b0, acc[0][0]);
-              acc[0][1] = at::vec::fmadd(a0, b1, acc[0][1]);
-              acc[0][2] = at::vec::fmadd(a0, b2, acc[0][2]);
-              acc[0][3] = at::vec::fmadd(a0, b3, acc[0][3]);
-              acc[1][0] = at::vec::fmadd(a1, b0, acc[1][0]);
-              acc[1][1] = at::vec::fmadd(a1, b1, acc[1][1]);
-              acc[1][2] = at::vec::fmadd(a1, b2, acc[1][2]);
-              acc[1][3] = at::vec::fmadd(a1, b3, acc[1][3]);
-              acc[2][0] = at::vec::fmadd(a2, b0, acc[2][0]);
-              acc[2][1] = at::vec::fmadd(a2, b1, acc[2][1]);
-              acc[2][2] = at::vec::fmadd(a2, b2, acc[2][2]);
-              acc[2][3] = at::vec::fmadd(a2, b3, acc[2][3]);
-              acc[3][0] = at::vec::fmadd(a3, b0, acc[3][0]);
-              acc[3][1] = at::vec::fmadd(a3, b1, acc[3][1]);
-              acc[3][2] = at::vec::fmadd(a3, b2, acc[3][2]);
-              acc[3][3] = at::vec::fmadd(a3, b3, acc[3][3]);
+            for (int64_t j = 0; j < nvec; j += W) {
+              const F a0 = simd_load<F>(rows[0] + j), a1 = simd_load<F>(rows[1] + j);
+              const F a2 = simd_load<F>(rows[2] + j), a3 = simd_load<F>(rows[3] + j);
+              const F b0 = simd_load<F>(rows[4] + j), b1 = simd_load<F>(rows[5] + j);
+              const F b2 = simd_load<F>(rows[6] + j), b3 = simd_load<F>(rows[7] + j);
+              c00 += a0 * b0; c01 += a0 * b1; c02 += a0 * b2; c03 += a0 * b3;
+              c10 += a1 * b0; c11 += a1 * b1; c12 += a1 * b2; c13 += a1 * b3;
+              c20 += a2 * b0; c21 += a2 * b1; c22 += a2 * b2; c23 += a2 * b3;
+              c30 += a3 * b0; c31 += a3 * b1; c32 += a3 * b2; c33 += a3 * b3;
             }
+            const F* acc[4][4] = {{&c00, &c01, &c02, &c03}, {&c10, &c11, &c12, &c13},
+                                  {&c20, &c21, &c22, &c23}, {&c30, &c31, &c32, &c33}};
             for (int u = 0; u < na; ++u)
               for (int v = 0; v < nb; ++v)
-                if (tb0 + v >= ta0 + u) p[(ta0 + u) * T + tb0 + v] += lane_sum(acc[u][v]);
+                if (tb0 + v >= ta0 + u) {
+                  double sum = 0.0;  // fixed lane order
+                  for (int l = 0; l < W; ++l) sum += (*acc[u][v])[l];
+                  p[(ta0 + u) * T + tb0 + v] += sum;
+                }
           }
         }
       }
@@ -351,33 +450,33 @@ bool block_fwd_impl(const BlockArgs& a) {
   in_t* out = static_cast<in_t*>(a.out);
   std::atomic<bool> bad{false};
   at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t ib, int64_t ie) {
-    alignas(64) acc_t bbuf[kChunk];
-    alignas(64) acc_t buf[kChunk];
-    alignas(64) acc_t accb[kChunk];
+    std::vector<acc_t> bufs(size_t(a.T + 1) * kSChunk);
+    std::vector<const acc_t*> xs(a.T);
+    std::vector<acc_t> c(a.T);
+    alignas(64) acc_t accb[kSChunk];
     V chk(0);
     for (int64_t it = ib; it < ie; ++it) {
-      const int64_t blk = items[it].seg;
-      for (int64_t i = items[it].begin; i < items[it].end; i += kChunk) {
-        const int64_t n = std::min(kChunk, items[it].end - i);
-        acc_t* acc = std::is_same_v<in_t, acc_t> ? reinterpret_cast<acc_t*>(out + i) : accb;
-        const acc_t* bp = load_chunk<in_t>(a.base, i, n, bbuf);
-        if (acc != bp) std::memcpy(acc, bp, n * sizeof(acc_t));
+      const int64_t blk = items[it].seg, end = items[it].end;
+      for (int t = 0; t < a.T; ++t) c[t] = acc_t(a.coefs[t * a.B + blk]);
+      for (int64_t i = items[it].begin; i < end; i += kSChunk) {
+        const int64_t n = std::min(kSChunk, end - i);
+        prefetch_chunk<in_t>(a.base, i + kPrefetch, end, kSChunk);
+        const acc_t* bp = load_chunk<in_t>(a.base, i, n, bufs.data() + size_t(a.T) * kSChunk);
         for (int t = 0; t < a.T; ++t) {
-          const acc_t* x = load_chunk<in_t>(a.vectors[t], i, n, buf);
-          const V c(acc_t(a.coefs[t * a.B + blk]));
-          for (int64_t j = 0; j < n; j += V::size()) {
-            const int64_t m = std::min<int64_t>(V::size(), n - j);
-            (V::loadu(acc + j, m) + c * V::loadu(x + j, m)).store(acc + j, m);
-          }
+          prefetch_chunk<in_t>(a.vectors[t], i + kPrefetch, end, kSChunk);
+          xs[t] = load_chunk<in_t>(a.vectors[t], i, n, bufs.data() + size_t(t) * kSChunk);
         }
-        for (int64_t j = 0; j < n; j += V::size()) {
+        for (int64_t j = 0; j < n; j += V::size()) {  // all tasks in registers, in task order
           const int64_t m = std::min<int64_t>(V::size(), n - j);
-          const V o = V::loadu(acc + j, m);
-          chk = chk + (o - o);
+          V acc = V::loadu(bp + j, m);
+          for (int t = 0; t < a.T; ++t) acc = acc + V(c[t]) * V::loadu(xs[t] + j, m);
+          chk = chk + (acc - acc);
+          acc.store(accb + j, m);
         }
-        store_chunk(out + i, acc, n);
+        store_chunk(out + i, accb, n);
       }
     }
+    stream_fence();
     if (!all_zero(chk)) bad = true;
   });
   return bad;
@@ -398,6 +497,8 @@ bool block_bwd_impl(const BlockArgs& a) {
     for (int64_t it = ib; it < ie; ++it) {
       for (int64_t i = items[it].begin; i < items[it].end; i += kChunk) {
         const int64_t n = std::min(kChunk, items[it].end - i);
+        prefetch_chunk<in_t>(a.base, i + kPrefetch, items[it].end);
+        for (int t = 0; t < T; ++t) prefetch_chunk<in_t>(a.vectors[t], i + kPrefetch, items[it].end);
         const acc_t* g = load_chunk<in_t>(a.base, i, n, gbuf);
         for (int64_t j = 0; j < n; ++j) gd[j] = double(g[j]);
         for (int t = 0; t < T; ++t) {
@@ -446,54 +547,6 @@ constexpr int64_t kExactMax = 1 << 16;   // problems this small: exact selection
 constexpr int64_t kRun = 16;             // sampled in runs of contiguous entries (one cache line)
 constexpr int kSelBits = 12;             // histogram bins of the radix selections
 constexpr size_t kCancelCap = 1 << 16;   // cancelled positions listed per thread before falling back
-
-#if defined(CPU_CAPABILITY_AVX512)
-constexpr int kTiesVecBytes = 64;
-#elif defined(CPU_CAPABILITY_AVX2)
-constexpr int kTiesVecBytes = 32;
-#else
-constexpr int kTiesVecBytes = 16;
-#endif
-
-// Plain compiler vector types (one register per ISA build): comparisons give all-ones / zero lanes.
-template <typename acc_t>
-struct TiesVec;
-template <>
-struct TiesVec<float> {
-  typedef float F __attribute__((vector_size(kTiesVecBytes)));
-  typedef int32_t I __attribute__((vector_size(kTiesVecBytes)));
-  static constexpr int W = kTiesVecBytes / 4;
-  static constexpr int32_t kAbs = 0x7FFFFFFF;
-};
-template <>
-struct TiesVec<double> {
-  typedef double F __attribute__((vector_size(kTiesVecBytes)));
-  typedef int64_t I __attribute__((vector_size(kTiesVecBytes)));
-  static constexpr int W = kTiesVecBytes / 8;
-  static constexpr int64_t kAbs = 0x7FFFFFFFFFFFFFFFll;
-};
-
-template <typename I>
-inline bool ties_any(I m) {
-#if defined(CPU_CAPABILITY_AVX512)
-  return _mm512_test_epi32_mask((__m512i)m, (__m512i)m) != 0;
-#elif defined(CPU_CAPABILITY_AVX2)
-  return !_mm256_testz_si256((__m256i)m, (__m256i)m);
-#elif defined(__SSE2__)
-  return _mm_movemask_epi8((__m128i)m) != 0;
-#else
-  bool r = false;
-  for (size_t l = 0; l < sizeof(I) / sizeof(m[0]); ++l) r = r || m[l] != 0;
-  return r;
-#endif
-}
-
-template <typename V, typename S>
-inline V ties_load(const S* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
 
 template <typename acc_t>
 struct TiesPlan {
@@ -751,7 +804,7 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
   // trimmed entries (and their counts and largest magnitudes); the elected sign then picks one
   // side, which is exactly the reference's "sum over tasks with the elected sign".
   using acc_t = typename AccOf<in_t>::type;
-  using TV = TiesVec<acc_t>;
+  using TV = SimdVec<acc_t>;
   using F = typename TV::F;
   using I = typename TV::I;
   using ilane = std::remove_reference_t<decltype(std::declval<I>()[0])>;
@@ -823,12 +876,12 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
           for (int t = 0; t <= Tl; ++t)
             if (raw[t]) __builtin_prefetch(raw[t] + pf_pos + j);
         }
-        const F bv = ties_load<F>(bp + j);
+        const F bv = simd_load<F>(bp + j);
         F sum = zero, pp = zero, nn = zero;
         I cp = I{}, cn = I{};
         for (int t = 0; t < Tl; ++t) {
           const TiesTaskPar<acc_t>& q = tp[t];
-          F tau = ties_load<F>(xv[t] + j) - bv;
+          F tau = simd_load<F>(xv[t] + j) - bv;
           if (hw) tau = tau * q.w;
           chk = chk + (tau - tau);
           const F ab = (F)((I)tau & absm);
@@ -852,7 +905,7 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
             } else
 #endif
             {
-              if (ties_any(in)) {
+              if (simd_any(in)) {
                 int64_t c = 0;
                 for (int l = 0; l < W; ++l) {
                   vdst[c] = ab[l];
@@ -897,7 +950,7 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
           I cm = (sum == zero) & ((cp + cn) != 0);  // cancelled: the majority sign decides
           if constexpr (TAIL) cm &= valid;
           msumv = msumv + gn - gp;
-          if (ties_any(cm)) {
+          if (simd_any(cm)) {
             for (int l = 0; l < W; ++l) {
               lcan[nc] = int32_t(j + l);
               nc += cm[l] != 0;
