@@ -108,7 +108,7 @@ def ext_modules_and_cmdclass():
             cxx = os.environ.get("CXX", "c++")
             out_dir = os.path.join(os.path.abspath(self.build_temp), "isa")
             os.makedirs(out_dir, exist_ok=True)
-            deps = [os.path.join(CSRC, "cpu", f) for f in ("kernels.h", "common.h")]
+            deps = [os.path.join(CSRC, "cpu", f) for f in ("kernels.h", "ties.h", "common.h")]
             deps.append(os.path.join(CSRC, "include", "fastmerge", "entry_math.h"))
             jobs = []
             for isa in isas:

@@ -1,0 +1,811 @@
+// Exact TIES-Merging on the CPU. Included by kernels.h inside the per-instruction-set namespace,
+// after the shared chunk loaders, vector types and work items.
+#pragma once
+
+// ---------------------------------------------------------------- TIES
+//
+// Exact trim thresholds without sorting. For each (task, segment) problem p a deterministic,
+// stratified sample gives a guess c of the k-th smallest |tau| and a bracket [lo, hi] around it
+// (problems small enough are solved exactly up front, then lo = c = thr > hi). One streaming pass
+// then merges every position with the guessed thresholds (kept when |tau| >= c) and, per
+// problem, counts the entries below lo and those equal to lo or hi, and collects the entries
+// strictly inside (lo, hi) with their positions. The exact threshold is then the (k - below)-th
+// smallest of {= lo} + candidates + {= hi}; only the positions of candidates that fall between
+// the guess and the exact threshold were merged wrongly, and a fix-up recomputes just those with
+// the shared scalar entry math (correcting the majority-sign tally too). Positions whose sign sum
+// cancelled exactly are listed during the pass and finished once the majority sign is known. A
+// bracket that missed (or a tie at lo or hi on the wrong side of the guess, whose positions are
+// not kept) falls back to an exact selection and a second, exact pass.
+
+constexpr int64_t kExactMax = 1 << 16;   // problems this small: exact selection before the pass
+constexpr int64_t kRun = 16;             // sampled in runs of contiguous entries (one cache line)
+constexpr int kSelBits = 12;             // histogram bins of the radix selections
+constexpr size_t kCancelCap = 1 << 16;   // cancelled positions listed per thread before falling back
+
+template <typename acc_t>
+struct TiesPlan {
+  int T = 0;
+  int64_t S = 0;
+  const int64_t* off = nullptr;
+  int mode = 0;
+  acc_t lam = 0;
+  bool has_w = false;
+  std::vector<acc_t> w;
+  std::vector<int64_t> k;       // per problem p = t * S + s
+  std::vector<acc_t> lo, hi;    // bracket; an exact threshold thr is stored as lo = thr, hi = prev(thr)
+  std::vector<acc_t> c;         // threshold the pass merges with (the guess, or the exact one)
+  std::vector<char> bracket;    // 1 while the threshold is still bracketed
+  std::vector<acc_t> thr;       // exact thresholds once known
+};
+
+template <typename acc_t>
+inline acc_t prev_of(acc_t x) {
+  return std::nextafter(x, -std::numeric_limits<acc_t>::infinity());
+}
+
+template <typename acc_t>
+inline void set_exact(TiesPlan<acc_t>& P, int64_t p, acc_t thr) {
+  P.thr[p] = thr;
+  P.lo[p] = thr;
+  P.hi[p] = prev_of(thr);
+  P.c[p] = thr;
+  P.bracket[p] = 0;
+}
+
+template <typename in_t, typename acc_t>
+inline acc_t tau_at(const TiesArgs& a, const TiesPlan<acc_t>& P, int t, int64_t i, acc_t b) {
+  acc_t tau = load_one<in_t, acc_t>(a.thetas[t], i) - b;
+  return P.has_w ? tau * P.w[t] : tau;
+}
+
+template <typename acc_t>
+inline typename BitsOf<acc_t>::type key_of(acc_t v) {  // order-preserving for v >= 0 (not NaN)
+  typename BitsOf<acc_t>::type u;
+  std::memcpy(&u, &v, sizeof(u));
+  return u;
+}
+
+// Values of the given (ascending) 0-indexed ranks among the non-negative values v (reordered and
+// shrunk in place): radix rounds of a 2^kSelBits-bin histogram over the key range, then a sort of
+// what is left.
+template <typename acc_t>
+void select_ranks(std::vector<acc_t>& v, int64_t* ranks, int nr, acc_t* res) {
+  using bits_t = typename BitsOf<acc_t>::type;
+  std::vector<uint32_t> hist(size_t(1) << kSelBits);
+  std::vector<acc_t> next;
+  while (true) {
+    const size_t m = v.size();
+    if (m <= 4096) {
+      std::sort(v.begin(), v.end());
+      for (int r = 0; r < nr; ++r) res[r] = v[size_t(ranks[r])];
+      return;
+    }
+    bits_t kmin = key_of(v[0]), kmax = kmin;
+    for (const acc_t x : v) {
+      const bits_t u = key_of(x);
+      kmin = u < kmin ? u : kmin;
+      kmax = u > kmax ? u : kmax;
+    }
+    if (kmin == kmax) {
+      for (int r = 0; r < nr; ++r) res[r] = v[0];
+      return;
+    }
+    int shift = 0;
+    while (((kmax - kmin) >> shift) >= (bits_t(1) << kSelBits)) ++shift;
+    std::fill(hist.begin(), hist.end(), 0u);
+    for (const acc_t x : v) ++hist[size_t((key_of(x) - kmin) >> shift)];
+    size_t b0 = 0, b1 = 0;
+    int64_t cum = 0, base = 0;
+    bool got0 = false;
+    for (size_t b = 0; b < hist.size(); ++b) {
+      const int64_t nx = cum + hist[b];
+      if (!got0 && ranks[0] < nx) {
+        b0 = b;
+        base = cum;
+        got0 = true;
+      }
+      if (ranks[nr - 1] < nx) {
+        b1 = b;
+        break;
+      }
+      cum = nx;
+    }
+    next.clear();
+    for (const acc_t x : v) {
+      const size_t b = size_t((key_of(x) - kmin) >> shift);
+      if (b >= b0 && b <= b1) next.push_back(x);
+    }
+    if (next.size() == m) {  // no progress: plain selections
+      for (int r = 0; r < nr; ++r) {
+        std::nth_element(v.begin(), v.begin() + ranks[r], v.end());
+        res[r] = v[size_t(ranks[r])];
+      }
+      return;
+    }
+    for (int r = 0; r < nr; ++r) ranks[r] -= base;
+    v.swap(next);
+  }
+}
+
+// Exact k-th smallest |tau| of problem (t, s) by gathering it; false if a non-finite value showed up.
+template <typename in_t, typename acc_t>
+bool select_exact(const TiesArgs& a, const TiesPlan<acc_t>& P, int t, int64_t s, std::vector<acc_t>& buf,
+                  acc_t* thr) {
+  const int64_t b0 = P.off[s], n = P.off[s + 1] - P.off[s], k = P.k[t * P.S + s];
+  buf.resize(n);
+  alignas(64) acc_t bb[kChunk];
+  alignas(64) acc_t xb[kChunk];
+  bool ok = true;
+  for (int64_t i = 0; i < n; i += kChunk) {
+    const int64_t m = std::min(kChunk, n - i);
+    const acc_t* bp = load_chunk<in_t>(a.base, b0 + i, m, bb);
+    const acc_t* xp = load_chunk<in_t>(a.thetas[t], b0 + i, m, xb);
+    acc_t chk = 0;
+    for (int64_t j = 0; j < m; ++j) {
+      acc_t tau = xp[j] - bp[j];
+      if (P.has_w) tau = tau * P.w[t];
+      chk = chk + (tau - tau);
+      buf[i + j] = abs_of(tau);
+    }
+    ok = ok && chk == acc_t(0);
+  }
+  if (!ok) return false;
+  int64_t r = k - 1;
+  select_ranks(buf, &r, 1, thr);
+  return true;
+}
+
+inline int64_t ties_runs(int64_t n, int T) {  // sampled runs: balances sampling against the fix-up
+  const double r = std::pow(0.02 * double(T) * double(n), 2.0 / 3.0);
+  return std::max<int64_t>(1, std::min<int64_t>(int64_t(r), n / (4 * kRun)));
+}
+
+inline int64_t ties_run_start(int64_t r, int64_t runs, int64_t n, int64_t L) {  // stratified, pseudo-random
+  const int64_t s0 = (r * (n - L)) / runs, s1 = ((r + 1) * (n - L)) / runs;
+  uint64_t h = uint64_t(r + 1) * 0x9E3779B97F4A7C15ull;
+  h ^= h >> 31;
+  h *= 0xBF58476D1CE4E5B9ull;
+  h ^= h >> 29;
+  return s0 + int64_t(h % uint64_t(s1 - s0 + 1));
+}
+
+// Guess and bracket around the k-th smallest |tau| of every task of segment s, from runs of
+// entries at stratified pseudo-random places (the same places for all tasks).
+template <typename in_t, typename acc_t>
+bool sample_brackets(const TiesArgs& a, TiesPlan<acc_t>& P, int64_t s, int64_t* nsampled) {
+  const int T = P.T;
+  const int64_t b0 = P.off[s], n = P.off[s + 1] - P.off[s];
+  const int64_t L = std::min(kRun, n);
+  const int64_t runs = ties_runs(n, T);
+  const int64_t m = runs * L;
+  std::vector<std::vector<acc_t>> samp(T, std::vector<acc_t>(size_t(m)));
+  std::vector<const in_t*> raw(T + 1, nullptr);
+  for (int t = 0; t < T; ++t)
+    if (a.thetas[t].stride == 1) raw[t] = static_cast<const in_t*>(a.thetas[t].ptr);
+  if (a.base.stride == 1) raw[T] = static_cast<const in_t*>(a.base.ptr);
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, runs, 256, [&](int64_t rb, int64_t re) {
+    alignas(64) acc_t bb[kRun];
+    alignas(64) acc_t xb[kRun];
+    acc_t chk = 0;
+    constexpr int64_t kAhead = 8;
+    for (int64_t r = rb; r < re; ++r) {
+      if (r + kAhead < re) {
+        const int64_t ps = b0 + ties_run_start(r + kAhead, runs, n, L);
+        for (int t = 0; t <= T; ++t)
+          if (raw[t]) {
+            __builtin_prefetch(raw[t] + ps);
+            __builtin_prefetch(raw[t] + ps + L - 1);
+          }
+      }
+      const int64_t start = b0 + ties_run_start(r, runs, n, L);
+      const acc_t* bp = load_chunk<in_t>(a.base, start, L, bb);
+      for (int t = 0; t < T; ++t) {
+        const acc_t* xp = load_chunk<in_t>(a.thetas[t], start, L, xb);
+        acc_t* d = samp[t].data() + r * L;
+        const acc_t w = P.w[t];
+        for (int64_t j = 0; j < L; ++j) {
+          acc_t tau = xp[j] - bp[j];
+          if (P.has_w) tau = tau * w;
+          chk = chk + (tau - tau);
+          d[j] = abs_of(tau);
+        }
+      }
+    }
+    if (chk != acc_t(0)) bad = true;
+  });
+  if (bad) return false;
+  *nsampled += m * T;
+  at::parallel_for(0, T, 1, [&](int64_t tb, int64_t te) {
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t p = t * P.S + s, k = P.k[p];
+      const double q = double(k) / double(n);
+      // 5 sigma of the sample quantile, inflated 4x in variance for the correlation inside a run.
+      const double h = 5.0 * std::sqrt(4.0 * double(m) * q * (1.0 - q)) + double(L) + 2.0;
+      const double center = q * double(m) - 0.5;
+      int64_t rk[3] = {int64_t(std::floor(center - h)), int64_t(std::llround(center)),
+                       int64_t(std::ceil(center + h))};
+      const bool lo_open = rk[0] < 0, hi_open = rk[2] > m - 1;
+      for (auto& x : rk) x = std::min(std::max<int64_t>(x, 0), m - 1);
+      acc_t res[3];
+      select_ranks(samp[t], rk, 3, res);
+      P.lo[p] = lo_open ? acc_t(0) : res[0];
+      P.c[p] = res[1];
+      P.hi[p] = hi_open ? std::numeric_limits<acc_t>::infinity() : res[2];
+      P.bracket[p] = 1;
+    }
+  });
+  return true;
+}
+
+template <typename acc_t>
+struct CandBuf {  // entries strictly inside a bracket: values and positions inside the segment
+  std::vector<acc_t> val;     // capacity in use is n; storage may run ahead by a vector or two
+  std::vector<uint32_t> pos;
+  size_t n = 0;
+  void room(size_t extra, bool with_pos) {
+    if (n + extra <= val.size()) return;
+    const size_t cap = std::max<size_t>(2 * val.size(), n + extra + 256);
+    val.resize(cap);
+    if (with_pos) pos.resize(cap);
+  }
+};
+
+template <typename acc_t>
+struct PassAcc {  // per-thread results of one streaming pass
+  std::vector<int64_t> below, eqlo, eqhi;  // per problem: |tau| < lo, == lo, == hi (!= lo)
+  std::vector<CandBuf<acc_t>> cand;        // per problem
+  std::vector<int64_t> cancel;             // positions whose sign sum cancelled exactly
+  int64_t msum = 0;
+  bool cancel_overflow = false, bad = false;
+};
+
+template <typename acc_t>
+struct TiesTaskPar {  // per task, for the segment at hand
+  acc_t lo, hi, c, w;
+  int brk;
+};
+
+// One streaming pass. WRITE = false only classifies (two-pass strategy); WRITE = true also merges
+// and writes every position with the thresholds c. With `fin`, the majority sign is known and
+// cancelled positions are finished in place.
+template <bool WRITE, typename in_t>
+void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
+               std::vector<PassAcc<typename AccOf<in_t>::type>>& acc_by_thread, bool keep_pos, bool fin,
+               typename AccOf<in_t>::type majority) {
+  // One vector of positions at a time, all tasks in registers: the trimmed entries never go to
+  // memory. Per position the pass keeps the task-order sums of the positive and of the negative
+  // trimmed entries (and their counts and largest magnitudes); the elected sign then picks one
+  // side, which is exactly the reference's "sum over tasks with the elected sign".
+  using acc_t = typename AccOf<in_t>::type;
+  using TV = SimdVec<acc_t>;
+  using F = typename TV::F;
+  using I = typename TV::I;
+  using ilane = std::remove_reference_t<decltype(std::declval<I>()[0])>;
+  constexpr int W = TV::W;
+  const int T = a.T;
+  const int64_t S = P.S;
+  const std::vector<Item> items = make_items(P.off, S);
+  in_t* out = static_cast<in_t*>(a.out);
+  const int nthreads = at::get_num_threads();
+  acc_by_thread.assign(nthreads, PassAcc<acc_t>());
+  for (auto& pa : acc_by_thread) {
+    pa.below.assign(T * S, 0);
+    pa.eqlo.assign(T * S, 0);
+    pa.eqhi.assign(T * S, 0);
+    pa.cand.resize(T * S);
+  }
+  std::vector<const in_t*> raw(T + 1, nullptr);  // contiguous inputs, fetched ahead
+  for (int t = 0; t < T; ++t)
+    if (a.thetas[t].stride == 1) raw[t] = static_cast<const in_t*>(a.thetas[t].ptr);
+  if (a.base.stride == 1) raw[T] = static_cast<const in_t*>(a.base.ptr);
+  at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t ib, int64_t ie) {
+    PassAcc<acc_t>& R = acc_by_thread[at::get_thread_num()];
+    alignas(64) acc_t bb[kChunk];
+    alignas(64) acc_t ob[kChunk];
+    alignas(64) acc_t tailb[W];
+    alignas(64) acc_t tailo[W];
+    std::vector<acc_t> xbufs(size_t(T) * kChunk);
+    std::vector<acc_t> tailx(size_t(T) * W);
+    std::vector<const acc_t*> xs(T), txs(T);
+    std::vector<I> lcnt(T);
+    std::vector<TiesTaskPar<acc_t>> tpar(T);
+    std::vector<acc_t> tr(T);
+    F chk_all = F{};
+    int64_t msum_all = 0;
+    int64_t s = 0, segb = 0;
+
+    // Per chunk, the entries inside a bracket and the cancelled positions are appended to small
+    // local arrays (no calls in the vector loop, so its state stays in registers) and handed on
+    // after the chunk.
+    constexpr int64_t kLoc = kChunk + 2 * W;
+    std::vector<acc_t> loc_val(size_t(T) * kLoc);
+    std::vector<uint32_t> loc_pos(size_t(T) * kLoc);
+    std::vector<int64_t> loc_n(T);
+    std::vector<int32_t> loc_cancel(kLoc);
+    int64_t loc_nc = 0;
+
+    // nvec positions (a multiple of W) from chunk-local pointers; TAIL: one vector, nvalid real lanes.
+    auto run = [&]<bool TAIL, int MODE>(const acc_t* bp, const acc_t* const* xv, int64_t pos0, int64_t nvec,
+                                          int nvalid, acc_t* dst, int64_t pf_pos) {
+      const int Tl = T;
+      const bool hw = P.has_w;
+      const TiesTaskPar<acc_t>* tp = tpar.data();
+      I* lc = lcnt.data();
+      acc_t* lv = loc_val.data();
+      uint32_t* lpz = loc_pos.data();
+      int64_t* ln = loc_n.data();
+      int32_t* lcan = loc_cancel.data();
+      int64_t nc = 0;
+      const F zero = F{}, one = F{} + acc_t(1), lamv = F{} + P.lam;
+      const I absm = I{} + ilane(TV::kAbs);
+      I iota;
+      for (int l = 0; l < W; ++l) iota[l] = ilane(l);
+      const I valid = TAIL ? I(iota < ilane(nvalid)) : I{} - 1;
+      const uint32_t rel0 = uint32_t(pos0 - segb);
+      F chk = zero;
+      I msumv = I{};
+      for (int64_t j = 0; j < nvec; j += W) {
+        if (!TAIL && pf_pos >= 0 && ((pf_pos + j) * int64_t(sizeof(in_t))) % 64 == 0) {
+          for (int t = 0; t <= Tl; ++t)
+            if (raw[t]) __builtin_prefetch(raw[t] + pf_pos + j);
+        }
+        const F bv = simd_load<F>(bp + j);
+        F sum = zero, pp = zero, nn = zero;
+        I cp = I{}, cn = I{};
+        for (int t = 0; t < Tl; ++t) {
+          const TiesTaskPar<acc_t>& q = tp[t];
+          F tau = simd_load<F>(xv[t] + j) - bv;
+          if (hw) tau = tau * q.w;
+          chk = chk + (tau - tau);
+          const F ab = (F)((I)tau & absm);
+          if (q.brk) {
+            I lt = ab < q.lo;
+            I in = (ab <= q.hi) & ~lt;
+            if constexpr (TAIL) {
+              lt &= valid;
+              in &= valid;
+            }
+            lc[t] -= lt;
+            acc_t* vdst = lv + t * kLoc + ln[t];
+            uint32_t* pdst = lpz + t * kLoc + ln[t];
+#if defined(CPU_CAPABILITY_AVX512)
+            if constexpr (std::is_same_v<acc_t, float>) {
+              const __mmask16 km = _mm512_test_epi32_mask((__m512i)in, (__m512i)in);
+              _mm512_storeu_ps(vdst, _mm512_maskz_compress_ps(km, (__m512)ab));
+              const __m512i pv = _mm512_add_epi32(_mm512_set1_epi32(int32_t(rel0 + uint32_t(j))), (__m512i)iota);
+              _mm512_storeu_si512(pdst, _mm512_maskz_compress_epi32(km, pv));
+              ln[t] += __builtin_popcount(unsigned(km));
+            } else
+#endif
+            {
+              if (simd_any(in)) {
+                int64_t c = 0;
+                for (int l = 0; l < W; ++l) {
+                  vdst[c] = ab[l];
+                  pdst[c] = rel0 + uint32_t(j + l);
+                  c += in[l] != 0;
+                }
+                ln[t] += c;
+              }
+            }
+          }
+          if constexpr (!WRITE) continue;
+          I keep = ab >= q.c;
+          if constexpr (TAIL) keep &= valid;
+          const F trv = (F)((I)tau & keep);  // trimmed entry (+0 when dropped)
+          sum = sum + trv;
+          const I ps = trv > zero, ng = trv < zero;
+          if constexpr (MODE == kMergeMax) {
+            const F a1 = (F)((I)trv & ps), a2 = (F)((I)(zero - trv) & ng);
+            pp = pp > a1 ? pp : a1;
+            nn = nn > a2 ? nn : a2;
+          } else {
+            pp = pp + (F)((I)trv & ps);
+            nn = nn + (F)((I)trv & ng);
+          }
+          cp -= ps;
+          cn -= ng;
+        }
+        if constexpr (WRITE) {
+          const I gp = sum > zero, gn = sum < zero;
+          F merged;
+          if constexpr (MODE == kMergeMax) {
+            merged = (F)(((I)pp & gp) | ((I)(zero - nn) & gn));  // the largest magnitude, elected sign
+          } else if constexpr (MODE == kMergeMean) {
+            const F num = gp ? pp : nn;
+            const F den = __builtin_convertvector(gp ? cp : cn, F);
+            const F qv = num / (den > one ? den : one);
+            merged = (F)((I)qv & (gp | gn));
+          } else {
+            merged = (F)(((I)pp & gp) | ((I)nn & gn));
+          }
+          const F o = bv + lamv * merged;
+          I cm = (sum == zero) & ((cp + cn) != 0);  // cancelled: the majority sign decides
+          if constexpr (TAIL) cm &= valid;
+          msumv = msumv + gn - gp;
+          if (simd_any(cm)) {
+            for (int l = 0; l < W; ++l) {
+              lcan[nc] = int32_t(j + l);
+              nc += cm[l] != 0;
+            }
+          }
+          std::memcpy(dst + j, &o, sizeof(F));
+        }
+      }
+      loc_nc = nc;
+      chk_all = chk_all + chk;
+      for (int l = 0; l < W; ++l) msum_all += int64_t(msumv[l]);
+    };
+    // Hands on what one chunk (or tail vector) left in the local arrays.
+    auto flush = [&](const acc_t* bp, const acc_t* const* xv, int64_t pos0, acc_t* dst) {
+      for (int t = 0; t < T; ++t) {
+        const int64_t nl = loc_n[t];
+        if (nl == 0) continue;
+        loc_n[t] = 0;
+        const int64_t p = t * S + s;
+        const acc_t lo = tpar[t].lo, hi = tpar[t].hi;
+        CandBuf<acc_t>& cb = R.cand[p];
+        cb.room(size_t(nl), keep_pos);
+        const acc_t* v = loc_val.data() + t * kLoc;
+        const uint32_t* ps = loc_pos.data() + t * kLoc;
+        for (int64_t q = 0; q < nl; ++q) {
+          if (v[q] == lo) {
+            ++R.eqlo[p];
+          } else if (v[q] == hi) {
+            ++R.eqhi[p];
+          } else {
+            cb.val[cb.n] = v[q];
+            if (keep_pos) cb.pos[cb.n] = ps[q];
+            ++cb.n;
+          }
+        }
+      }
+      for (int64_t q = 0; q < loc_nc; ++q) {
+        const int64_t j = loc_cancel[q];
+        if (fin) {
+          for (int t = 0; t < T; ++t) {
+            acc_t tau = xv[t][j] - bp[j];
+            if (P.has_w) tau = tau * P.w[t];
+            tr[t] = ties_trim(tau, tpar[t].c);
+          }
+          dst[j] = ties_entry(tr.data(), T, majority, P.mode, bp[j], P.lam);
+        } else if (R.cancel.size() < kCancelCap) {
+          R.cancel.push_back(pos0 + j);
+        } else {
+          R.cancel_overflow = true;
+        }
+      }
+      loc_nc = 0;
+    };
+    auto dispatch = [&]<bool TAIL>(const acc_t* bp, const acc_t* const* xv, int64_t pos0, int64_t nvec, int nvalid,
+                                   acc_t* dst, int64_t pf_pos) {
+      if (P.mode == kMergeMax)
+        run.template operator()<TAIL, kMergeMax>(bp, xv, pos0, nvec, nvalid, dst, pf_pos);
+      else if (P.mode == kMergeMean)
+        run.template operator()<TAIL, kMergeMean>(bp, xv, pos0, nvec, nvalid, dst, pf_pos);
+      else
+        run.template operator()<TAIL, kMergeSum>(bp, xv, pos0, nvec, nvalid, dst, pf_pos);
+    };
+
+    for (int64_t it = ib; it < ie; ++it) {
+      s = items[it].seg;
+      segb = P.off[s];
+      for (int t = 0; t < T; ++t) {
+        const int64_t p = t * S + s;
+        tpar[t] = {P.lo[p], P.hi[p], P.c[p], P.w[t], int(P.bracket[p])};
+        lcnt[t] = I{};
+      }
+      for (int64_t i = items[it].begin; i < items[it].end; i += kChunk) {
+        const int64_t n = std::min(kChunk, items[it].end - i);
+        const int64_t nv = n / W * W;
+        const acc_t* bp = load_chunk<in_t>(a.base, i, n, bb);
+        for (int t = 0; t < T; ++t) xs[t] = load_chunk<in_t>(a.thetas[t], i, n, xbufs.data() + size_t(t) * kChunk);
+        acc_t* dst = ob;
+        if constexpr (std::is_same_v<in_t, acc_t>) dst = reinterpret_cast<acc_t*>(out + i);
+        // The next chunk of every contiguous input is fetched ahead: the hardware prefetchers
+        // lose track of T + 1 interleaved streams.
+        const int64_t pf_pos = i + 2 * kChunk <= items[it].end ? i + kChunk : -1;
+        dispatch.template operator()<false>(bp, xs.data(), i, nv, W, dst, pf_pos);
+        flush(bp, xs.data(), i, dst);
+        if (nv < n) {
+          const int m = int(n - nv);
+          for (int l = 0; l < W; ++l) tailb[l] = l < m ? bp[nv + l] : acc_t(0);
+          for (int t = 0; t < T; ++t) {
+            acc_t* d = tailx.data() + size_t(t) * W;
+            for (int l = 0; l < W; ++l) d[l] = l < m ? xs[t][nv + l] : acc_t(0);
+            txs[t] = d;
+          }
+          dispatch.template operator()<true>(tailb, txs.data(), i + nv, W, m, tailo, -1);
+          flush(tailb, txs.data(), i + nv, tailo);
+          if constexpr (WRITE)
+            for (int l = 0; l < m; ++l) dst[nv + l] = tailo[l];
+        }
+        if constexpr (WRITE) {
+          if constexpr (!std::is_same_v<in_t, acc_t>) store_chunk(out + i, ob, n);
+        }
+      }
+      for (int t = 0; t < T; ++t) {
+        int64_t c = 0;
+        for (int l = 0; l < W; ++l) c += int64_t(lcnt[t][l]);
+        R.below[t * S + s] += c;
+      }
+    }
+    R.msum += msum_all;
+    for (int l = 0; l < W; ++l)
+      if (chk_all[l] != acc_t(0)) R.bad = true;
+  });
+}
+
+inline int64_t seg_of(const int64_t* off, int64_t S, int64_t i) {
+  return int64_t(std::upper_bound(off, off + S + 1, i) - off) - 1;
+}
+
+template <typename in_t>
+inline void ties_touch(const TiesArgs& a, int64_t i) {  // fetch position i of every input ahead
+  __builtin_prefetch(static_cast<const in_t*>(a.base.ptr) + i * a.base.stride);
+  for (int t = 0; t < a.T; ++t) __builtin_prefetch(static_cast<const in_t*>(a.thetas[t].ptr) + i * a.thetas[t].stride);
+}
+
+// Recompute the listed positions with the exact thresholds. With `old_c`, also the sign-tally
+// correction against the thresholds the pass used and the positions that now cancel; otherwise
+// (cancelled positions) the given majority sign decides a zero sum.
+template <typename in_t>
+void ties_fixup(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P, const std::vector<int64_t>& pos,
+                const std::vector<typename AccOf<in_t>::type>* old_c, typename AccOf<in_t>::type majority,
+                int64_t* dmsum, std::vector<int64_t>* now_cancel) {
+  using acc_t = typename AccOf<in_t>::type;
+  const int T = a.T;
+  const int64_t S = P.S;
+  in_t* out = static_cast<in_t*>(a.out);
+  const int nthreads = at::get_num_threads();
+  std::vector<std::vector<int64_t>> canc(nthreads);
+  std::vector<int64_t> dm(nthreads, 0);
+  at::parallel_for(0, int64_t(pos.size()), 2048, [&](int64_t qb, int64_t qe) {
+    const int tid = at::get_thread_num();
+    std::vector<acc_t> tro(T), trn(T);
+    constexpr int64_t kAhead = 12;  // positions fetched ahead: they are scattered, one line each
+    for (int64_t q = qb; q < std::min(qe, qb + kAhead); ++q) ties_touch<in_t>(a, pos[size_t(q)]);
+    for (int64_t q = qb; q < qe; ++q) {
+      if (q + kAhead < qe) ties_touch<in_t>(a, pos[size_t(q + kAhead)]);
+      const int64_t i = pos[size_t(q)];
+      const int64_t s = S == 1 ? 0 : seg_of(P.off, S, i);
+      const acc_t b = load_one<in_t, acc_t>(a.base, i);
+      for (int t = 0; t < T; ++t) {
+        const acc_t tau = tau_at<in_t>(a, P, t, i, b);
+        trn[t] = ties_trim(tau, P.thr[t * S + s]);
+        if (old_c) tro[t] = ties_trim(tau, (*old_c)[t * S + s]);
+      }
+      if (old_c) {
+        bool nzo, nzn;
+        const acc_t so = ties_sum(tro.data(), T, &nzo), sn = ties_sum(trn.data(), T, &nzn);
+        dm[tid] += int64_t(sign_of(sn)) - int64_t(sign_of(so));
+        if (sn == acc_t(0) && nzn) canc[tid].push_back(i);
+      }
+      out[i] = to_out<in_t>(ties_entry(trn.data(), T, majority, P.mode, b, P.lam));
+    }
+  });
+  if (dmsum) {
+    *dmsum = 0;
+    for (int64_t d : dm) *dmsum += d;
+  }
+  if (now_cancel)
+    for (auto& v : canc) now_cancel->insert(now_cancel->end(), v.begin(), v.end());
+}
+
+template <typename in_t>
+bool ties_impl(const TiesArgs& a, TiesStats* st) {
+  using acc_t = typename AccOf<in_t>::type;
+  using clock = std::chrono::steady_clock;
+  auto secs = [](clock::time_point t0) { return std::chrono::duration<double>(clock::now() - t0).count(); };
+  const int T = a.T;
+  const int64_t S = a.S, NP = int64_t(T) * S;
+  TiesPlan<acc_t> P;
+  P.T = T;
+  P.S = S;
+  P.off = a.offsets;
+  P.mode = a.mode;
+  P.lam = acc_t(a.lam);
+  P.has_w = a.weights != nullptr;
+  P.w.assign(T, acc_t(1));
+  if (P.has_w)
+    for (int t = 0; t < T; ++t) P.w[t] = acc_t(a.weights[t]);
+  P.k.resize(NP);
+  P.lo.assign(NP, 0);
+  P.hi.assign(NP, 0);
+  P.c.assign(NP, 0);
+  P.bracket.assign(NP, 0);
+  P.thr.assign(NP, 0);
+  bool big_seg = false;  // positions inside a segment must fit 32 bits for the one-pass strategy
+  for (int64_t s = 0; s < S; ++s) big_seg = big_seg || a.offsets[s + 1] - a.offsets[s] > int64_t(UINT32_MAX);
+  for (int t = 0; t < T; ++t)
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t n = a.offsets[s + 1] - a.offsets[s];
+      // k = n - int(n * density), in double precision like the authors' Python code
+      P.k[t * S + s] = n - int64_t(double(n) * a.density);
+    }
+
+  // 1. thresholds: exact for small problems, a sampled guess and bracket for the others
+  auto t0 = clock::now();
+  std::atomic<bool> bad{false};
+  std::atomic<int64_t> nexact{0}, nbracket{0}, nsampled{0};
+  std::vector<char> seg_sampled(S, 0);
+  at::parallel_for(0, NP, 1, [&](int64_t pb, int64_t pe) {
+    std::vector<acc_t> buf;
+    for (int64_t p = pb; p < pe; ++p) {
+      const int t = int(p / S);
+      const int64_t s = p % S, n = a.offsets[s + 1] - a.offsets[s];
+      if (n == 0 || P.k[p] == 0) {
+        set_exact(P, p, acc_t(0));  // keep everything
+        ++nexact;
+      } else if (n <= kExactMax) {
+        acc_t thr;
+        if (!select_exact<in_t>(a, P, t, s, buf, &thr)) bad = true;
+        set_exact(P, p, thr);
+        ++nexact;
+      } else {
+        if (t == 0) seg_sampled[s] = 1;  // k depends on n only: every task of s is bracketed
+        ++nbracket;
+      }
+    }
+  });
+  for (int64_t s = 0; s < S && !bad; ++s) {
+    int64_t ns = 0;
+    if (seg_sampled[s] && !sample_brackets<in_t>(a, P, s, &ns)) bad = true;
+    nsampled += ns;
+  }
+  if (bad) return true;
+  st->exact_problems = nexact;
+  st->bracket_problems = nbracket;
+  st->sampled = nsampled;
+  int strategy = a.strategy == 2 || big_seg ? 2 : 1;
+  if (nbracket == 0) strategy = 1;
+  st->strategy = strategy == 1 ? "one-pass" : "two-pass";
+  st->threshold_seconds = secs(t0);
+
+  std::vector<PassAcc<acc_t>> R;
+  const std::vector<acc_t> used_c = P.c;  // the thresholds the first pass merges with
+  std::vector<int64_t> wrong;             // positions merged with a wrong guess
+  bool repass = false;
+  // Exact thresholds from the counts and candidates; with `keep_pos`, also the wrongly merged
+  // positions. Sets `repass` when some of those are not known.
+  auto resolve = [&](bool keep_pos) -> bool {
+    int64_t ncand_total = 0;
+    for (int64_t p = 0; p < NP; ++p)
+      if (P.bracket[p])
+        for (auto& r : R) ncand_total += int64_t(r.cand[p].n);
+    st->candidates += ncand_total;
+    std::atomic<bool> rbad{false};
+    std::vector<char> missed(NP, 0), need(NP, 0);
+    std::vector<acc_t> thr_of(NP, 0);
+    at::parallel_for(0, NP, 1, [&](int64_t pb, int64_t pe) {
+      std::vector<acc_t> buf;
+      for (int64_t p = pb; p < pe; ++p) {
+        if (!P.bracket[p]) continue;
+        int64_t below = 0, elo = 0, ehi = 0;
+        size_t nc = 0;
+        for (auto& r : R) {
+          below += r.below[p];
+          elo += r.eqlo[p];
+          ehi += r.eqhi[p];
+          nc += r.cand[p].n;
+        }
+        const acc_t lo = P.lo[p], hi = P.hi[p];
+        int64_t rank = P.k[p] - below;  // 1-indexed rank among the entries >= lo
+        acc_t thr = 0;
+        bool ok = true;
+        if (rank < 1) {
+          ok = false;
+        } else if (rank <= elo) {
+          thr = lo;
+        } else if (rank <= elo + int64_t(nc)) {
+          buf.clear();
+          buf.reserve(nc);
+          for (auto& r : R) buf.insert(buf.end(), r.cand[p].val.begin(), r.cand[p].val.begin() + r.cand[p].n);
+          int64_t r0 = rank - elo - 1;
+          select_ranks(buf, &r0, 1, &thr);
+        } else if (rank <= elo + int64_t(nc) + ehi && hi != lo) {
+          thr = hi;
+        } else {
+          ok = false;
+        }
+        if (!ok) {
+          if (!select_exact<in_t>(a, P, int(p / S), p % S, buf, &thr)) rbad = true;
+          missed[p] = 1;
+        }
+        thr_of[p] = thr;
+        const acc_t c = used_c[p];
+        if ((elo > 0 && (lo >= c) != (lo >= thr)) || (ehi > 0 && (hi >= c) != (hi >= thr))) need[p] = 1;
+      }
+    });
+    for (int64_t p = 0; p < NP; ++p) {
+      st->bracket_misses += missed[p];
+      if (missed[p] || need[p]) repass = true;
+    }
+    if (keep_pos && !repass) {
+      for (int64_t p = 0; p < NP; ++p) {
+        if (!P.bracket[p]) continue;
+        const acc_t c = used_c[p], thr = thr_of[p];
+        if (c == thr) continue;
+        const int64_t segb = a.offsets[p % S];
+        for (auto& r : R) {
+          const auto& cv = r.cand[p].val;
+          const auto& cp = r.cand[p].pos;
+          for (size_t q = 0; q < r.cand[p].n; ++q)
+            if ((cv[q] >= c) != (cv[q] >= thr)) wrong.push_back(segb + int64_t(cp[q]));
+        }
+      }
+      std::sort(wrong.begin(), wrong.end());
+      wrong.erase(std::unique(wrong.begin(), wrong.end()), wrong.end());
+    }
+    for (int64_t p = 0; p < NP; ++p)
+      if (P.bracket[p]) set_exact(P, p, thr_of[p]);
+    for (auto& r : R) r.cand.clear();
+    return !rbad;
+  };
+
+  t0 = clock::now();
+  int64_t msum = 0;
+  std::vector<int64_t> cancel;
+  bool overflow = false;
+  auto gather = [&]() {
+    msum = 0;
+    cancel.clear();
+    overflow = false;
+    for (auto& r : R) {
+      msum += r.msum;
+      cancel.insert(cancel.end(), r.cancel.begin(), r.cancel.end());
+      overflow = overflow || r.cancel_overflow;
+      if (r.bad) bad = true;
+    }
+  };
+  if (strategy == 2) {
+    ties_pass<false, in_t>(a, P, R, false, false, acc_t(0));
+    st->passes += 1;
+    gather();
+    if (bad) return true;
+    if (!resolve(false)) return true;
+    ties_pass<true, in_t>(a, P, R, false, false, acc_t(0));
+    st->passes += 1;
+    gather();
+  } else {
+    ties_pass<true, in_t>(a, P, R, true, false, acc_t(0));
+    st->passes += 1;
+    gather();
+    if (bad) return true;
+    if (nbracket > 0) {
+      if (!resolve(true)) return true;
+      if (repass) {  // thresholds all exact now
+        wrong.clear();
+        ties_pass<true, in_t>(a, P, R, false, false, acc_t(0));
+        st->passes += 1;
+        gather();
+      }
+    }
+  }
+  if (bad) return true;
+  st->pass_seconds = secs(t0);
+  t0 = clock::now();
+  st->deferred = int64_t(wrong.size());
+  if (!wrong.empty()) {
+    int64_t dm = 0;
+    ties_fixup<in_t>(a, P, wrong, &used_c, acc_t(0), &dm, &cancel);
+    msum += dm;
+  }
+  std::sort(cancel.begin(), cancel.end());
+  cancel.erase(std::unique(cancel.begin(), cancel.end()), cancel.end());
+  st->cancelled = int64_t(cancel.size());
+  if (!cancel.empty() || overflow) {
+    const acc_t majority = acc_t(int(msum > 0) - int(msum < 0));
+    if (overflow) {
+      ties_pass<true, in_t>(a, P, R, false, true, majority);
+      st->passes += 1;
+    } else {
+      ties_fixup<in_t>(a, P, cancel, nullptr, majority, nullptr, nullptr);
+    }
+  }
+  st->fixup_seconds = secs(t0);
+  st->thresholds.assign(P.thr.begin(), P.thr.end());
+  return false;
+}
+
