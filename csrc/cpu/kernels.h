@@ -482,40 +482,82 @@ bool block_fwd_impl(const BlockArgs& a) {
   return bad;
 }
 
+// Converts W consecutive accumulation-type values to one vector of doubles.
+template <typename acc_t>
+inline typename SimdVec<double>::F load_as_double(const acc_t* p) {
+  using D = typename SimdVec<double>::F;
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return simd_load<D>(p);
+  } else {
+    typedef float H __attribute__((vector_size(kSimdBytes / 2)));
+    return __builtin_convertvector(simd_load<H>(p), D);
+  }
+}
+
 template <typename in_t>
 bool block_bwd_impl(const BlockArgs& a) {
+  // dL/dcoefs[t, b] = sum over block b of g_i * v_{t,i}, in float64: per work item and task, a
+  // few vector accumulators in registers (tasks in groups of 4), summed in a fixed lane order.
   using acc_t = typename AccOf<in_t>::type;
-  using VD = Vectorized<double>;
+  using D = typename SimdVec<double>::F;
+  constexpr int W = SimdVec<double>::W;
   const int T = a.T;
   const std::vector<Item> items = make_items(a.offsets, a.B);
   std::vector<double> part(items.size() * T, 0.0);
   at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t ib, int64_t ie) {
-    alignas(64) acc_t gbuf[kChunk];
-    alignas(64) acc_t buf[kChunk];
-    alignas(64) double gd[kChunk];
-    alignas(64) double vd[kChunk];
+    std::vector<acc_t> bufs(size_t(T + 1) * kSChunk + W);
+    std::vector<const acc_t*> xs(T);
+    alignas(64) acc_t tail[5][W];
     for (int64_t it = ib; it < ie; ++it) {
-      for (int64_t i = items[it].begin; i < items[it].end; i += kChunk) {
-        const int64_t n = std::min(kChunk, items[it].end - i);
-        prefetch_chunk<in_t>(a.base, i + kPrefetch, items[it].end);
-        for (int t = 0; t < T; ++t) prefetch_chunk<in_t>(a.vectors[t], i + kPrefetch, items[it].end);
-        const acc_t* g = load_chunk<in_t>(a.base, i, n, gbuf);
-        for (int64_t j = 0; j < n; ++j) gd[j] = double(g[j]);
+      const int64_t end = items[it].end;
+      D acc[4 * 16];  // up to 16 groups of 4 tasks kept here between chunks
+      std::vector<D> acc_more;
+      D* accp = T <= 64 ? acc : (acc_more.assign(size_t(T), D{}), acc_more.data());
+      for (int t = 0; t < T; ++t) accp[t] = D{};
+      for (int64_t i = items[it].begin; i < end; i += kSChunk) {
+        const int64_t n = std::min(kSChunk, end - i);
+        const int64_t nv = n / W * W;
+        prefetch_chunk<in_t>(a.base, i + kPrefetch, end, kSChunk);
+        const acc_t* g = load_chunk<in_t>(a.base, i, n, bufs.data() + size_t(T) * kSChunk);
         for (int t = 0; t < T; ++t) {
-          const acc_t* x = load_chunk<in_t>(a.vectors[t], i, n, buf);
-          for (int64_t j = 0; j < n; ++j) vd[j] = double(x[j]);
-          VD s0(0), s1(0);
-          int64_t j = 0;
-          for (; j + 2 * VD::size() <= n; j += 2 * VD::size()) {
-            s0 = at::vec::fmadd(VD::loadu(gd + j), VD::loadu(vd + j), s0);
-            s1 = at::vec::fmadd(VD::loadu(gd + j + VD::size()), VD::loadu(vd + j + VD::size()), s1);
-          }
-          for (; j < n; j += VD::size()) {
-            const int64_t m = std::min<int64_t>(VD::size(), n - j);
-            s0 = at::vec::fmadd(VD::loadu(gd + j, m), VD::loadu(vd + j, m), s0);
-          }
-          part[it * T + t] += lane_sum(s0 + s1);
+          prefetch_chunk<in_t>(a.vectors[t], i + kPrefetch, end, kSChunk);
+          xs[t] = load_chunk<in_t>(a.vectors[t], i, n, bufs.data() + size_t(t) * kSChunk);
         }
+        for (int t0 = 0; t0 < T; t0 += 4) {
+          const int k = std::min(4, T - t0);
+          D s0 = accp[t0], s1 = k > 1 ? accp[t0 + 1] : D{}, s2 = k > 2 ? accp[t0 + 2] : D{},
+            s3 = k > 3 ? accp[t0 + 3] : D{};
+          const acc_t* x0 = xs[t0];
+          const acc_t* x1 = xs[t0 + std::min(1, k - 1)];
+          const acc_t* x2 = xs[t0 + std::min(2, k - 1)];
+          const acc_t* x3 = xs[t0 + std::min(3, k - 1)];
+          for (int64_t j = 0; j < nv; j += W) {
+            const D gd = load_as_double(g + j);
+            s0 += gd * load_as_double(x0 + j);
+            s1 += gd * load_as_double(x1 + j);
+            s2 += gd * load_as_double(x2 + j);
+            s3 += gd * load_as_double(x3 + j);
+          }
+          if (nv < n) {  // zero-padded tail vector
+            const acc_t* src[5] = {g, x0, x1, x2, x3};
+            for (int r = 0; r < 5; ++r)
+              for (int l = 0; l < W; ++l) tail[r][l] = nv + l < n ? src[r][nv + l] : acc_t(0);
+            const D gd = load_as_double(tail[0]);
+            s0 += gd * load_as_double(tail[1]);
+            s1 += gd * load_as_double(tail[2]);
+            s2 += gd * load_as_double(tail[3]);
+            s3 += gd * load_as_double(tail[4]);
+          }
+          accp[t0] = s0;
+          if (k > 1) accp[t0 + 1] = s1;
+          if (k > 2) accp[t0 + 2] = s2;
+          if (k > 3) accp[t0 + 3] = s3;
+        }
+      }
+      for (int t = 0; t < T; ++t) {
+        double sum = 0.0;  // fixed lane order
+        for (int l = 0; l < W; ++l) sum += accp[t][l];
+        part[it * T + t] = sum;
       }
     }
   });

@@ -501,8 +501,7 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
         const int64_t nv = n / W * W;
         const acc_t* bp = load_chunk<in_t>(a.base, i, n, bb);
         for (int t = 0; t < T; ++t) xs[t] = load_chunk<in_t>(a.thetas[t], i, n, xbufs.data() + size_t(t) * kChunk);
-        acc_t* dst = ob;
-        if constexpr (std::is_same_v<in_t, acc_t>) dst = reinterpret_cast<acc_t*>(out + i);
+        acc_t* dst = ob;  // written out with non-temporal stores once the chunk is done
         // The next chunk of every contiguous input is fetched ahead: the hardware prefetchers
         // lose track of T + 1 interleaved streams.
         const int64_t pf_pos = i + 2 * kChunk <= items[it].end ? i + kChunk : -1;
@@ -521,9 +520,7 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
           if constexpr (WRITE)
             for (int l = 0; l < m; ++l) dst[nv + l] = tailo[l];
         }
-        if constexpr (WRITE) {
-          if constexpr (!std::is_same_v<in_t, acc_t>) store_chunk(out + i, ob, n);
-        }
+        if constexpr (WRITE) store_chunk(out + i, ob, n);
       }
       for (int t = 0; t < T; ++t) {
         int64_t c = 0;
@@ -531,6 +528,7 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
         R.below[t * S + s] += c;
       }
     }
+    if constexpr (WRITE) stream_fence();
     R.msum += msum_all;
     for (int l = 0; l < W; ++l)
       if (chk_all[l] != acc_t(0)) R.bad = true;
