@@ -18,7 +18,7 @@
 // not kept) falls back to an exact selection and a second, exact pass.
 
 constexpr int64_t kExactMax = 1 << 16;   // problems this small: exact selection before the pass
-constexpr int64_t kRun = 16;             // sampled in runs of contiguous entries (one cache line)
+constexpr int64_t kRun = 64;             // sampled in runs of contiguous entries (a few cache lines)
 constexpr int kSelBits = 12;             // histogram bins of the radix selections
 constexpr size_t kCancelCap = 1 << 16;   // cancelled positions listed per thread before falling back
 
@@ -52,12 +52,6 @@ inline void set_exact(TiesPlan<acc_t>& P, int64_t p, acc_t thr) {
   P.bracket[p] = 0;
 }
 
-template <typename in_t, typename acc_t>
-inline acc_t tau_at(const TiesArgs& a, const TiesPlan<acc_t>& P, int t, int64_t i, acc_t b) {
-  acc_t tau = load_one<in_t, acc_t>(a.thetas[t], i) - b;
-  return P.has_w ? tau * P.w[t] : tau;
-}
-
 template <typename acc_t>
 inline typename BitsOf<acc_t>::type key_of(acc_t v) {  // order-preserving for v >= 0 (not NaN)
   typename BitsOf<acc_t>::type u;
@@ -73,18 +67,21 @@ void select_ranks(std::vector<acc_t>& v, int64_t* ranks, int nr, acc_t* res) {
   using bits_t = typename BitsOf<acc_t>::type;
   std::vector<uint32_t> hist(size_t(1) << kSelBits);
   std::vector<acc_t> next;
+  bits_t kmin = 0, kmax = 0;  // key range of v, carried from the filtering of the round before
+  if (v.size() > 4096) {
+    kmin = kmax = key_of(v[0]);
+    for (const acc_t x : v) {
+      const bits_t u = key_of(x);
+      kmin = u < kmin ? u : kmin;
+      kmax = u > kmax ? u : kmax;
+    }
+  }
   while (true) {
     const size_t m = v.size();
     if (m <= 4096) {
       std::sort(v.begin(), v.end());
       for (int r = 0; r < nr; ++r) res[r] = v[size_t(ranks[r])];
       return;
-    }
-    bits_t kmin = key_of(v[0]), kmax = kmin;
-    for (const acc_t x : v) {
-      const bits_t u = key_of(x);
-      kmin = u < kmin ? u : kmin;
-      kmax = u > kmax ? u : kmax;
     }
     if (kmin == kmax) {
       for (int r = 0; r < nr; ++r) res[r] = v[0];
@@ -110,11 +107,22 @@ void select_ranks(std::vector<acc_t>& v, int64_t* ranks, int nr, acc_t* res) {
       }
       cum = nx;
     }
-    next.clear();
+    next.resize(m);
+    size_t nn = 0;
+    const bits_t lo_key = kmin + (bits_t(b0) << shift);  // keys of bins b0..b1
+    const bits_t span = (bits_t(b1 - b0 + 1) << shift) - 1;
+    bits_t nmin = std::numeric_limits<bits_t>::max(), nmax = 0;
     for (const acc_t x : v) {
-      const size_t b = size_t((key_of(x) - kmin) >> shift);
-      if (b >= b0 && b <= b1) next.push_back(x);
+      const bits_t u = key_of(x);
+      const bool in = bits_t(u - lo_key) <= span;  // unsigned wrap sends keys below lo_key out
+      next[nn] = x;
+      nn += in;
+      nmin = in && u < nmin ? u : nmin;
+      nmax = in && u > nmax ? u : nmax;
     }
+    next.resize(nn);
+    kmin = nmin;
+    kmax = nmax;
     if (next.size() == m) {  // no progress: plain selections
       for (int r = 0; r < nr; ++r) {
         std::nth_element(v.begin(), v.begin() + ranks[r], v.end());
@@ -156,7 +164,7 @@ bool select_exact(const TiesArgs& a, const TiesPlan<acc_t>& P, int t, int64_t s,
 }
 
 inline int64_t ties_runs(int64_t n, int T) {  // sampled runs: balances sampling against the fix-up
-  const double r = std::pow(0.02 * double(T) * double(n), 2.0 / 3.0);
+  const double r = std::pow(0.02 * double(T) * double(n), 2.0 / 3.0) * (16.0 / double(kRun));
   return std::max<int64_t>(1, std::min<int64_t>(int64_t(r), n / (4 * kRun)));
 }
 
@@ -183,6 +191,15 @@ bool sample_brackets(const TiesArgs& a, TiesPlan<acc_t>& P, int64_t s, int64_t* 
   for (int t = 0; t < T; ++t)
     if (a.thetas[t].stride == 1) raw[t] = static_cast<const in_t*>(a.thetas[t].ptr);
   if (a.base.stride == 1) raw[T] = static_cast<const in_t*>(a.base.ptr);
+  // Runs start on a cache-line boundary of the first task (one line per input instead of two).
+  int64_t mis = 0;
+  if (raw[0] && L == kRun && (reinterpret_cast<uintptr_t>(raw[0]) % sizeof(in_t)) == 0)
+    mis = int64_t((reinterpret_cast<uintptr_t>(raw[0]) / sizeof(in_t)) % uint64_t(kRun));
+  auto run_at = [&](int64_t r) {
+    const int64_t st = b0 + ties_run_start(r, runs, n, L);
+    const int64_t al = st - ((st + mis) % kRun);
+    return L == kRun && al >= b0 ? al : st;
+  };
   std::atomic<bool> bad{false};
   at::parallel_for(0, runs, 256, [&](int64_t rb, int64_t re) {
     alignas(64) acc_t bb[kRun];
@@ -191,14 +208,12 @@ bool sample_brackets(const TiesArgs& a, TiesPlan<acc_t>& P, int64_t s, int64_t* 
     constexpr int64_t kAhead = 8;
     for (int64_t r = rb; r < re; ++r) {
       if (r + kAhead < re) {
-        const int64_t ps = b0 + ties_run_start(r + kAhead, runs, n, L);
+        const int64_t ps = run_at(r + kAhead);
         for (int t = 0; t <= T; ++t)
-          if (raw[t]) {
-            __builtin_prefetch(raw[t] + ps);
-            __builtin_prefetch(raw[t] + ps + L - 1);
-          }
+          if (raw[t])
+            for (int64_t e = 0; e < L; e += int64_t(64 / sizeof(in_t))) __builtin_prefetch(raw[t] + ps + e);
       }
-      const int64_t start = b0 + ties_run_start(r, runs, n, L);
+      const int64_t start = run_at(r);
       const acc_t* bp = load_chunk<in_t>(a.base, start, L, bb);
       for (int t = 0; t < T; ++t) {
         const acc_t* xp = load_chunk<in_t>(a.thetas[t], start, L, xb);
@@ -220,8 +235,46 @@ bool sample_brackets(const TiesArgs& a, TiesPlan<acc_t>& P, int64_t s, int64_t* 
     for (int64_t t = tb; t < te; ++t) {
       const int64_t p = t * P.S + s, k = P.k[p];
       const double q = double(k) / double(n);
-      // 5 sigma of the sample quantile, inflated 4x in variance for the correlation inside a run.
-      const double h = 5.0 * std::sqrt(4.0 * double(m) * q * (1.0 - q)) + double(L) + 2.0;
+      // Half-width of the bracket in ranks of the sample: 8 standard errors of the sampled rank,
+      // the error measured from the data (the spread of the fraction below a pilot guess across
+      // kGroups interleaved groups of runs) and never below the independent-entries value; with
+      // too few runs to measure, 5 standard errors with the variance inflated 4x for the
+      // correlation inside a run.
+      const double sd_iid = std::sqrt(double(m) * q * (1.0 - q));
+      double h = 5.0 * 2.0 * sd_iid;
+      constexpr int64_t kGroups = 32;
+      if (runs >= 4 * kGroups) {
+        const acc_t* sv = samp[t].data();
+        std::vector<acc_t> pilot;
+        pilot.reserve(size_t((runs / kGroups + 1) * L));
+        for (int64_t r = 0; r < runs; r += kGroups) pilot.insert(pilot.end(), sv + r * L, sv + r * L + L);
+        int64_t pr = std::llround(q * double(pilot.size()) - 0.5);
+        pr = std::min(std::max<int64_t>(pr, 0), int64_t(pilot.size()) - 1);
+        acc_t c0;
+        select_ranks(pilot, &pr, 1, &c0);
+        int64_t cnt[kGroups] = {}, mg[kGroups] = {};
+        for (int64_t r = 0; r < runs; ++r) {
+          int64_t cb = 0;
+          for (int64_t j = 0; j < L; ++j) cb += sv[r * L + j] < c0;
+          cnt[r % kGroups] += cb;
+          mg[r % kGroups] += L;
+        }
+        double tot = 0, totm = 0;
+        for (int64_t g = 0; g < kGroups; ++g) {
+          tot += double(cnt[g]);
+          totm += double(mg[g]);
+        }
+        const double pbar = tot / totm;
+        double var = 0;
+        for (int64_t g = 0; g < kGroups; ++g) {
+          const double dv = double(cnt[g]) / double(mg[g]) - pbar;
+          var += dv * dv;
+        }
+        var /= double(kGroups - 1);
+        const double sd_meas = std::sqrt(var / double(kGroups)) * double(m);
+        h = 8.0 * std::max(sd_meas, sd_iid);
+      }
+      h += double(L) + 2.0;
       const double center = q * double(m) - 0.5;
       int64_t rk[3] = {int64_t(std::floor(center - h)), int64_t(std::llround(center)),
                        int64_t(std::ceil(center + h))};
@@ -539,12 +592,6 @@ inline int64_t seg_of(const int64_t* off, int64_t S, int64_t i) {
   return int64_t(std::upper_bound(off, off + S + 1, i) - off) - 1;
 }
 
-template <typename in_t>
-inline void ties_touch(const TiesArgs& a, int64_t i) {  // fetch position i of every input ahead
-  __builtin_prefetch(static_cast<const in_t*>(a.base.ptr) + i * a.base.stride);
-  for (int t = 0; t < a.T; ++t) __builtin_prefetch(static_cast<const in_t*>(a.thetas[t].ptr) + i * a.thetas[t].stride);
-}
-
 // Recompute the listed positions with the exact thresholds. With `old_c`, also the sign-tally
 // correction against the thresholds the pass used and the positions that now cancel; otherwise
 // (cancelled positions) the given majority sign decides a zero sum.
@@ -562,25 +609,36 @@ void ties_fixup(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P
   at::parallel_for(0, int64_t(pos.size()), 2048, [&](int64_t qb, int64_t qe) {
     const int tid = at::get_thread_num();
     std::vector<acc_t> tro(T), trn(T);
-    constexpr int64_t kAhead = 12;  // positions fetched ahead: they are scattered, one line each
-    for (int64_t q = qb; q < std::min(qe, qb + kAhead); ++q) ties_touch<in_t>(a, pos[size_t(q)]);
-    for (int64_t q = qb; q < qe; ++q) {
-      if (q + kAhead < qe) ties_touch<in_t>(a, pos[size_t(q + kAhead)]);
-      const int64_t i = pos[size_t(q)];
-      const int64_t s = S == 1 ? 0 : seg_of(P.off, S, i);
-      const acc_t b = load_one<in_t, acc_t>(a.base, i);
-      for (int t = 0; t < T; ++t) {
-        const acc_t tau = tau_at<in_t>(a, P, t, i, b);
-        trn[t] = ties_trim(tau, P.thr[t * S + s]);
-        if (old_c) tro[t] = ties_trim(tau, (*old_c)[t * S + s]);
+    // The positions are ascending and scattered: one input at a time is gathered for a block of
+    // them (independent loads walking each input's pages in order), then the block is finished.
+    constexpr int64_t kBlk = 2048;
+    std::vector<acc_t> g(size_t(T + 1) * kBlk);
+    for (int64_t q0 = qb; q0 < qe; q0 += kBlk) {
+      const int64_t nb = std::min(kBlk, qe - q0);
+      const int64_t* pq = pos.data() + q0;
+      for (int t = 0; t <= T; ++t) {
+        const Src& src = t < T ? a.thetas[t] : a.base;
+        acc_t* gd = g.data() + size_t(t) * kBlk;
+        for (int64_t u = 0; u < nb; ++u) gd[u] = load_one<in_t, acc_t>(src, pq[u]);
       }
-      if (old_c) {
-        bool nzo, nzn;
-        const acc_t so = ties_sum(tro.data(), T, &nzo), sn = ties_sum(trn.data(), T, &nzn);
-        dm[tid] += int64_t(sign_of(sn)) - int64_t(sign_of(so));
-        if (sn == acc_t(0) && nzn) canc[tid].push_back(i);
+      for (int64_t u = 0; u < nb; ++u) {
+        const int64_t i = pq[u];
+        const int64_t s = S == 1 ? 0 : seg_of(P.off, S, i);
+        const acc_t b = g[size_t(T) * kBlk + u];
+        for (int t = 0; t < T; ++t) {
+          acc_t tau = g[size_t(t) * kBlk + u] - b;
+          if (P.has_w) tau = tau * P.w[t];
+          trn[t] = ties_trim(tau, P.thr[t * S + s]);
+          if (old_c) tro[t] = ties_trim(tau, (*old_c)[t * S + s]);
+        }
+        if (old_c) {
+          bool nzo, nzn;
+          const acc_t so = ties_sum(tro.data(), T, &nzo), sn = ties_sum(trn.data(), T, &nzn);
+          dm[tid] += int64_t(sign_of(sn)) - int64_t(sign_of(so));
+          if (sn == acc_t(0) && nzn) canc[tid].push_back(i);
+        }
+        out[i] = to_out<in_t>(ties_entry(trn.data(), T, majority, P.mode, b, P.lam));
       }
-      out[i] = to_out<in_t>(ties_entry(trn.data(), T, majority, P.mode, b, P.lam));
     }
   });
   if (dmsum) {
@@ -676,6 +734,7 @@ bool ties_impl(const TiesArgs& a, TiesStats* st) {
     std::atomic<bool> rbad{false};
     std::vector<char> missed(NP, 0), need(NP, 0);
     std::vector<acc_t> thr_of(NP, 0);
+    std::vector<std::vector<int64_t>> wrong_of(keep_pos ? NP : 0);  // per problem, ascending
     at::parallel_for(0, NP, 1, [&](int64_t pb, int64_t pe) {
       std::vector<acc_t> buf;
       for (int64_t p = pb; p < pe; ++p) {
@@ -714,6 +773,19 @@ bool ties_impl(const TiesArgs& a, TiesStats* st) {
         thr_of[p] = thr;
         const acc_t c = used_c[p];
         if ((elo > 0 && (lo >= c) != (lo >= thr)) || (ehi > 0 && (hi >= c) != (hi >= thr))) need[p] = 1;
+        if (keep_pos && !missed[p] && !need[p] && c != thr) {
+          // Positions merged with the wrong side of the threshold. Each thread's list is in
+          // position order; the lists are sorted here if the threads' ranges were not.
+          std::vector<int64_t>& wl = wrong_of[p];
+          const int64_t segb = a.offsets[p % S];
+          for (auto& r : R) {
+            const auto& cv = r.cand[p].val;
+            const auto& cp = r.cand[p].pos;
+            for (size_t q = 0; q < r.cand[p].n; ++q)
+              if ((cv[q] >= c) != (cv[q] >= thr)) wl.push_back(segb + int64_t(cp[q]));
+          }
+          if (!std::is_sorted(wl.begin(), wl.end())) std::sort(wl.begin(), wl.end());
+        }
       }
     });
     for (int64_t p = 0; p < NP; ++p) {
@@ -721,20 +793,20 @@ bool ties_impl(const TiesArgs& a, TiesStats* st) {
       if (missed[p] || need[p]) repass = true;
     }
     if (keep_pos && !repass) {
-      for (int64_t p = 0; p < NP; ++p) {
-        if (!P.bracket[p]) continue;
-        const acc_t c = used_c[p], thr = thr_of[p];
-        if (c == thr) continue;
-        const int64_t segb = a.offsets[p % S];
-        for (auto& r : R) {
-          const auto& cv = r.cand[p].val;
-          const auto& cp = r.cand[p].pos;
-          for (size_t q = 0; q < r.cand[p].n; ++q)
-            if ((cv[q] >= c) != (cv[q] >= thr)) wrong.push_back(segb + int64_t(cp[q]));
+      // Segments are disjoint and ascending: merge the tasks' lists of each segment and append.
+      std::vector<int64_t> segl, tmp;
+      for (int64_t s = 0; s < S; ++s) {
+        segl.clear();
+        for (int t = 0; t < T; ++t) {
+          const std::vector<int64_t>& wl = wrong_of[t * S + s];
+          if (wl.empty()) continue;
+          tmp.resize(segl.size() + wl.size());
+          std::merge(segl.begin(), segl.end(), wl.begin(), wl.end(), tmp.begin());
+          segl.swap(tmp);
         }
+        segl.erase(std::unique(segl.begin(), segl.end()), segl.end());
+        wrong.insert(wrong.end(), segl.begin(), segl.end());
       }
-      std::sort(wrong.begin(), wrong.end());
-      wrong.erase(std::unique(wrong.begin(), wrong.end()), wrong.end());
     }
     for (int64_t p = 0; p < NP; ++p)
       if (P.bracket[p]) set_exact(P, p, thr_of[p]);
