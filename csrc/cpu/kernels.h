@@ -143,6 +143,14 @@ inline out_t to_out(acc_t v) {
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kSimdBytes = 64;
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr int kSimdBytes = 32;
+#else
+constexpr int kSimdBytes = 16;
+#endif
+
 // Write a finished chunk to memory that will not be read again soon: non-temporal stores skip the
 // read-for-ownership of the destination lines (one stream less of memory traffic). Callers end
 // their parallel region with stream_fence().
@@ -150,13 +158,7 @@ inline void stream_copy_bytes(void* dst, const void* src, int64_t bytes) {
 #if defined(__AVX512F__) || defined(__AVX__) || defined(__SSE2__)
   char* d = static_cast<char*>(dst);
   const char* s = static_cast<const char*>(src);
-#if defined(__AVX512F__)
-  constexpr int64_t W = 64;
-#elif defined(__AVX__)
-  constexpr int64_t W = 32;
-#else
-  constexpr int64_t W = 16;
-#endif
+  constexpr int64_t W = kSimdBytes;  // one vector register per store
   int64_t k = 0;
   while (k < bytes && (reinterpret_cast<uintptr_t>(d + k) % W) != 0) {
     d[k] = s[k];
@@ -209,6 +211,16 @@ inline void prefetch_chunk(const Src& s, int64_t i, int64_t end, int64_t len = k
   for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch(p + k, 0, 0);
 }
 
+// Loads chunk [i, i + n) of every task (prefetching the one after it) into per-task buffers of
+// kSChunk elements; xs[t] then points at task t's values in the accumulation type.
+template <typename in_t, typename acc_t>
+inline void load_tasks(const Src* srcs, int T, int64_t i, int64_t n, int64_t end, acc_t* bufs, const acc_t** xs) {
+  for (int t = 0; t < T; ++t) {
+    prefetch_chunk<in_t>(srcs[t], i + kPrefetch, end, kSChunk);
+    xs[t] = load_chunk<in_t>(srcs[t], i, n, bufs + size_t(t) * kSChunk);
+  }
+}
+
 template <typename V>
 inline bool all_zero(const V& v) {
   return v.zero_mask() == (1 << V::size()) - 1;
@@ -235,14 +247,6 @@ inline std::vector<Item> make_items(const int64_t* off, int64_t S) {
     for (int64_t b = off[s]; b < off[s + 1]; b += kItem) items.push_back({s, b, std::min(off[s + 1], b + kItem)});
   return items;
 }
-
-#if defined(CPU_CAPABILITY_AVX512)
-constexpr int kSimdBytes = 64;
-#elif defined(CPU_CAPABILITY_AVX2)
-constexpr int kSimdBytes = 32;
-#else
-constexpr int kSimdBytes = 16;
-#endif
 
 // Plain compiler vector types (one register per ISA build): comparisons give all-ones / zero lanes.
 template <typename acc_t>
@@ -304,10 +308,7 @@ bool average_impl(const AvgArgs& a) {
     V chk(0);
     for (int64_t i = b; i < e; i += kSChunk) {
       const int64_t n = std::min(kSChunk, e - i);
-      for (int t = 0; t < a.T; ++t) {
-        prefetch_chunk<in_t>(a.thetas[t], i + kPrefetch, e, kSChunk);
-        xs[t] = load_chunk<in_t>(a.thetas[t], i, n, bufs.data() + size_t(t) * kSChunk);
-      }
+      load_tasks<in_t>(a.thetas, a.T, i, n, e, bufs.data(), xs.data());
       // all tasks of one vector of positions in registers, in task order
       for (int64_t j = 0; j < n; j += V::size()) {
         const int64_t c = std::min<int64_t>(V::size(), n - j);
@@ -342,10 +343,7 @@ bool task_arith_impl(const TAArgs& a) {
       const int64_t n = std::min(kSChunk, e - i);
       prefetch_chunk<in_t>(a.base, i + kPrefetch, e, kSChunk);
       const acc_t* bp = load_chunk<in_t>(a.base, i, n, bufs.data() + size_t(a.T) * kSChunk);
-      for (int t = 0; t < a.T; ++t) {
-        prefetch_chunk<in_t>(a.thetas[t], i + kPrefetch, e, kSChunk);
-        xs[t] = load_chunk<in_t>(a.thetas[t], i, n, bufs.data() + size_t(t) * kSChunk);
-      }
+      load_tasks<in_t>(a.thetas, a.T, i, n, e, bufs.data(), xs.data());
       for (int64_t j = 0; j < n; j += V::size()) {  // all tasks in registers, in task order
         const int64_t c = std::min<int64_t>(V::size(), n - j);
         const V bv = V::loadu(bp + j, c);
@@ -462,10 +460,7 @@ bool block_fwd_impl(const BlockArgs& a) {
         const int64_t n = std::min(kSChunk, end - i);
         prefetch_chunk<in_t>(a.base, i + kPrefetch, end, kSChunk);
         const acc_t* bp = load_chunk<in_t>(a.base, i, n, bufs.data() + size_t(a.T) * kSChunk);
-        for (int t = 0; t < a.T; ++t) {
-          prefetch_chunk<in_t>(a.vectors[t], i + kPrefetch, end, kSChunk);
-          xs[t] = load_chunk<in_t>(a.vectors[t], i, n, bufs.data() + size_t(t) * kSChunk);
-        }
+        load_tasks<in_t>(a.vectors, a.T, i, n, end, bufs.data(), xs.data());
         for (int64_t j = 0; j < n; j += V::size()) {  // all tasks in registers, in task order
           const int64_t m = std::min<int64_t>(V::size(), n - j);
           V acc = V::loadu(bp + j, m);
@@ -519,10 +514,7 @@ bool block_bwd_impl(const BlockArgs& a) {
         const int64_t nv = n / W * W;
         prefetch_chunk<in_t>(a.base, i + kPrefetch, end, kSChunk);
         const acc_t* g = load_chunk<in_t>(a.base, i, n, bufs.data() + size_t(T) * kSChunk);
-        for (int t = 0; t < T; ++t) {
-          prefetch_chunk<in_t>(a.vectors[t], i + kPrefetch, end, kSChunk);
-          xs[t] = load_chunk<in_t>(a.vectors[t], i, n, bufs.data() + size_t(t) * kSChunk);
-        }
+        load_tasks<in_t>(a.vectors, T, i, n, end, bufs.data(), xs.data());
         for (int t0 = 0; t0 < T; t0 += 4) {
           const int k = std::min(4, T - t0);
           D s0 = accp[t0], s1 = k > 1 ? accp[t0 + 1] : D{}, s2 = k > 2 ? accp[t0 + 2] : D{},
