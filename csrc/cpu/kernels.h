@@ -39,14 +39,8 @@ constexpr int64_t kChunk = 512;      // elements converted per input at a time (
 constexpr int64_t kItem = 1 << 16;   // elements per work item (fixed: results never depend on threads)
 constexpr int64_t kGrain = 1 << 15;  // parallel grain of the purely elementwise ops
 constexpr int64_t kPrefetch = 2 * kChunk;  // software prefetch distance, in elements
-#ifndef FM_SCHUNK
-#define FM_SCHUNK 512
-#endif
-constexpr int64_t kSChunk = FM_SCHUNK;  // elementwise ops: chunk per input
-#ifndef FM_GCHUNK
-#define FM_GCHUNK 128
-#endif
-constexpr int64_t kGChunk = FM_GCHUNK;  // Gram: positions per tile pass (T x kGChunk doubles stay in L1)
+constexpr int64_t kSChunk = 512;  // streaming ops: elements per input and step
+constexpr int64_t kGChunk = 128;  // Gram: positions per tile pass (T x kGChunk doubles stay in L1)
 
 template <typename T>
 struct AccOf {
@@ -224,15 +218,6 @@ inline void load_tasks(const Src* srcs, int T, int64_t i, int64_t n, int64_t end
 template <typename V>
 inline bool all_zero(const V& v) {
   return v.zero_mask() == (1 << V::size()) - 1;
-}
-
-template <typename V>
-inline typename V::value_type lane_sum(const V& v) {  // fixed lane order
-  alignas(64) typename V::value_type tmp[V::size()];
-  v.store(tmp);
-  typename V::value_type s = 0;
-  for (int l = 0; l < V::size(); ++l) s += tmp[l];
-  return s;
 }
 
 struct Item {
