@@ -387,15 +387,26 @@ bool gram_impl(const GramArgs& a) {
               rows[u] = tau.data() + size_t(ta0 + std::min(u, na - 1)) * kGChunk;
               rows[4 + u] = tau.data() + size_t(tb0 + std::min(u, nb - 1)) * kGChunk;
             }
-            for (int64_t j = 0; j < nvec; j += W) {
-              const F a0 = simd_load<F>(rows[0] + j), a1 = simd_load<F>(rows[1] + j);
-              const F a2 = simd_load<F>(rows[2] + j), a3 = simd_load<F>(rows[3] + j);
-              const F b0 = simd_load<F>(rows[4] + j), b1 = simd_load<F>(rows[5] + j);
-              const F b2 = simd_load<F>(rows[6] + j), b3 = simd_load<F>(rows[7] + j);
-              c00 += a0 * b0; c01 += a0 * b1; c02 += a0 * b2; c03 += a0 * b3;
-              c10 += a1 * b0; c11 += a1 * b1; c12 += a1 * b2; c13 += a1 * b3;
-              c20 += a2 * b0; c21 += a2 * b1; c22 += a2 * b2; c23 += a2 * b3;
-              c30 += a3 * b0; c31 += a3 * b1; c32 += a3 * b2; c33 += a3 * b3;
+            if (ta0 == tb0 && na == 4) {  // a diagonal tile: only its 10 upper pairs
+              for (int64_t j = 0; j < nvec; j += W) {
+                const F a0 = simd_load<F>(rows[0] + j), a1 = simd_load<F>(rows[1] + j);
+                const F a2 = simd_load<F>(rows[2] + j), a3 = simd_load<F>(rows[3] + j);
+                c00 += a0 * a0; c01 += a0 * a1; c02 += a0 * a2; c03 += a0 * a3;
+                c11 += a1 * a1; c12 += a1 * a2; c13 += a1 * a3;
+                c22 += a2 * a2; c23 += a2 * a3;
+                c33 += a3 * a3;
+              }
+            } else {
+              for (int64_t j = 0; j < nvec; j += W) {
+                const F a0 = simd_load<F>(rows[0] + j), a1 = simd_load<F>(rows[1] + j);
+                const F a2 = simd_load<F>(rows[2] + j), a3 = simd_load<F>(rows[3] + j);
+                const F b0 = simd_load<F>(rows[4] + j), b1 = simd_load<F>(rows[5] + j);
+                const F b2 = simd_load<F>(rows[6] + j), b3 = simd_load<F>(rows[7] + j);
+                c00 += a0 * b0; c01 += a0 * b1; c02 += a0 * b2; c03 += a0 * b3;
+                c10 += a1 * b0; c11 += a1 * b1; c12 += a1 * b2; c13 += a1 * b3;
+                c20 += a2 * b0; c21 += a2 * b1; c22 += a2 * b2; c23 += a2 * b3;
+                c30 += a3 * b0; c31 += a3 * b1; c32 += a3 * b2; c33 += a3 * b3;
+              }
             }
             const F* acc[4][4] = {{&c00, &c01, &c02, &c03}, {&c10, &c11, &c12, &c13},
                                   {&c20, &c21, &c22, &c23}, {&c30, &c31, &c32, &c33}};
