@@ -147,7 +147,8 @@ def ext_modules_and_cmdclass():
 ext_modules, cmdclass = ext_modules_and_cmdclass()
 
 setup(
-    packages=["fastmerge", "fastmerge.kernels", "fastmerge.benchmarks"],
+    packages=["fastmerge", "fastmerge.data", "fastmerge.kernels", "fastmerge.benchmarks"],
+    package_data={"fastmerge": ["configs/*.json"]},
     package_dir={"fastmerge": "fastmerge", "fastmerge.kernels": "kernels", "fastmerge.benchmarks": "benchmarks"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

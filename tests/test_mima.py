@@ -1,0 +1,316 @@
+"""MIMA: data, heads, the loop, resuming, the distributed run and the reports."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastmerge
+from fastmerge import models
+from fastmerge.data import BUILTIN_TASKS, builtin_suite, builtin_task, check_root, load_paper_dataset
+from fastmerge.flat import FlatLayout
+from fastmerge.mima import MimaConfig, _Stopped, error_landscape, lr_at, run_mima
+
+SMALL = {"train": 96, "val": 24, "test": 36}
+TASKS3 = ["shapes", "colors", "digits"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTMERGE_CACHE", str(tmp_path / "cache"))
+
+
+def small_cfg(out, **kw):
+    base = dict(iterations=(1, 2), tasks=TASKS3, steps=8, batch_size=16, builtin_sizes=SMALL, out=str(out),
+                progress=False, landscape_grid=3, landscape_limit=24)
+    base.update(kw)
+    return MimaConfig(**base)
+
+
+# ----------------------------------------------------------------------------------- data
+
+def test_builtin_suite_is_deterministic_and_well_formed():
+    a = builtin_suite(seed=3, sizes=SMALL)
+    b = builtin_suite(seed=3, sizes=SMALL)
+    c = builtin_task("shapes", seed=4, sizes=SMALL)
+    assert [t.name for t in a] == list(BUILTIN_TASKS) and len(a) >= 7
+    for ta, tb in zip(a, b):
+        for split in ("train", "val", "test"):
+            assert torch.equal(ta.splits[split].images, tb.splits[split].images)
+            assert torch.equal(ta.splits[split].labels, tb.splits[split].labels)
+            labels = ta.splits[split].labels
+            assert labels.min() >= 0 and labels.max() < ta.num_classes
+        assert ta.splits["train"].images.shape[1:] == (3, 16, 16)
+        assert all("{}" in tpl for tpl in ta.templates)
+    assert not torch.equal(a[0].splits["train"].images, c.splits["train"].images)
+    # every class appears in every split of the generated tasks
+    for t in a[:-1]:
+        assert t.splits["test"].labels.unique().numel() == t.num_classes
+
+
+def test_digits_is_real_data_with_disjoint_stratified_splits():
+    d = builtin_task("digits")
+    n = {s: d.size(s) for s in ("train", "val", "test")}
+    assert sum(n.values()) == 1797  # scikit-learn's bundled handwritten digits
+    flat = {s: d.splits[s].images.flatten(1) for s in n}
+    # no image is shared between train and test (the dataset has no exact duplicates across them)
+    tr = {bytes(x.numpy()) for x in flat["train"]}
+    assert sum(bytes(x.numpy()) in tr for x in flat["test"]) <= 2
+    for s in n:
+        counts = torch.bincount(d.splits[s].labels, minlength=10).float()
+        assert counts.min() > 0.7 * counts.mean()
+
+
+def test_unknown_builtin_task():
+    with pytest.raises(ValueError, match="unknown built-in task 'nope'"):
+        builtin_task("nope")
+
+
+def _image_tree(root: Path, splits, classes=("a_b", "c"), per_class=6):
+    from PIL import Image
+
+    for split in splits:
+        for ci, c in enumerate(classes):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                Image.new("RGB", (8, 8), (10 * i, 50 * ci, 0)).save(d / f"{i}.png")
+
+
+def test_paper_dataset_from_folders_carves_validation(tmp_path):
+    _image_tree(tmp_path / "eurosat", ["train", "test"], per_class=20)
+    import torchvision.transforms as Tr
+
+    task = load_paper_dataset("EuroSAT", tmp_path, transform=Tr.ToTensor())
+    assert task.classnames == ("a b", "c")
+    n_train, n_val = task.size("train"), task.size("val")
+    assert n_train + n_val == 40 and n_val == 20  # the paper's 2700 capped at half of train
+    val_labels = [task.splits["val"][i][1] for i in range(n_val)]
+    assert val_labels.count(0) == val_labels.count(1)  # stratified
+    images, labels = next(task.eval_batches("test", batch_size=8))
+    assert images.shape == (8, 3, 8, 8) and labels.shape == (8,)
+
+
+def test_paper_dataset_uses_val_folder_and_classnames_file(tmp_path):
+    _image_tree(tmp_path / "dtd", ["train", "val", "test"])
+    (tmp_path / "dtd" / "classnames.txt").write_text("banded\ncrosshatched\n")
+    task = load_paper_dataset("DTD", tmp_path)
+    assert task.classnames == ("banded", "crosshatched")
+    assert task.size("val") == 12
+
+
+def test_paper_dataset_missing_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"expected the folder .*cars"):
+        load_paper_dataset("Cars", tmp_path)
+    (tmp_path / "svhn" / "train").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"svhn/test"):
+        check_root(tmp_path, ["SVHN"])
+    with pytest.raises(ValueError, match="unknown dataset"):
+        check_root(tmp_path, ["ImageNet"])
+
+
+# ----------------------------------------------------------------------------------- models and heads
+
+def test_zeroshot_head_is_built_from_the_text_tower_and_cached(tmp_path):
+    clip, _, tok = models.load_clip(models.TINY, seed=1)
+    task = builtin_task("shapes", sizes=SMALL)
+    head = models.zeroshot_head(clip, tok, task.classnames, task.templates)
+    assert head.shape == (6, 64)
+    norms = head.norm(dim=1)
+    assert torch.allclose(norms, clip.logit_scale.exp().detach().expand(6), rtol=1e-5)
+    # by hand: mean of normalised prompt embeddings, normalised
+    with torch.no_grad():
+        e = torch.nn.functional.normalize(clip.encode_text(tok([t.format("ring") for t in task.templates])), dim=-1)
+        want = torch.nn.functional.normalize(e.mean(0), dim=0) * clip.logit_scale.exp()
+    assert torch.allclose(head[SHAPES_INDEX["ring"]], want, atol=1e-5)
+    files = list((tmp_path / "cache" / "heads").glob("*.pt"))
+    assert len(files) == 1
+    assert torch.equal(models.zeroshot_head(clip, tok, task.classnames, task.templates), head)
+    other, _, _ = models.load_clip(models.TINY, seed=2)
+    models.zeroshot_head(other, tok, task.classnames, task.templates)
+    assert len(list((tmp_path / "cache" / "heads").glob("*.pt"))) == 2  # keyed by the text tower's weights
+    with pytest.raises(ValueError, match="'{}'"):
+        models.zeroshot_head(clip, tok, ["x"], ["no placeholder"])
+
+
+SHAPES_INDEX = {n: i for i, n in enumerate(builtin_task("shapes", sizes={"train": 0, "val": 0, "test": 0}).classnames)}
+
+
+def test_unknown_model():
+    with pytest.raises(ValueError, match="unknown model"):
+        models.load_clip("ViT-Nope-1")
+
+
+# ----------------------------------------------------------------------------------- schedule and config
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = MimaConfig(iterations=(1, 4), steps=100, lr=1.0, warmup=10).resolved()
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(b <= a for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[10] == pytest.approx(1.0) and lrs[99] == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert MimaConfig(steps=480).resolved().warmup == 48
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(iterations=(3,), steps=8), "not divisible by N = 3"),
+    (dict(iterations=(0,)), "positive"),
+    (dict(iterations=(1,), warmup=8, steps=8), "warmup"),
+    (dict(iterations=(1,), landscape=("shapes", "shapes")), "two different"),
+])
+def test_config_errors(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        MimaConfig(**kw).resolved()
+
+
+# ----------------------------------------------------------------------------------- the loop
+
+def test_mima_run_records_reports_and_checkpoints(tmp_path):
+    res = run_mima(small_cfg(tmp_path / "run"), log=lambda _m: None)
+    assert set(res["runs"]) == {"1", "2"}
+    r1, r2 = res["runs"]["1"], res["runs"]["2"]
+    assert [it["iteration"] for it in r2["iterations"]] == [1, 2] and r2["K"] == 4
+    # N = 1: θ̄ = θ0, so δ = τ
+    assert r1["iterations"][0]["cos_tau"] == r1["iterations"][0]["cos_delta"]
+    # iteration 1 of N = 2 trains from θ0 too; iteration 2 trains from the average of iteration 1
+    it1 = r2["iterations"][0]
+    assert it1["cos_tau"] == it1["cos_delta"]
+    assert r2["iterations"][1]["cos_tau"] != r2["iterations"][1]["cos_delta"]
+    for key in ("uniform", "task_arithmetic", "ties", "task_arithmetic_no_val", "ties_no_val"):
+        m = r2["final"]["merges"][key]
+        assert len(m["test_acc"]) == 3 and 0 <= m["abs"] <= 100
+    assert r2["final"]["merges"]["task_arithmetic"]["lam"] in [round(0.05 * i, 2) for i in range(21)]
+    assert r2["final"]["merges"]["ties_no_val"]["lam"] == 1.0
+    out = tmp_path / "run"
+    ck = out / "N2" / "checkpoints"
+    thetas = [FlatLayout.load_safetensors(ck / f"task-{n}.safetensors")[1] for n in TASKS3]
+    uniform = FlatLayout.load_safetensors(ck / "merge-uniform.safetensors")[1]
+    assert torch.equal(uniform, fastmerge.uniform_average(thetas))
+    # the last iteration's δ cosines are those of the task models against the previous average
+    for f in ("results.json", "report.md", "plots/cosine_boxplots.png", "plots/accuracy_vs_N.png",
+              "plots/error_landscape.png", "N1/result.json"):
+        assert (out / f).is_file(), f
+    assert "Uniform Averaging" in (out / "report.md").read_text()
+    assert not (out / "N2" / "state-rank0.pt").exists()  # resume state is dropped once a run finishes
+    assert "landscape" in r2 and len(r2["landscape"]["error"][2]) == 3
+    with pytest.raises(FileExistsError):
+        run_mima(small_cfg(tmp_path / "run"), log=lambda _m: None)
+
+
+def test_resume_after_stop_matches_uninterrupted(tmp_path):
+    cfg = small_cfg(tmp_path / "a", iterations=(4,), landscape=None, checkpoints=True)
+    full = run_mima(cfg, log=lambda _m: None)
+    cfg_b = small_cfg(tmp_path / "b", iterations=(4,), landscape=None, checkpoints=True)
+    with pytest.raises(_Stopped):
+        run_mima(cfg_b, log=lambda _m: None, stop_after=2)
+    assert (tmp_path / "b" / "N4" / "state-rank0.pt").is_file()
+    with pytest.raises(ValueError, match="different settings"):
+        run_mima(small_cfg(tmp_path / "b", iterations=(4,), landscape=None, lr=1e-4), resume=True, log=lambda _m: None)
+    resumed = run_mima(cfg_b, resume=True, log=lambda _m: None)
+    a, b = full["runs"]["4"], resumed["runs"]["4"]
+    strip = lambda its: [{k: v for k, v in it.items() if not k.startswith("seconds")} for it in its]
+    assert strip(a["iterations"]) == strip(b["iterations"])
+    assert a["final"]["merges"] == b["final"]["merges"]
+    for n in TASKS3:
+        pa = FlatLayout.load_safetensors(tmp_path / "a" / "N4" / "checkpoints" / f"task-{n}.safetensors")[1]
+        pb = FlatLayout.load_safetensors(tmp_path / "b" / "N4" / "checkpoints" / f"task-{n}.safetensors")[1]
+        assert torch.equal(pa, pb)
+
+
+def _cli(args, out, **popen):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "fastmerge", "mima", "--out", str(out), "--tasks", "shapes", "digits",
+           "--no-progress", "--no-landscape", "--threads", "1", "--eval-limit", "60", *args]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_cli_resume_after_kill_matches_uninterrupted(tmp_path):
+    """A run killed (SIGKILL) mid-way continues with --resume and ends exactly as an uninterrupted one."""
+    args = ["-N", "4", "--steps", "160", "--batch-size", "16", "--seed", "5"]
+    ref = _cli(args, tmp_path / "ref")
+    out_ref, _ = ref.communicate(timeout=600)
+    assert ref.returncode == 0, out_ref
+    state = tmp_path / "run" / "N4" / "state-rank0.pt"
+    proc = _cli(args, tmp_path / "run")
+    deadline = time.time() + 300
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert not (tmp_path / "run" / "N4" / "result.json").exists(), "the run finished before it could be killed"
+    done = torch.load(state, weights_only=False)["iteration"]
+    assert 1 <= done < 4
+    res = _cli(args + ["--resume"], tmp_path / "run")
+    out_res, _ = res.communicate(timeout=600)
+    assert res.returncode == 0, out_res
+    assert f"resuming after iteration {done} of 4" in out_res
+    a = json.loads((tmp_path / "ref" / "N4" / "result.json").read_text())
+    b = json.loads((tmp_path / "run" / "N4" / "result.json").read_text())
+    assert a["final"]["merges"] == b["final"]["merges"]
+    assert [it["cos_tau"] for it in a["iterations"]] == [it["cos_tau"] for it in b["iterations"]]
+    for n in ("shapes", "digits"):
+        pa = FlatLayout.load_safetensors(tmp_path / "ref" / "N4" / "checkpoints" / f"task-{n}.safetensors")[1]
+        pb = FlatLayout.load_safetensors(tmp_path / "run" / "N4" / "checkpoints" / f"task-{n}.safetensors")[1]
+        assert torch.equal(pa, pb)
+
+
+def test_cli_errors_are_clear(tmp_path):
+    p = _cli(["-N", "3", "--steps", "8"], tmp_path / "x")
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 2 and "not divisible by N = 3" in out
+    p = _cli(["--data-root", str(tmp_path / "nowhere"), "--tasks", "MNIST"], tmp_path / "y")
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 2 and "mnist" in out and "does not download" in out
+
+
+def test_distributed_two_processes_match_single_process(tmp_path):
+    """torchrun with 2 gloo processes on loopback: the same task models and merges as one process.
+
+    Tasks go to ranks in contiguous blocks ([shapes, colors] and [digits]), so rank 0's partial sum is
+    the prefix of the task-order sum and the all_reduce adds the last task: the average is bitwise
+    the single-process one, and so is everything after it.
+    """
+    common = ["-m", "fastmerge", "mima", "-N", "1", "2", "--steps", "16", "--batch-size", "16", "--tasks", *TASKS3,
+              "--no-progress", "--no-landscape", "--eval-limit", "60"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    single = subprocess.run([sys.executable, *common, "--threads", "1", "--out", str(tmp_path / "one")],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stdout + single.stderr
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            *common, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert multi.returncode == 0, multi.stdout + multi.stderr
+    a = json.loads((tmp_path / "one" / "results.json").read_text())
+    b = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert b["world_size"] == 2 and a["world_size"] == 1
+    for n in ("1", "2"):
+        assert a["runs"][n]["final"]["merges"] == b["runs"][n]["final"]["merges"]
+        assert [it["cos_tau"] for it in a["runs"][n]["iterations"]] == [it["cos_tau"] for it in b["runs"][n]["iterations"]]
+        for f in ["task-shapes", "task-colors", "task-digits", "merge-uniform", "merge-ties"]:
+            pa = FlatLayout.load_safetensors(tmp_path / "one" / f"N{n}" / "checkpoints" / f"{f}.safetensors")[1]
+            pb = FlatLayout.load_safetensors(tmp_path / "two" / f"N{n}" / "checkpoints" / f"{f}.safetensors")[1]
+            assert torch.equal(pa, pb), (n, f)
+
+
+def test_error_landscape_geometry(tmp_path):
+    from fastmerge.mima import Evaluator, build_suite
+
+    cfg = small_cfg(tmp_path, landscape=None).resolved()
+    suite = build_suite(cfg, log=lambda _m: None)
+    g = torch.Generator().manual_seed(0)
+    th0 = suite.theta0
+    thetas = torch.stack([th0 + 0.01 * torch.randn(th0.shape, generator=g) for _ in range(3)])
+    L = error_landscape(suite, Evaluator(suite), thetas, 0, 1, grid=3, limit=12)
+    ta, tb = thetas[0].double() - th0.double(), thetas[1].double() - th0.double()
+    assert L["theta_a"][0] == pytest.approx(float(ta.norm()), rel=1e-9) and abs(L["theta_a"][1]) < 1e-9
+    assert math.hypot(*L["theta_b"]) == pytest.approx(float(tb.norm()), rel=1e-9)
+    assert L["theta_b"][0] == pytest.approx(float(ta @ tb / ta.norm()), rel=1e-9)
+    err = torch.tensor(L["error"])
+    assert err.shape == (3, 3, 3) and torch.allclose(err[2], (err[0] + err[1]) / 2)
