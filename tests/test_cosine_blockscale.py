@@ -134,3 +134,38 @@ def test_block_scale_threads_bit_identical():
     torch.set_num_threads(2)
     assert torch.equal(f1, fastmerge.block_scale(base, vecs, coefs, off))
     assert torch.equal(b1, block_scale_backward_op(grad, vecs, coefs, off, "cpu"))
+
+
+@pytest.mark.parametrize("T", [8, 9, 13])
+@pytest.mark.parametrize("d", [7, 2053, 131_101])
+def test_many_tasks_gram_and_backward(T, d):
+    # more tasks than one register tile / group, tails, several work items, strided inputs
+    base, vecs = make_tasks(d, T, seed=d + T)
+    G = fastmerge.task_vector_cosine(base, vecs, gram=True, backend="cpu")
+    torch.testing.assert_close(G, ref.task_vector_cosine(base, vecs, gram=True), rtol=1e-12, atol=1e-300)
+    assert torch.equal(G, G.T)
+    assert torch.equal(fastmerge.task_vector_cosine(strided(base), [strided(v) for v in vecs], gram=True), G)
+    off = _blocks(d, "uneven")
+    coefs = torch.randn(T, len(off) - 1)
+    grad = torch.randn(d, generator=torch.Generator().manual_seed(d))
+    gc = block_scale_backward_op(grad, vecs, coefs, off, "cpu")
+    _, gr = ref.block_scale_backward(grad, vecs, coefs.double(), off)
+    torch.testing.assert_close(gc, gr, rtol=1e-12, atol=1e-12)
+    assert torch.equal(block_scale_backward_op(strided(grad), [strided(v) for v in vecs], coefs, off, "cpu"), gc)
+    torch.set_num_threads(1)
+    try:
+        G1 = fastmerge.task_vector_cosine(base, vecs, gram=True, backend="cpu")
+        gc1 = block_scale_backward_op(grad, vecs, coefs, off, "cpu")
+    finally:
+        torch.set_num_threads(2)
+    assert torch.equal(G1, G) and torch.equal(gc1, gc)
+
+
+def test_nonfinite_in_a_later_task_group():
+    base, vecs = make_tasks(70_001, 11, seed=3)
+    vecs[10][69_999] = float("nan")
+    with pytest.raises(ValueError, match=r"thetas\[10\] contains a non-finite value \(nan\) at index 69999"):
+        fastmerge.task_vector_cosine(base, vecs, backend="cpu")
+    off = torch.tensor([0, 5, 70_001])
+    with pytest.raises(ValueError, match=r"vectors\[10\] contains a non-finite value \(nan\) at index 69999"):
+        block_scale_backward_op(torch.randn(70_001), vecs, torch.ones(11, 2), off, "cpu")

@@ -40,7 +40,7 @@ constexpr int64_t kItem = 1 << 16;   // elements per work item (fixed: results n
 constexpr int64_t kGrain = 1 << 15;  // parallel grain of the purely elementwise ops
 constexpr int64_t kPrefetch = 2 * kChunk;  // software prefetch distance, in elements
 constexpr int64_t kSChunk = 512;  // streaming ops: elements per input and step
-constexpr int64_t kGChunk = 128;  // Gram: positions per tile pass (T x kGChunk doubles stay in L1)
+constexpr int64_t kGChunk = 256;  // Gram: positions per tile pass (T x kGChunk doubles stay in L1)
 
 template <typename T>
 struct AccOf {
@@ -273,6 +273,11 @@ inline V simd_load(const S* p) {
   return v;
 }
 
+template <typename V, typename S>
+inline void simd_store(S* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
 // ---------------------------------------------------------------- uniform_average / task_arithmetic
 
 template <typename in_t>
@@ -347,12 +352,95 @@ bool task_arith_impl(const TAArgs& a) {
 
 // ---------------------------------------------------------------- task-vector Gram matrix
 
+// Half a register of floats, widened to one register of doubles (the generic conversion is split
+// into narrower instructions by the compiler).
+typedef float HalfF __attribute__((vector_size(kSimdBytes / 2)));
+inline typename SimdVec<double>::F widen(HalfF h) {
+  using D = typename SimdVec<double>::F;
+#if defined(CPU_CAPABILITY_AVX512)
+  return (D)_mm512_cvtps_pd((__m256)h);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return (D)_mm256_cvtps_pd((__m128)h);
+#else
+  return __builtin_convertvector(h, D);
+#endif
+}
+
+// Converts W consecutive accumulation-type values to one vector of doubles.
+template <typename acc_t>
+inline typename SimdVec<double>::F load_as_double(const acc_t* p) {
+  using D = typename SimdVec<double>::F;
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return simd_load<D>(p);
+  } else {
+    return widen(simd_load<HalfF>(p));
+  }
+}
+
+// c + a * b. Fused only where `exact` (the product is exact in double, e.g. of two float-valued
+// doubles): then the fused form rounds exactly like the separate multiply and add.
+template <bool exact, typename F>
+inline F madd(F c, F a, F b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (exact) return (F)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (exact) return (F)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
+#endif
+  return c + a * b;
+}
+
+// The cache lines of a chunk of every contiguous input, prefetched one per step() from inside a
+// compute loop: a burst of prefetches per chunk would leave the memory idle while the chunk computes.
+// A small value type: copy it into a local around a hot loop so that its state stays in registers.
+struct LineFeed {
+  const char* const* streams = nullptr;
+  size_t ns = 0, s = 0;
+  int64_t elt = 0, begin = 0, stop = 0, at = 0;
+  int64_t lines = 0, ticks = 1, credit = 0;
+  // Lines of elements [i, i + n) of every stream (nothing when n <= 0), spread over `ticks` calls.
+  void start(int64_t i, int64_t n, int64_t nticks) {
+    s = n > 0 ? 0 : ns;
+    at = begin = i * elt;
+    stop = (i + n) * elt;
+    lines = n > 0 ? int64_t(ns) * ((stop - begin + 63) / 64) : 0;
+    ticks = std::max<int64_t>(nticks, 1);
+    credit = 0;
+  }
+  void step() {
+    if (s < ns) {
+      __builtin_prefetch(streams[s] + at, 0, 0);
+      at += 64;
+      if (at >= stop) {
+        at = begin;
+        ++s;
+      }
+    }
+  }
+  void tick() {
+    for (credit += lines; credit >= ticks; credit -= ticks) step();
+  }
+  void drain() {
+    while (s < ns) step();
+  }
+};
+
+// The contiguous inputs among base and the T others, for a LineFeed.
+inline std::vector<const char*> feed_streams(const Src& base, const Src* others, int T) {
+  std::vector<const char*> v;
+  if (base.stride == 1) v.push_back(static_cast<const char*>(base.ptr));
+  for (int t = 0; t < T; ++t)
+    if (others[t].stride == 1) v.push_back(static_cast<const char*>(others[t].ptr));
+  return v;
+}
+
 template <typename in_t>
 bool gram_impl(const GramArgs& a) {
   using acc_t = typename AccOf<in_t>::type;
   using F = typename SimdVec<double>::F;
   constexpr int W = SimdVec<double>::W;
+  constexpr bool exact = !std::is_same_v<acc_t, double>;
   const int T = a.T;
+  const int nt = (T + 3) / 4;  // row / column blocks of 4 tasks
   const int64_t zero_off[2] = {0, a.n};
   const std::vector<Item> items = make_items(zero_off, 1);
   const int64_t P2 = int64_t(T) * T;
@@ -360,66 +448,96 @@ bool gram_impl(const GramArgs& a) {
   at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t ib, int64_t ie) {
     alignas(64) acc_t bbuf[kGChunk];
     alignas(64) acc_t buf[kGChunk];
-    std::vector<double> tau(size_t(T) * kGChunk + 8);  // kGChunk doubles per task: L1/L2 resident
+    std::vector<double> tau(size_t(T) * kGChunk + 8);  // kGChunk doubles per task: L1 resident
+    // 16 vector accumulators per 4 x 4 tile, kept over a whole work item and reduced once at its end
+    std::vector<F> accs(size_t(nt) * nt * 16);
+    const std::vector<const char*> streams = feed_streams(a.base, a.thetas, T);
+    LineFeed feed{streams.data(), streams.size(), streams.size(), int64_t(sizeof(in_t))};
     for (int64_t it = ib; it < ie; ++it) {
-      double* p = part.data() + it * P2;
-      for (int64_t i = items[it].begin; i < items[it].end; i += kGChunk) {
-        const int64_t n = std::min(kGChunk, items[it].end - i);
-        const int64_t nvec = (n + W - 1) / W * W;
-        prefetch_chunk<in_t>(a.base, i + kPrefetch, items[it].end);
-        for (int t = 0; t < T; ++t) prefetch_chunk<in_t>(a.thetas[t], i + kPrefetch, items[it].end);
+      const int64_t end = items[it].end;
+      std::fill(accs.begin(), accs.end(), F{});
+      for (int64_t i = items[it].begin; i < end; i += kGChunk) {
+        const int64_t n = std::min(kGChunk, end - i);
+        const int64_t nv = n / W * W, nvec = (n + W - 1) / W * W;
+        feed.drain();
+        // items are contiguous, so the feed runs on into the next one
+        feed.start(i + kPrefetch, std::min(kGChunk, a.n - i - kPrefetch), (T + nt * (nt + 1) / 2) * (nvec / W));
         const acc_t* bp = load_chunk<in_t>(a.base, i, n, bbuf);
-        for (int t = 0; t < T; ++t) {
+        for (int t = 0; t < T; ++t) {  // tau_t = theta_t - base, rounded in acc_t, then widened
           const acc_t* x = load_chunk<in_t>(a.thetas[t], i, n, buf);
           double* d = tau.data() + size_t(t) * kGChunk;
-          for (int64_t j = 0; j < n; ++j) d[j] = double(acc_t(x[j] - bp[j]));
+          for (int64_t j = 0; j < nv; j += W) {
+            feed.tick();
+            if constexpr (exact) {
+              simd_store(d + j, widen(simd_load<HalfF>(x + j) - simd_load<HalfF>(bp + j)));
+            } else {
+              simd_store(d + j, simd_load<F>(x + j) - simd_load<F>(bp + j));
+            }
+          }
+          for (int64_t j = nv; j < n; ++j) d[j] = double(acc_t(x[j] - bp[j]));
           for (int64_t j = n; j < nvec; ++j) d[j] = 0.0;
         }
         // 4 x 4 tiles of task pairs: 8 loads feed 16 multiply-adds.
-        for (int ta0 = 0; ta0 < T; ta0 += 4) {
-          for (int tb0 = ta0; tb0 < T; tb0 += 4) {
+        for (int ra = 0; ra < nt; ++ra) {
+          for (int rb = ra; rb < nt; ++rb) {
+            const int ta0 = 4 * ra, tb0 = 4 * rb;
             const int na = std::min(4, T - ta0), nb = std::min(4, T - tb0);
-            // 16 accumulators in registers (plain vector types: at::vec arrays end up on the stack)
-            F c00{}, c01{}, c02{}, c03{}, c10{}, c11{}, c12{}, c13{}, c20{}, c21{}, c22{}, c23{}, c30{}, c31{},
-                c32{}, c33{};
+            F* acc = accs.data() + size_t(ra * nt + rb) * 16;
+            // accumulators in registers (plain vector types: at::vec arrays end up on the stack)
+            F c00 = acc[0], c01 = acc[1], c02 = acc[2], c03 = acc[3], c10 = acc[4], c11 = acc[5], c12 = acc[6],
+              c13 = acc[7], c20 = acc[8], c21 = acc[9], c22 = acc[10], c23 = acc[11], c30 = acc[12], c31 = acc[13],
+              c32 = acc[14], c33 = acc[15];
             const double* rows[8];
             for (int u = 0; u < 4; ++u) {
               rows[u] = tau.data() + size_t(ta0 + std::min(u, na - 1)) * kGChunk;
               rows[4 + u] = tau.data() + size_t(tb0 + std::min(u, nb - 1)) * kGChunk;
             }
-            if (ta0 == tb0 && na == 4) {  // a diagonal tile: only its 10 upper pairs
+            if (ra == rb && na == 4) {  // a diagonal tile: only its 10 upper pairs
               for (int64_t j = 0; j < nvec; j += W) {
+                feed.tick();
                 const F a0 = simd_load<F>(rows[0] + j), a1 = simd_load<F>(rows[1] + j);
                 const F a2 = simd_load<F>(rows[2] + j), a3 = simd_load<F>(rows[3] + j);
-                c00 += a0 * a0; c01 += a0 * a1; c02 += a0 * a2; c03 += a0 * a3;
-                c11 += a1 * a1; c12 += a1 * a2; c13 += a1 * a3;
-                c22 += a2 * a2; c23 += a2 * a3;
-                c33 += a3 * a3;
+                c00 = madd<exact>(c00, a0, a0); c01 = madd<exact>(c01, a0, a1);
+                c02 = madd<exact>(c02, a0, a2); c03 = madd<exact>(c03, a0, a3);
+                c11 = madd<exact>(c11, a1, a1); c12 = madd<exact>(c12, a1, a2);
+                c13 = madd<exact>(c13, a1, a3); c22 = madd<exact>(c22, a2, a2);
+                c23 = madd<exact>(c23, a2, a3); c33 = madd<exact>(c33, a3, a3);
               }
             } else {
               for (int64_t j = 0; j < nvec; j += W) {
+                feed.tick();
                 const F a0 = simd_load<F>(rows[0] + j), a1 = simd_load<F>(rows[1] + j);
                 const F a2 = simd_load<F>(rows[2] + j), a3 = simd_load<F>(rows[3] + j);
                 const F b0 = simd_load<F>(rows[4] + j), b1 = simd_load<F>(rows[5] + j);
                 const F b2 = simd_load<F>(rows[6] + j), b3 = simd_load<F>(rows[7] + j);
-                c00 += a0 * b0; c01 += a0 * b1; c02 += a0 * b2; c03 += a0 * b3;
-                c10 += a1 * b0; c11 += a1 * b1; c12 += a1 * b2; c13 += a1 * b3;
-                c20 += a2 * b0; c21 += a2 * b1; c22 += a2 * b2; c23 += a2 * b3;
-                c30 += a3 * b0; c31 += a3 * b1; c32 += a3 * b2; c33 += a3 * b3;
+                c00 = madd<exact>(c00, a0, b0); c01 = madd<exact>(c01, a0, b1);
+                c02 = madd<exact>(c02, a0, b2); c03 = madd<exact>(c03, a0, b3);
+                c10 = madd<exact>(c10, a1, b0); c11 = madd<exact>(c11, a1, b1);
+                c12 = madd<exact>(c12, a1, b2); c13 = madd<exact>(c13, a1, b3);
+                c20 = madd<exact>(c20, a2, b0); c21 = madd<exact>(c21, a2, b1);
+                c22 = madd<exact>(c22, a2, b2); c23 = madd<exact>(c23, a2, b3);
+                c30 = madd<exact>(c30, a3, b0); c31 = madd<exact>(c31, a3, b1);
+                c32 = madd<exact>(c32, a3, b2); c33 = madd<exact>(c33, a3, b3);
               }
             }
-            const F* acc[4][4] = {{&c00, &c01, &c02, &c03}, {&c10, &c11, &c12, &c13},
-                                  {&c20, &c21, &c22, &c23}, {&c30, &c31, &c32, &c33}};
-            for (int u = 0; u < na; ++u)
-              for (int v = 0; v < nb; ++v)
-                if (tb0 + v >= ta0 + u) {
-                  double sum = 0.0;  // fixed lane order
-                  for (int l = 0; l < W; ++l) sum += (*acc[u][v])[l];
-                  p[(ta0 + u) * T + tb0 + v] += sum;
-                }
+            acc[0] = c00; acc[1] = c01; acc[2] = c02; acc[3] = c03; acc[4] = c10; acc[5] = c11; acc[6] = c12;
+            acc[7] = c13; acc[8] = c20; acc[9] = c21; acc[10] = c22; acc[11] = c23; acc[12] = c30; acc[13] = c31;
+            acc[14] = c32; acc[15] = c33;
           }
         }
       }
+      feed.drain();
+      double* p = part.data() + it * P2;
+      for (int ra = 0; ra < nt; ++ra)
+        for (int rb = ra; rb < nt; ++rb)
+          for (int u = 0; u < 4 && 4 * ra + u < T; ++u)
+            for (int v = 0; v < 4 && 4 * rb + v < T; ++v)
+              if (4 * rb + v >= 4 * ra + u) {
+                const F& c = accs[size_t(ra * nt + rb) * 16 + u * 4 + v];
+                double sum = 0.0;  // fixed lane order
+                for (int l = 0; l < W; ++l) sum += c[l];
+                p[(4 * ra + u) * T + 4 * rb + v] = sum;
+              }
     }
   });
   for (int ta = 0; ta < T; ++ta)
@@ -473,78 +591,86 @@ bool block_fwd_impl(const BlockArgs& a) {
   return bad;
 }
 
-// Converts W consecutive accumulation-type values to one vector of doubles.
-template <typename acc_t>
-inline typename SimdVec<double>::F load_as_double(const acc_t* p) {
+// acc[k] += g . x_k over one chunk of n values, for K tasks at once: every vector of g feeds K
+// multiply-adds held in registers. The last partial vector is zero-padded.
+template <int K, bool exact, typename acc_t>
+inline void dot_group(const acc_t* g, const acc_t* const* xs, int64_t n, typename SimdVec<double>::F* acc,
+                      LineFeed& feed) {
   using D = typename SimdVec<double>::F;
-  if constexpr (std::is_same_v<acc_t, double>) {
-    return simd_load<D>(p);
-  } else {
-    typedef float H __attribute__((vector_size(kSimdBytes / 2)));
-    return __builtin_convertvector(simd_load<H>(p), D);
+  constexpr int W = SimdVec<double>::W;
+  LineFeed f = feed;
+  D s[K];
+  const acc_t* x[K];
+#pragma GCC unroll 8
+  for (int k = 0; k < K; ++k) s[k] = acc[k], x[k] = xs[k];
+  const int64_t nv = n / W * W;
+  for (int64_t j = 0; j < nv; j += W) {
+    f.tick();
+    const D gd = load_as_double(g + j);
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) s[k] = madd<exact>(s[k], gd, load_as_double(x[k] + j));
   }
+  if (nv < n) {
+    alignas(64) acc_t tg[W], tx[K][W];
+    for (int l = 0; l < W; ++l) tg[l] = nv + l < n ? g[nv + l] : acc_t(0);
+    const D gd = load_as_double(tg);
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) {
+      for (int l = 0; l < W; ++l) tx[k][l] = nv + l < n ? x[k][nv + l] : acc_t(0);
+      s[k] = madd<exact>(s[k], gd, load_as_double(tx[k]));
+    }
+  }
+#pragma GCC unroll 8
+  for (int k = 0; k < K; ++k) acc[k] = s[k];
+  feed = f;
 }
 
 template <typename in_t>
 bool block_bwd_impl(const BlockArgs& a) {
-  // dL/dcoefs[t, b] = sum over block b of g_i * v_{t,i}, in float64: per work item and task, a
-  // few vector accumulators in registers (tasks in groups of 4), summed in a fixed lane order.
+  // dL/dcoefs[t, b] = sum over block b of g_i * v_{t,i}, in float64: per work item and task, one
+  // vector accumulator (tasks in groups of up to 8 kept in registers), summed in a fixed lane order.
   using acc_t = typename AccOf<in_t>::type;
   using D = typename SimdVec<double>::F;
   constexpr int W = SimdVec<double>::W;
+  constexpr bool exact = !std::is_same_v<acc_t, double>;
   const int T = a.T;
   const std::vector<Item> items = make_items(a.offsets, a.B);
   std::vector<double> part(items.size() * T, 0.0);
   at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t ib, int64_t ie) {
-    std::vector<acc_t> bufs(size_t(T + 1) * kSChunk + W);
+    std::vector<acc_t> bufs(size_t(T + 1) * kSChunk);
     std::vector<const acc_t*> xs(T);
-    alignas(64) acc_t tail[5][W];
+    std::vector<D> acc(T);
+    const std::vector<const char*> streams = feed_streams(a.base, a.vectors, T);
+    LineFeed feed{streams.data(), streams.size(), streams.size(), int64_t(sizeof(in_t))};
     for (int64_t it = ib; it < ie; ++it) {
       const int64_t end = items[it].end;
-      D acc[4 * 16];  // up to 16 groups of 4 tasks kept here between chunks
-      std::vector<D> acc_more;
-      D* accp = T <= 64 ? acc : (acc_more.assign(size_t(T), D{}), acc_more.data());
-      for (int t = 0; t < T; ++t) accp[t] = D{};
+      std::fill(acc.begin(), acc.end(), D{});
       for (int64_t i = items[it].begin; i < end; i += kSChunk) {
         const int64_t n = std::min(kSChunk, end - i);
-        const int64_t nv = n / W * W;
-        prefetch_chunk<in_t>(a.base, i + kPrefetch, end, kSChunk);
+        feed.drain();
+        // items are contiguous, so the feed runs on into the next one
+        feed.start(i + kPrefetch, std::min(kSChunk, a.n - i - kPrefetch), (T + 7) / 8 * (n / W));
         const acc_t* g = load_chunk<in_t>(a.base, i, n, bufs.data() + size_t(T) * kSChunk);
-        load_tasks<in_t>(a.vectors, T, i, n, end, bufs.data(), xs.data());
-        for (int t0 = 0; t0 < T; t0 += 4) {
-          const int k = std::min(4, T - t0);
-          D s0 = accp[t0], s1 = k > 1 ? accp[t0 + 1] : D{}, s2 = k > 2 ? accp[t0 + 2] : D{},
-            s3 = k > 3 ? accp[t0 + 3] : D{};
-          const acc_t* x0 = xs[t0];
-          const acc_t* x1 = xs[t0 + std::min(1, k - 1)];
-          const acc_t* x2 = xs[t0 + std::min(2, k - 1)];
-          const acc_t* x3 = xs[t0 + std::min(3, k - 1)];
-          for (int64_t j = 0; j < nv; j += W) {
-            const D gd = load_as_double(g + j);
-            s0 += gd * load_as_double(x0 + j);
-            s1 += gd * load_as_double(x1 + j);
-            s2 += gd * load_as_double(x2 + j);
-            s3 += gd * load_as_double(x3 + j);
+        for (int t = 0; t < T; ++t) xs[t] = load_chunk<in_t>(a.vectors[t], i, n, bufs.data() + size_t(t) * kSChunk);
+        for (int t0 = 0; t0 < T; t0 += 8) {
+          const acc_t* const* x = xs.data() + t0;
+          D* c = acc.data() + t0;
+          switch (std::min(8, T - t0)) {
+            case 1: dot_group<1, exact>(g, x, n, c, feed); break;
+            case 2: dot_group<2, exact>(g, x, n, c, feed); break;
+            case 3: dot_group<3, exact>(g, x, n, c, feed); break;
+            case 4: dot_group<4, exact>(g, x, n, c, feed); break;
+            case 5: dot_group<5, exact>(g, x, n, c, feed); break;
+            case 6: dot_group<6, exact>(g, x, n, c, feed); break;
+            case 7: dot_group<7, exact>(g, x, n, c, feed); break;
+            default: dot_group<8, exact>(g, x, n, c, feed); break;
           }
-          if (nv < n) {  // zero-padded tail vector
-            const acc_t* src[5] = {g, x0, x1, x2, x3};
-            for (int r = 0; r < 5; ++r)
-              for (int l = 0; l < W; ++l) tail[r][l] = nv + l < n ? src[r][nv + l] : acc_t(0);
-            const D gd = load_as_double(tail[0]);
-            s0 += gd * load_as_double(tail[1]);
-            s1 += gd * load_as_double(tail[2]);
-            s2 += gd * load_as_double(tail[3]);
-            s3 += gd * load_as_double(tail[4]);
-          }
-          accp[t0] = s0;
-          if (k > 1) accp[t0 + 1] = s1;
-          if (k > 2) accp[t0 + 2] = s2;
-          if (k > 3) accp[t0 + 3] = s3;
         }
       }
+      feed.drain();
       for (int t = 0; t < T; ++t) {
         double sum = 0.0;  // fixed lane order
-        for (int l = 0; l < W; ++l) sum += accp[t][l];
+        for (int l = 0; l < W; ++l) sum += acc[t][l];
         part[it * T + t] = sum;
       }
     }
