@@ -98,7 +98,93 @@ def _mima_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ atlas / dvbasi
+
+def _edit_arguments(p: argparse.ArgumentParser, dv: bool) -> None:
+    p.add_argument("--out", default="runs/dvbasi" if dv else "runs/atlas", help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished iteration")
+    p.add_argument("--objective", default="supervised", choices=["supervised", "unsupervised", "mgda"],
+                   help="cross-entropy over the tasks, entropy on unlabeled images, or MGDA over per-task losses")
+    p.add_argument("--blocks", default="tensor", choices=["tensor", "row", "global"],
+                   help="coefficient blocks: one per parameter tensor (default), per row, or one in all")
+    p.add_argument("--lr", type=float, default=0.01, help="AdamW learning rate of the coefficients (default 0.01)")
+    p.add_argument("--epochs", type=int, default=20, help="most epochs per coefficient search (default 20)")
+    p.add_argument("--patience", type=int, default=3, help="early-stopping patience in epochs (default 3)")
+    p.add_argument("--steps-per-epoch", type=int, default=10, help="optimizer steps per epoch (default 10)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per task per step (default 64)")
+    p.add_argument("--atlas-init", type=float, default=0.3, help="initial aTLAS coefficients (default 0.3)")
+    if dv:
+        p.add_argument("--iterations", "-M", type=int, default=3, help="outer iterations M (default 3)")
+        p.add_argument("--init-merge", default="atlas", choices=["task_arithmetic", "ties", "atlas"],
+                       help="how θ_0 is made from the task models (default atlas)")
+        p.add_argument("--alpha", type=float, default=0.1, help="initial Λ of each iteration (default 0.1)")
+        p.add_argument("--ablations", nargs="*", default=[], choices=["isotropic", "random"],
+                       help="also run these variants from the same θ_0 (the paper's Table 1)")
+        p.add_argument("--single-task", default=None, metavar="TASK",
+                       help="single-task mode: θ_0 = this task's fine-tuned model, trained on that task only")
+        p.add_argument("--negate", default=None, metavar="TARGET", help="task negation: forget this task")
+        p.add_argument("--control", default=None, metavar="TASK",
+                       help="task negation: keep >= 95 %% of the pretrained accuracy on this task")
+    p.add_argument("--task-models", default=None,
+                   help="folder with task-<name>.safetensors fine-tuned models (default: fine-tune them first)")
+    p.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps per task when fine-tuning")
+    p.add_argument("--model", default=None, help="open_clip model (default: fastmerge-vit-tiny on the built-in suite)")
+    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag (default: random initialisation)")
+    p.add_argument("--data-root", default=None, help="folder of the paper's datasets (default: the built-in suite)")
+    p.add_argument("--tasks", nargs="+", default=None, help="task names (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _edit_run(args: argparse.Namespace, dv: bool) -> int:
+    import torch
+
+    from fastmerge.dvbasi import CoefConfig, DVBasiConfig, run_dvbasi
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    coef = CoefConfig(lr=args.lr, epochs=args.epochs, patience=args.patience, steps_per_epoch=args.steps_per_epoch,
+                      batch_size=args.batch_size, seed=args.seed)
+    extra = {}
+    if dv:
+        extra = dict(iterations=args.iterations, init_merge=args.init_merge, alpha=args.alpha,
+                     ablations=tuple(args.ablations), single_task=args.single_task, negate=args.negate,
+                     control=args.control)
+    cfg = DVBasiConfig(out=args.out, objective=args.objective, blocks=args.blocks, atlas_only=not dv,
+                       task_models=args.task_models, coef=coef, atlas_init=args.atlas_init, model=args.model,
+                       pretrained=args.pretrained, data_root=args.data_root, tasks=args.tasks,
+                       finetune_steps=args.finetune_steps, seed=args.seed, progress=not args.no_progress, **extra)
+    try:
+        run_dvbasi(cfg, resume=args.resume)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"fastmerge {'dvbasi' if dv else 'atlas'}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
+    "atlas": Command(
+        help="aTLAS: learn per-block coefficients of the task vectors (supervised or unsupervised)",
+        description=(
+            "Merge the task models as θ_pre + Σ_t Λ_t τ_t with per-block coefficients Λ learned by AdamW on "
+            "the fused block_scale op, with early stopping on validation accuracy. Runs on the built-in suite "
+            "by default, fine-tuning its task models first unless --task-models is given."
+        ),
+        add_arguments=lambda p: _edit_arguments(p, False),
+        run=lambda a: _edit_run(a, False),
+    ),
+    "dvbasi": Command(
+        help="DV-BASI: iterated anisotropic scaling of difference vectors from a merged model",
+        description=(
+            "From θ_0 (task arithmetic, TIES or aTLAS), run M outer iterations of DV-BASI: δ = θ_{m-1} − θ_pre, "
+            "learn per-block Λ (AdamW, early stopping on validation), θ_m = θ_{m-1} + Λ*·δ. Supervised, "
+            "unsupervised or MGDA objectives, task negation, single-task mode and the isotropic / random "
+            "ablations. Writes a report, results.json, a stepwise-accuracy plot and every θ_m as safetensors."
+        ),
+        add_arguments=lambda p: _edit_arguments(p, True),
+        run=lambda a: _edit_run(a, True),
+    ),
     "mima": Command(
         help="MIMA: iterated averaging and fine-tuning of CLIP task models, swept over N",
         description=(

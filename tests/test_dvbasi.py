@@ -1,0 +1,236 @@
+"""aTLAS / DV-BASI: coefficient gradients, MGDA, one iteration, the driver, bad inputs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastmerge
+from fastmerge import reference
+from fastmerge.dvbasi import (BlockScaledModel, CoefConfig, DVBasiConfig, Objective, dvbasi_step, learn_coefs,
+                              min_norm_weights, run_dvbasi)
+from fastmerge.flat import FlatLayout
+from fastmerge.mima import Evaluator, MimaConfig, build_suite
+
+SMALL = {"train": 64, "val": 32, "test": 32}
+TASKS = ["shapes", "colors", "digits"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTMERGE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def suite():
+    cfg = MimaConfig(iterations=(1,), tasks=TASKS, builtin_sizes=SMALL, landscape=None).resolved()
+    return build_suite(cfg, log=lambda _m: None)
+
+
+def _perturbed(suite, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    return suite.theta0 + scale * torch.randn(suite.theta0.shape, generator=g)
+
+
+# ----------------------------------------------------------------------------------- MGDA
+
+@pytest.mark.parametrize("grads,want", [
+    ([[1.0, 0.0], [0.0, 1.0]], [0.5, 0.5]),              # orthogonal, equal norms: the midpoint
+    ([[1.0, 0.0], [2.0, 0.0]], [1.0, 0.0]),              # colinear: the shorter one alone
+    ([[2.0, 0.0], [0.0, 1.0]], [0.2, 0.8]),              # w1 * 4 = w2 * 1 on the segment
+    ([[1.0, 1.0], [1.0, -1.0], [5.0, 0.0]], [0.5, 0.5, 0.0]),  # the third is dominated
+    ([[3.0]], [1.0]),
+])
+def test_min_norm_weights_known_answers(grads, want):
+    w = min_norm_weights(torch.tensor(grads))
+    assert torch.allclose(w, torch.tensor(want, dtype=torch.float64), atol=1e-9)
+
+
+def test_min_norm_weights_opposite_gradients_reach_zero():
+    g = torch.tensor([[1.0, 2.0, -1.0], [-1.0, -2.0, 1.0], [0.5, 0.0, 0.0]])
+    w = min_norm_weights(g)
+    assert float((w.double() @ g.double()).norm()) < 1e-9 and abs(float(w.sum()) - 1) < 1e-12
+
+
+def test_min_norm_weights_is_the_minimum_over_the_simplex():
+    g = torch.randn(5, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    w = min_norm_weights(g)
+    best = float((w @ g).norm())
+    samples = torch.distributions.Dirichlet(torch.ones(5, dtype=torch.float64)).sample((4000,))
+    assert best <= float((samples @ g).norm(dim=1).min()) + 1e-12
+
+
+# ----------------------------------------------------------------------------------- gradients
+
+def test_coefficient_gradient_matches_autograd_through_the_reference(suite):
+    """∂L/∂Λ from the fused op equals autograd through the reference block_scale, on a real encoder."""
+    base = suite.theta0
+    vecs = [_perturbed(suite, 0.02, s) - base for s in (1, 2)]
+    offs = suite.layout.block_offsets("tensor")
+    model = BlockScaledModel(suite.encoder, suite.layout, base, vecs, offs, init=0.3)
+    images, labels = next(suite.tasks[0].eval_batches("test", 8))
+    loss = torch.nn.functional.cross_entropy(model.logits(model.merged(), suite.heads[0], images), labels)
+    loss.backward()
+    fused = model.coefs.grad.clone()
+
+    coefs = model.coefs.detach().clone().requires_grad_(True)
+    merged = reference.block_scale(base, vecs, coefs, offs)
+    feats = torch.func.functional_call(suite.encoder, suite.layout.unflatten(merged), (images,))
+    logits = torch.nn.functional.normalize(feats, dim=-1) @ suite.heads[0].t()
+    torch.nn.functional.cross_entropy(logits, labels).backward()
+    assert fused.shape == (2, len(suite.layout))
+    assert torch.allclose(fused, coefs.grad, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------- one iteration
+
+def test_one_dvbasi_iteration_keeps_the_validation_accuracy_it_selected_on(suite):
+    ev = Evaluator(suite)
+    theta_prev = fastmerge.task_arithmetic(suite.theta0, [_perturbed(suite, 0.05, s) for s in (3, 4, 5)], 0.5)
+    obj = Objective("supervised", [0, 1, 2])
+    cfg = CoefConfig(epochs=3, patience=2, steps_per_epoch=2, batch_size=16)
+    before = sum(ev.accuracy(theta_prev, t, "val") for t in range(3)) / 3
+    theta, rec = dvbasi_step(suite, ev, suite.theta0, theta_prev, obj, cfg, progress=False)
+    after = sum(ev.accuracy(theta, t, "val") for t in range(3)) / 3
+    assert after >= before
+    assert rec["epochs"][0]["epoch"] == 0 and rec["best_score"] == pytest.approx(after)
+    # θ_m = θ_{m-1} + Λ*·δ exactly as the op computes it
+    delta = theta_prev - suite.theta0
+    want = fastmerge.block_scale(theta_prev, [delta], rec["coefs"], suite.layout.block_offsets("tensor"))
+    assert torch.equal(theta, want)
+
+
+def test_isotropic_and_random_ablations_have_their_shapes(suite):
+    ev = Evaluator(suite)
+    theta_prev = _perturbed(suite, 0.05, 9)
+    cfg = CoefConfig(epochs=1, patience=1, steps_per_epoch=1, batch_size=8)
+    obj = Objective("unsupervised", [0, 1])
+    _, iso = dvbasi_step(suite, ev, suite.theta0, theta_prev, obj, cfg, ablation="isotropic", progress=False)
+    assert iso["coefs"].shape == (1, 1)
+    g = torch.Generator().manual_seed(0)
+    _, rnd = dvbasi_step(suite, ev, suite.theta0, theta_prev, obj, cfg, ablation="random", generator=g,
+                         progress=False)
+    assert rnd["coefs"].shape == (1, len(suite.layout))
+    assert rnd["delta_norm"] == pytest.approx(float((theta_prev - suite.theta0).double().norm()), rel=1e-5)
+    with pytest.raises(ValueError, match="ablation"):
+        dvbasi_step(suite, ev, suite.theta0, theta_prev, obj, cfg, ablation="sideways", progress=False)
+
+
+def test_negation_selection_respects_the_control_floor(suite):
+    ev = Evaluator(suite)
+    obj = Objective("negation", [0, 1], target=0, control=1)
+    theta_prev = suite.theta0 - 0.5 * (_perturbed(suite, 0.05, 11) - suite.theta0)
+    cfg = CoefConfig(epochs=2, patience=2, steps_per_epoch=2, batch_size=8)
+    floor = 0.95 * ev.accuracy(suite.theta0, 1, "val")
+    theta, rec = dvbasi_step(suite, ev, suite.theta0, theta_prev, obj, cfg, progress=False, floor=floor)
+    chosen = rec["epochs"][rec["best_epoch"]]
+    if rec["best_score"] != float("-inf"):
+        assert chosen["val"][1] >= floor
+    with pytest.raises(ValueError, match="different control"):
+        Objective("negation", [0], target=0, control=0)
+
+
+def test_mgda_objective_runs_and_uses_min_norm_weights(suite, monkeypatch):
+    import fastmerge.dvbasi as D
+
+    seen = []
+    real = D.min_norm_weights
+    monkeypatch.setattr(D, "min_norm_weights", lambda g: seen.append(g.shape) or real(g))
+    ev = Evaluator(suite)
+    model = BlockScaledModel(suite.encoder, suite.layout, suite.theta0, [_perturbed(suite, 0.05, 2) - suite.theta0],
+                             suite.layout.block_offsets("tensor"), init=0.1)
+    rec = learn_coefs(model, suite, ev, Objective("mgda", [0, 1, 2]), CoefConfig(epochs=1, steps_per_epoch=2,
+                      batch_size=8), progress=False)
+    assert seen == [(3, 1, len(suite.layout))] * 2 and len(rec["epochs"]) == 2
+
+
+# ----------------------------------------------------------------------------------- bad inputs
+
+def test_blocks_that_do_not_tile_the_buffer_raise(suite):
+    n = suite.theta0.numel()
+    for bad in ([0, 10], [0, n + 1], [1, n], [0, 50, 20, n]):
+        with pytest.raises(ValueError):
+            BlockScaledModel(suite.encoder, suite.layout, suite.theta0, [suite.theta0], bad)
+
+
+def test_layouts_that_differ_raise(suite, tmp_path):
+    ev = Evaluator(suite)
+    obj = Objective("supervised", [0])
+    with pytest.raises(ValueError, match="same|layout"):
+        dvbasi_step(suite, ev, suite.theta0, suite.theta0[:-1].clone(), obj, CoefConfig(), progress=False)
+    with pytest.raises(ValueError, match="layout"):
+        BlockScaledModel(suite.encoder, suite.layout, suite.theta0, [torch.zeros(5)], [0, suite.theta0.numel()])
+    # task models saved with another layout are refused by the driver
+    other = FlatLayout.from_shapes([("w", (3, 3))])
+    ck = tmp_path / "models"
+    ck.mkdir()
+    for n in TASKS:
+        other.save_safetensors(torch.zeros(9), ck / f"task-{n}.safetensors")
+    cfg = DVBasiConfig(out=str(tmp_path / "o"), tasks=TASKS, builtin_sizes=SMALL, task_models=str(ck),
+                       progress=False)
+    with pytest.raises(ValueError, match="another parameter layout"):
+        run_dvbasi(cfg, log=lambda _m: None)
+
+
+# ----------------------------------------------------------------------------------- the driver
+
+def test_driver_end_to_end_with_resume(tmp_path):
+    coef = CoefConfig(epochs=2, patience=1, steps_per_epoch=2, batch_size=16)
+    kw = dict(tasks=TASKS, builtin_sizes=SMALL, finetune_steps=8, coef=coef, iterations=2, init_merge="atlas",
+              ablations=("isotropic",), progress=False)
+    full = run_dvbasi(DVBasiConfig(out=str(tmp_path / "a"), **kw), log=lambda _m: None)
+    assert [it["iteration"] for it in full["runs"]["anisotropic"]] == [1, 2]
+    assert set(full["runs"]) == {"anisotropic", "isotropic"}
+    assert full["init"]["method"] == "atlas"
+    for f in ("results.json", "report.md", "stepwise_relative_accuracy.png", "theta-0.safetensors",
+              "anisotropic/theta-2.safetensors", "task-models/N1/checkpoints/task-digits.safetensors"):
+        assert (tmp_path / "a" / f).is_file(), f
+    # stop after outer iteration 1 (drop iteration 2's files), then resume: the same θ_2
+    b = tmp_path / "b"
+    import shutil
+
+    shutil.copytree(tmp_path / "a", b)
+    (b / "results.json").unlink()
+    for v in ("anisotropic", "isotropic"):
+        (b / v / "theta-2.safetensors").unlink()
+        st = json.loads((b / v / "state.json").read_text())
+        (b / v / "state.json").write_text(json.dumps(dict(done=1, iterations=st["iterations"][:1])))
+    (b / "config.json").write_text((b / "config.json").read_text().replace(str(tmp_path / "a"), str(b)))
+    msgs = []
+    again = run_dvbasi(DVBasiConfig(out=str(b), **kw), resume=True, log=msgs.append)
+    assert any("resuming after outer iteration 1" in m for m in msgs)
+    for v in ("anisotropic", "isotropic"):
+        x = FlatLayout.load_safetensors(tmp_path / "a" / v / "theta-2.safetensors")[1]
+        y = FlatLayout.load_safetensors(b / v / "theta-2.safetensors")[1]
+        assert torch.equal(x, y)
+    assert again["runs"]["anisotropic"][1]["abs"] == full["runs"]["anisotropic"][1]["abs"]
+    with pytest.raises(FileExistsError):
+        run_dvbasi(DVBasiConfig(out=str(tmp_path / "a"), **kw), log=lambda _m: None)
+
+
+def test_driver_single_task_and_negation(tmp_path):
+    coef = CoefConfig(epochs=1, patience=1, steps_per_epoch=1, batch_size=8)
+    kw = dict(tasks=TASKS, builtin_sizes=SMALL, finetune_steps=8, coef=coef, iterations=1, progress=False,
+              task_models=None)
+    one = run_dvbasi(DVBasiConfig(out=str(tmp_path / "s"), single_task="colors", **kw), log=lambda _m: None)
+    assert list(one["theta0"]["test"]) == ["colors"] and one["init"]["method"] == "fine_tuned"
+    neg = run_dvbasi(DVBasiConfig(out=str(tmp_path / "n"), negate="shapes", control="digits",
+                                  task_models=str(tmp_path / "s" / "task-models" / "N1" / "checkpoints"),
+                                  **{k: v for k, v in kw.items() if k != "task_models"}), log=lambda _m: None)
+    assert neg["init"]["method"] == "task_arithmetic_negation" and neg["negation"]
+    assert "target shapes" in (tmp_path / "n" / "report.md").read_text()
+    with pytest.raises(ValueError, match="unknown task"):
+        run_dvbasi(DVBasiConfig(out=str(tmp_path / "u"), single_task="nope", **kw), log=lambda _m: None)
+
+
+def test_cli_help_and_errors(tmp_path):
+    for cmd in ("atlas", "dvbasi"):
+        r = subprocess.run([sys.executable, "-m", "fastmerge", cmd, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and "--objective" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "fastmerge", "dvbasi", "--out", str(tmp_path / "x"), "--task-models",
+                        str(tmp_path / "none"), "--tasks", "shapes", "digits", "--no-progress"],
+                       capture_output=True, text=True, env={**__import__("os").environ,
+                                                            "FASTMERGE_CACHE": str(tmp_path / "c")})
+    assert r.returncode == 2 and "no task model for 'shapes'" in r.stderr
