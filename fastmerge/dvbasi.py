@@ -369,8 +369,9 @@ def task_models(cfg: DVBasiConfig, suite, say) -> list[torch.Tensor]:
     names = [t.name for t in suite.tasks]
     folder = Path(cfg.task_models) if cfg.task_models else Path(cfg.out) / "task-models" / "N1" / "checkpoints"
     if cfg.task_models is None and not (folder / f"task-{names[-1]}.safetensors").is_file():
-        say(f"fine-tuning the {len(names)} task models first (independent fine-tuning, S = "
-            f"{cfg.finetune_steps or 'default'} steps each) into {folder.parent.parent}")
+        steps = cfg.finetune_steps or MimaConfig(data_root=cfg.data_root, iterations=(1,)).resolved().steps
+        say(f"fine-tuning the {len(names)} task models first (independent fine-tuning, S = {steps} steps each) "
+            f"into {folder.parent.parent}")
         run_mima(MimaConfig(iterations=(1,), model=cfg.model, pretrained=cfg.pretrained, data_root=cfg.data_root,
                             tasks=cfg.tasks, steps=cfg.finetune_steps, seed=cfg.seed, out=str(folder.parent.parent),
                             landscape=None, builtin_sizes=cfg.builtin_sizes, progress=cfg.progress),
