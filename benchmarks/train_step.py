@@ -6,7 +6,7 @@ A step is: merged = block_scale(base, vectors, Λ, blocks) (fused forward), the 
 and backward on a batch with the merged buffer bound as its parameters (functional_call), then the
 fused backward of the merge for ∂L/∂Λ. The three parts are timed separately (medians over
 ``--reps`` steps after one warm-up step), for T = 1 vector (DV-BASI) and T = 8 (aTLAS), with one
-coefficient block per parameter tensor. The model is created from a random initialisation (the
+coefficient block per parameter tensor (``--blocks row`` for one per row). The model is created from a random initialisation (the
 layout and the arithmetic are what matter here), and the images are random.
 """
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 
-def measure(model_name: str, batch: int, n_vectors: int, reps: int, image_size=None) -> dict:
+def measure(model_name: str, batch: int, n_vectors: int, reps: int, image_size=None, blocks: str = "tensor") -> dict:
     import fastmerge
     from fastmerge import models
     from fastmerge.flat import FlatLayout
@@ -33,7 +33,7 @@ def measure(model_name: str, batch: int, n_vectors: int, reps: int, image_size=N
     base = layout.flatten(enc)
     g = torch.Generator().manual_seed(0)
     vectors = [1e-3 * torch.randn(base.shape, generator=g) for _ in range(n_vectors)]
-    offsets = layout.block_offsets("tensor")
+    offsets = layout.block_offsets(blocks)
     coefs = torch.full((n_vectors, offsets.numel() - 1), 0.3, requires_grad=True)
     size = image_size or enc.image_size[0] if isinstance(getattr(enc, "image_size", None), tuple) else 224
     images = torch.randn(batch, 3, size, size, generator=g)
@@ -69,12 +69,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--tasks", type=int, nargs="+", default=[1, 8], help="numbers of vectors T (default 1 8)")
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--blocks", default="tensor", choices=["tensor", "row", "global"],
+                   help="coefficient blocks (default: one per parameter tensor)")
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
     rows = []
     print(f"{'T':>3} {'merge fwd':>10} {'merge bwd':>10} {'merge total':>12} {'model fwd+bwd':>14}  ratio")
     for T in args.tasks:
-        r = measure(args.model, args.batch, T, args.reps)
+        r = measure(args.model, args.batch, T, args.reps, blocks=args.blocks)
         m = r["median_s"]
         print(f"{T:>3} {m['merge_forward'] * 1e3:>8.1f}ms {m['merge_backward'] * 1e3:>8.1f}ms "
               f"{m['merge_total'] * 1e3:>10.1f}ms {m['model_forward_backward'] * 1e3:>12.1f}ms  "

@@ -245,7 +245,7 @@ def learn_coefs(model: BlockScaledModel, suite, ev, obj: Objective, cfg: CoefCon
                              for i, t in enumerate(obj.tasks)]
                     w = min_norm_weights(torch.stack(grads)).to(model.coefs.dtype)
                     model.coefs.grad = sum(wi * g for wi, g in zip(w, grads))
-                    loss = sum(float(wi) * float(losses[t]) for wi, t in zip(w, obj.tasks))
+                    loss = sum(float(wi) * losses[t].item() for wi, t in zip(w, obj.tasks))
                 else:
                     if obj.kind == "negation":
                         loss_t = -losses[obj.target] + losses[obj.control]
@@ -332,7 +332,7 @@ class DVBasiConfig:
     init_merge: str = "atlas"                  # θ_0: task_arithmetic, ties or atlas
     objective: str = "supervised"              # supervised, unsupervised or mgda
     alpha: float = 0.1                         # initial Λ of every DV-BASI iteration
-    blocks: str = "tensor"                     # tensor, row or global
+    blocks: str = "row"                        # DV-BASI blocks: row (default), tensor or global
     ablations: Sequence[str] = ()              # extra runs: isotropic, random
     single_task: Optional[str] = None          # single-task mode: θ_0 = this task's fine-tuned model
     negate: Optional[str] = None               # task negation: target task
@@ -341,6 +341,8 @@ class DVBasiConfig:
     task_models: Optional[str] = None          # folder of task-<name>.safetensors; None: fine-tune them
     coef: CoefConfig = field(default_factory=CoefConfig)
     atlas_init: float = 0.3
+    atlas_objective: Optional[str] = None       # aTLAS objective for θ_0 (default: objective)
+    atlas_blocks: Optional[str] = "tensor"      # aTLAS blocks for θ_0 (None: the same as blocks)
     # suite and fine-tuning (see fastmerge.mima.MimaConfig)
     model: Optional[str] = None
     pretrained: Optional[str] = None
@@ -480,8 +482,11 @@ def run_dvbasi(cfg: DVBasiConfig, resume: bool = False, log: Callable[[str], Non
             results["init"] = dict(method="ties", lam=lam)
         else:
             acfg = CoefConfig(**{**asdict(coef), "init": cfg.atlas_init})
-            theta0, rec = atlas(suite, ev, theta_pre, thetas, obj, acfg, cfg.blocks, log, cfg.progress)
-            results["init"] = dict(method="atlas", best_epoch=rec["best_epoch"], epochs=rec["epochs"])
+            aobj = Objective(cfg.atlas_objective or cfg.objective, list(range(T)))
+            theta0, rec = atlas(suite, ev, theta_pre, thetas, aobj, acfg, cfg.atlas_blocks or cfg.blocks, log,
+                                cfg.progress)
+            results["init"] = dict(method="atlas", objective=aobj.kind, best_epoch=rec["best_epoch"],
+                                   epochs=rec["epochs"])
         suite.layout.save_safetensors(theta0, init_path, {"method": results["init"]["method"]})
         _save_json(results["init"], out / "init.json")
 

@@ -234,3 +234,12 @@ def test_cli_help_and_errors(tmp_path):
                        capture_output=True, text=True, env={**__import__("os").environ,
                                                             "FASTMERGE_CACHE": str(tmp_path / "c")})
     assert r.returncode == 2 and "no task model for 'shapes'" in r.stderr
+
+
+def test_atlas_theta0_can_use_its_own_objective_and_blocks(tmp_path):
+    coef = CoefConfig(epochs=1, patience=1, steps_per_epoch=1, batch_size=8)
+    res = run_dvbasi(DVBasiConfig(out=str(tmp_path / "a"), tasks=TASKS, builtin_sizes=SMALL, finetune_steps=8,
+                                  coef=coef, iterations=1, objective="unsupervised", atlas_objective="supervised",
+                                  blocks="row", atlas_blocks="tensor", progress=False), log=lambda _m: None)
+    assert res["init"]["method"] == "atlas" and res["init"]["objective"] == "supervised"
+    assert len(res["runs"]["anisotropic"]) == 1
