@@ -35,7 +35,7 @@ def measure(model_name: str, batch: int, n_vectors: int, reps: int, image_size=N
     vectors = [1e-3 * torch.randn(base.shape, generator=g) for _ in range(n_vectors)]
     offsets = layout.block_offsets(blocks)
     coefs = torch.full((n_vectors, offsets.numel() - 1), 0.3, requires_grad=True)
-    size = image_size or enc.image_size[0] if isinstance(getattr(enc, "image_size", None), tuple) else 224
+    size = image_size or (enc.image_size[0] if isinstance(getattr(enc, "image_size", None), tuple) else 224)
     images = torch.randn(batch, 3, size, size, generator=g)
     head = F.normalize(torch.randn(10, enc.output_dim, generator=g), dim=-1) * 100
     labels = torch.randint(0, 10, (batch,), generator=g)

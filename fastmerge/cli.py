@@ -105,9 +105,8 @@ def _edit_arguments(p: argparse.ArgumentParser, dv: bool) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished iteration")
     p.add_argument("--objective", default="supervised", choices=["supervised", "unsupervised", "mgda"],
                    help="cross-entropy over the tasks, entropy on unlabeled images, or MGDA over per-task losses")
-    p.add_argument("--blocks", default="row" if dv else "tensor", choices=["tensor", "row", "global"],
-                   help="coefficient blocks: one per parameter tensor, per row, or one in all (default: "
-                        + ("row for DV-BASI)" if dv else "tensor)"))
+    p.add_argument("--blocks", default="tensor", choices=["tensor", "row", "global"],
+                   help="coefficient blocks: one per parameter tensor (default), per row, or one in all")
     p.add_argument("--lr", type=float, default=0.01, help="AdamW learning rate of the coefficients (default 0.01)")
     p.add_argument("--epochs", type=int, default=20, help="most epochs per coefficient search (default 20)")
     p.add_argument("--patience", type=int, default=3, help="early-stopping patience in epochs (default 3)")
@@ -117,8 +116,8 @@ def _edit_arguments(p: argparse.ArgumentParser, dv: bool) -> None:
     p.add_argument("--atlas-objective", default=None, choices=["supervised", "unsupervised", "mgda"],
                    help="objective of the aTLAS θ_0 when it differs from --objective")
     if dv:
-        p.add_argument("--atlas-blocks", default="tensor", choices=["tensor", "row", "global"],
-                       help="blocks of the aTLAS θ_0 (default: tensor)")
+        p.add_argument("--atlas-blocks", default=None, choices=["tensor", "row", "global"],
+                       help="blocks of the aTLAS θ_0 (default: the same as --blocks)")
     if dv:
         p.add_argument("--iterations", "-M", type=int, default=3, help="outer iterations M (default 3)")
         p.add_argument("--init-merge", default="atlas", choices=["task_arithmetic", "ties", "atlas"],

@@ -332,7 +332,7 @@ class DVBasiConfig:
     init_merge: str = "atlas"                  # θ_0: task_arithmetic, ties or atlas
     objective: str = "supervised"              # supervised, unsupervised or mgda
     alpha: float = 0.1                         # initial Λ of every DV-BASI iteration
-    blocks: str = "row"                        # DV-BASI blocks: row (default), tensor or global
+    blocks: str = "tensor"                     # DV-BASI blocks: tensor (default), row or global
     ablations: Sequence[str] = ()              # extra runs: isotropic, random
     single_task: Optional[str] = None          # single-task mode: θ_0 = this task's fine-tuned model
     negate: Optional[str] = None               # task negation: target task
@@ -342,7 +342,7 @@ class DVBasiConfig:
     coef: CoefConfig = field(default_factory=CoefConfig)
     atlas_init: float = 0.3
     atlas_objective: Optional[str] = None       # aTLAS objective for θ_0 (default: objective)
-    atlas_blocks: Optional[str] = "tensor"      # aTLAS blocks for θ_0 (None: the same as blocks)
+    atlas_blocks: Optional[str] = None          # aTLAS blocks for θ_0 (None: the same as blocks)
     # suite and fine-tuning (see fastmerge.mima.MimaConfig)
     model: Optional[str] = None
     pretrained: Optional[str] = None
@@ -370,7 +370,8 @@ def task_models(cfg: DVBasiConfig, suite, say) -> list[torch.Tensor]:
 
     names = [t.name for t in suite.tasks]
     folder = Path(cfg.task_models) if cfg.task_models else Path(cfg.out) / "task-models" / "N1" / "checkpoints"
-    if cfg.task_models is None and not (folder / f"task-{names[-1]}.safetensors").is_file():
+    # result.json is written after the checkpoints, so its presence means fine-tuning finished.
+    if cfg.task_models is None and not (folder.parent / "result.json").is_file():
         steps = cfg.finetune_steps or MimaConfig(data_root=cfg.data_root, iterations=(1,)).resolved().steps
         say(f"fine-tuning the {len(names)} task models first (independent fine-tuning, S = {steps} steps each) "
             f"into {folder.parent.parent}")
@@ -417,9 +418,18 @@ def run_dvbasi(cfg: DVBasiConfig, resume: bool = False, log: Callable[[str], Non
             raise ValueError(f"unknown ablation {a!r}: choose isotropic or random")
     if cfg.iterations < 1:
         raise ValueError("iterations (M) must be at least 1")
+    if cfg.negate is not None and cfg.single_task is not None:
+        raise ValueError("choose task negation or the single-task mode, not both")
+    if cfg.control is not None and cfg.negate is None:
+        raise ValueError("a control task only applies to task negation (--negate TARGET)")
+    if cfg.negate is not None and cfg.objective != "supervised":
+        raise ValueError("task negation has its own objective (ascent on the target, descent on the control); "
+                         "leave the objective at supervised")
+    if cfg.single_task is not None and cfg.objective == "mgda":
+        raise ValueError("MGDA needs several tasks; the single-task mode has one")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg_json = json.loads(json.dumps(asdict(cfg), default=str))
+    cfg_json = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k != "progress"}, default=str))
     if (out / "config.json").is_file():
         old = json.loads((out / "config.json").read_text())
         if not resume:
@@ -459,7 +469,7 @@ def run_dvbasi(cfg: DVBasiConfig, resume: bool = False, log: Callable[[str], Non
         eval_tasks = [target, control]
     elif cfg.single_task is not None:
         t = idx(cfg.single_task)
-        obj = Objective("supervised" if cfg.objective == "mgda" else cfg.objective, [t])
+        obj = Objective(cfg.objective, [t])
         floor = None
         theta0 = thetas[t].clone()
         results["init"] = dict(method="fine_tuned", task=cfg.single_task)
@@ -469,7 +479,7 @@ def run_dvbasi(cfg: DVBasiConfig, resume: bool = False, log: Callable[[str], Non
         floor = None
         eval_tasks = list(range(T))
         init_path = out / "theta-0.safetensors"
-        if resume and init_path.is_file():
+        if resume and init_path.is_file() and (out / "init.json").is_file():
             theta0 = FlatLayout.load_safetensors(init_path)[1]
             results["init"] = json.loads((out / "init.json").read_text())
         elif cfg.init_merge == "task_arithmetic":
@@ -487,8 +497,10 @@ def run_dvbasi(cfg: DVBasiConfig, resume: bool = False, log: Callable[[str], Non
                                 cfg.progress)
             results["init"] = dict(method="atlas", objective=aobj.kind, best_epoch=rec["best_epoch"],
                                    epochs=rec["epochs"])
-        suite.layout.save_safetensors(theta0, init_path, {"method": results["init"]["method"]})
-        _save_json(results["init"], out / "init.json")
+        _save_json(results["init"], out / "init.json")   # first: resume needs both files
+        tmp = init_path.with_name(init_path.name + f".tmp{os.getpid()}")
+        suite.layout.save_safetensors(theta0, tmp, {"method": results["init"]["method"]})
+        os.replace(tmp, init_path)
 
     def summary(theta):
         test = {t: ev.accuracy(theta, t, "test") for t in eval_tasks}
@@ -498,6 +510,8 @@ def run_dvbasi(cfg: DVBasiConfig, resume: bool = False, log: Callable[[str], Non
                  rel=100.0 * sum(test[t] / max(ft_test[t], 1e-9) for t in eval_tasks) / len(eval_tasks))
         return s
 
+    if cfg.negate is not None or cfg.single_task is not None:
+        suite.layout.save_safetensors(theta0, out / "theta-0.safetensors", {"method": results["init"]["method"]})
     results["theta0"] = summary(theta0)
     log(f"θ_0 ({results['init']['method']}): test accuracy {results['theta0']['abs']:.1f} % "
         f"(relative {results['theta0']['rel']:.1f} %)")

@@ -123,7 +123,13 @@ class Dist:
         self.enabled = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
         self.owns_group = False
         if self.enabled and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+            from datetime import timedelta
+
+            if device.startswith("cuda"):
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            # Rank 0 evaluates alone between collectives (per-iteration metrics, λ searches, the
+            # landscape), which can take far longer than the default collective timeout.
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=12))
             self.owns_group = True
         self.rank = dist.get_rank() if self.enabled else 0
         self.world = dist.get_world_size() if self.enabled else 1
@@ -131,6 +137,22 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def min_int(self, value: int) -> int:
+        """The smallest of one integer over all ranks."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MIN)
+        return int(t)
+
+    def check(self, error: Optional[BaseException]) -> None:
+        """Raise on every rank when any rank has an error (so no rank is left waiting in a collective)."""
+        bad = self.min_int(0 if error is not None else 1) == 0
+        if error is not None:
+            raise error
+        if bad:
+            raise RuntimeError("another rank stopped with an error (see its message)")
 
     def my_tasks(self, T: int) -> list[int]:
         """Contiguous blocks of tasks per rank."""
@@ -282,8 +304,19 @@ def run_one(suite: Suite, cfg: MimaConfig, N: int, dist: Dist, run_dir: Path, re
     theta_bar = suite.theta0.clone()
     records: list[dict] = []
     start = 1
+    prev_path = state_path.with_name(state_path.name.replace(".pt", ".prev.pt"))
+    st = None
     if resume and state_path.is_file():
         st = torch.load(state_path, map_location=cfg.device, weights_only=False)
+    if resume and dist.enabled:
+        # A kill between two ranks' saves can leave them one iteration apart: all resume from the
+        # oldest, each rank taking its previous state where it is ahead.
+        done = dist.min_int(st["iteration"] if st is not None else 0)
+        if st is not None and st["iteration"] != done:
+            st = torch.load(prev_path, map_location=cfg.device, weights_only=False) if done else None
+            if st is not None and st["iteration"] != done:
+                raise ValueError(f"{state_path}: the ranks' resume states do not fit together")
+    if st is not None:
         if st["N"] != N or st["world"] != dist.world or st["tasks"] != mine:
             raise ValueError(f"{state_path} was written by another run (N, world size or tasks differ); "
                              "use a fresh --out directory")
@@ -334,6 +367,8 @@ def run_one(suite: Suite, cfg: MimaConfig, N: int, dist: Dist, run_dir: Path, re
             theta_bar = new_bar
             if records and records[-1]["iteration"] == i:
                 records[-1]["train_loss"] = {suite.tasks[t].name: l for t, l in zip(mine, losses)}
+            if dist.enabled and state_path.is_file():
+                os.replace(state_path, prev_path)
             _save_atomic(dict(N=N, world=dist.world, tasks=mine, iteration=i, flats=[f.clone() for f in flats],
                               opts=[o.state_dict() for o in opts], theta_bar=theta_bar, records=records),
                          state_path)
@@ -460,20 +495,25 @@ def run_mima(cfg: MimaConfig, resume: bool = False, log: Callable[[str], None] =
     """
     cfg = cfg.resolved()
     dist = Dist(cfg.device)
+    if dist.enabled and cfg.device == "cuda":
+        cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"   # one GPU per process
     out = Path(cfg.out)
     say = log if dist.main else (lambda _msg: None)
     try:
         out.mkdir(parents=True, exist_ok=True)
         cfg_json = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k != "progress"}
         cfg_path = out / "config.json"
+        error: Optional[BaseException] = None
+        if resume and cfg_path.is_file():
+            old = json.loads(cfg_path.read_text())
+            diff = {k for k in cfg_json if k not in ("out",) and old.get(k) != cfg_json[k]}
+            if diff:
+                error = ValueError(f"--resume with different settings than the run in {out}: {sorted(diff)}")
+        elif not resume and (any(out.glob("N*/state-rank*.pt")) or any(out.glob("N*/result.json"))):
+            error = FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        dist.check(error)
+        dist.barrier()
         if dist.main:
-            if resume and cfg_path.is_file():
-                old = json.loads(cfg_path.read_text())
-                diff = {k for k in cfg_json if k not in ("out",) and old.get(k) != cfg_json[k]}
-                if diff:
-                    raise ValueError(f"--resume with different settings than the run in {out}: {sorted(diff)}")
-            elif not resume and (any(out.glob("N*/state-rank*.pt")) or any(out.glob("N*/result.json"))):
-                raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
             _write_json(cfg_json, cfg_path)
         dist.barrier()
         suite = build_suite(cfg, say)
@@ -514,6 +554,7 @@ def run_mima(cfg: MimaConfig, resume: bool = False, log: Callable[[str], None] =
             dist.barrier()
             # The run is finished: its resume state (task models and optimizer moments) can go.
             (run_dir / f"state-rank{dist.rank}.pt").unlink(missing_ok=True)
+            (run_dir / f"state-rank{dist.rank}.prev.pt").unlink(missing_ok=True)
         if not dist.main:
             return None
         results["seconds"] = time.perf_counter() - t_start

@@ -126,8 +126,13 @@ def test_negation_selection_respects_the_control_floor(suite):
     floor = 0.95 * ev.accuracy(suite.theta0, 1, "val")
     theta, rec = dvbasi_step(suite, ev, suite.theta0, theta_prev, obj, cfg, progress=False, floor=floor)
     chosen = rec["epochs"][rec["best_epoch"]]
-    if rec["best_score"] != float("-inf"):
+    if rec["best_score"] == float("-inf"):  # nothing met the floor: the start is kept
+        assert rec["best_epoch"] == 0 and torch.equal(theta, theta_prev)
+    else:
         assert chosen["val"][1] >= floor
+    # epochs whose control accuracy fell below the floor score -inf and are never chosen
+    for ep in rec["epochs"][1:]:
+        assert (ep["score"] == float("-inf")) == (ep["val"][1] < floor)
     with pytest.raises(ValueError, match="different control"):
         Objective("negation", [0], target=0, control=0)
 
@@ -221,8 +226,14 @@ def test_driver_single_task_and_negation(tmp_path):
                                   **{k: v for k, v in kw.items() if k != "task_models"}), log=lambda _m: None)
     assert neg["init"]["method"] == "task_arithmetic_negation" and neg["negation"]
     assert "target shapes" in (tmp_path / "n" / "report.md").read_text()
+    assert (tmp_path / "n" / "theta-0.safetensors").is_file() and (tmp_path / "s" / "theta-0.safetensors").is_file()
     with pytest.raises(ValueError, match="unknown task"):
         run_dvbasi(DVBasiConfig(out=str(tmp_path / "u"), single_task="nope", **kw), log=lambda _m: None)
+    for bad, msg in ((dict(single_task="colors", negate="shapes"), "not both"), (dict(control="shapes"), "control"),
+                     (dict(negate="shapes", objective="unsupervised"), "own objective"),
+                     (dict(single_task="colors", objective="mgda"), "MGDA")):
+        with pytest.raises(ValueError, match=msg):
+            run_dvbasi(DVBasiConfig(out=str(tmp_path / "bad"), **kw, **bad), log=lambda _m: None)
 
 
 def test_cli_help_and_errors(tmp_path):

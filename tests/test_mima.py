@@ -314,3 +314,46 @@ def test_error_landscape_geometry(tmp_path):
     assert L["theta_b"][0] == pytest.approx(float(ta @ tb / ta.norm()), rel=1e-9)
     err = torch.tensor(L["error"])
     assert err.shape == (3, 3, 3) and torch.allclose(err[2], (err[0] + err[1]) / 2)
+
+
+def test_distributed_resume_when_ranks_stopped_one_iteration_apart(tmp_path):
+    """A kill between the two ranks' saves leaves them an iteration apart; --resume restarts both from
+    the older one and ends exactly as an uninterrupted run."""
+    common = ["-m", "fastmerge", "mima", "-N", "4", "--steps", "16", "--batch-size", "16", "--tasks", *TASKS3,
+              "--no-progress", "--no-landscape", "--eval-limit", "60"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    single = subprocess.run([sys.executable, *common, "--threads", "1", "--out", str(tmp_path / "one")],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stdout + single.stderr
+    out = tmp_path / "two"
+    first = subprocess.run([*torchrun, *common, "--out", str(out), "--stop-after", "2"], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode != 0 and "stopped after iteration 2" in first.stdout + first.stderr
+    run = out / "N4"
+    assert torch.load(run / "state-rank1.pt", weights_only=False)["iteration"] == 2
+    os.replace(run / "state-rank1.prev.pt", run / "state-rank1.pt")   # rank 1 "died" before its save
+    again = subprocess.run([*torchrun, *common, "--out", str(out), "--resume"], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming after iteration 1 of 4" in again.stdout + again.stderr
+    for f in ["task-shapes", "task-colors", "task-digits", "merge-uniform"]:
+        a = FlatLayout.load_safetensors(tmp_path / "one" / "N4" / "checkpoints" / f"{f}.safetensors")[1]
+        b = FlatLayout.load_safetensors(run / "checkpoints" / f"{f}.safetensors")[1]
+        assert torch.equal(a, b), f
+
+
+def test_eval_limit_samples_across_classes(tmp_path):
+    _image_tree(tmp_path / "mnist", ["train", "test"], classes=("0", "1", "2", "3"), per_class=10)
+    import torchvision.transforms as Tr
+
+    task = load_paper_dataset("MNIST", tmp_path, transform=Tr.ToTensor())
+    labels = torch.cat([y for _, y in task.eval_batches("test", batch_size=4, limit=12)])
+    assert labels.numel() == 12 and labels.unique().numel() >= 3   # not just the first class folders
+
+
+def test_paper_dataset_class_folders_must_match(tmp_path):
+    _image_tree(tmp_path / "gtsrb", ["train"], classes=("a", "b"))
+    _image_tree(tmp_path / "gtsrb", ["test"], classes=("a",))
+    with pytest.raises(ValueError, match="class folders .* differ"):
+        load_paper_dataset("GTSRB", tmp_path)

@@ -82,8 +82,14 @@ class TaskData:
             yield self._prepare(images), labels
 
     def eval_batches(self, split: str, batch_size: int = 256, limit: Optional[int] = None):
-        n = self.size(split) if limit is None else min(limit, self.size(split))
-        return self.batches(split, [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)])
+        """Batches over a split in order; with ``limit``, over a fixed seeded sample of that many images
+        (folder datasets are sorted by class, so their first images would be one or two classes)."""
+        n = self.size(split)
+        if limit is None or limit >= n:
+            idx = list(range(n))
+        else:
+            idx = sorted(torch.randperm(n, generator=torch.Generator().manual_seed(0))[:limit].tolist())
+        return self.batches(split, [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)])
 
     def train_batches(self, batch_size: int, steps: int, generator: torch.Generator):
         """``steps`` batches drawn by reshuffling the train split each epoch (from ``generator``)."""

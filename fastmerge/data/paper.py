@@ -89,6 +89,12 @@ def load_paper_dataset(name: str, root, transform: Optional[Callable] = None, se
     else:
         train, val = _carve(train, n_val, seed)
     classes = (train.dataset if isinstance(train, Subset) else train).classes
+    for split, ds in (("val", val), ("test", test)):
+        other = (ds.dataset if isinstance(ds, Subset) else ds).classes
+        if other != classes:
+            missing = sorted(set(classes) ^ set(other))
+            raise ValueError(f"{name}: the class folders of {base / split} differ from {base / 'train'} "
+                             f"({', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}); labels would not match")
     names_file = base / "classnames.txt"
     if names_file.is_file():
         names = [ln.strip() for ln in names_file.read_text().splitlines() if ln.strip()]
