@@ -354,12 +354,6 @@ class DVBasiConfig:
     progress: bool = True
 
 
-def _save_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=lambda o: o.tolist() if torch.is_tensor(o) else str(o)))
-    os.replace(tmp, path)
-
-
 def _mean(d: dict, keys) -> float:
     return sum(d[k] for k in keys) / len(keys)
 
@@ -391,23 +385,13 @@ def task_models(cfg: DVBasiConfig, suite, say) -> list[torch.Tensor]:
     return thetas
 
 
-def _grid_pick(ev, make, grid, tasks, floor_fn=None):
-    best = None
-    for lam in grid:
-        theta = make(lam)
-        s = floor_fn(theta) if floor_fn else sum(ev.accuracy(theta, t, "val") for t in tasks) / len(tasks)
-        if best is None or s > best[1]:
-            best = (lam, s)
-    return best[0]
-
-
 def run_dvbasi(cfg: DVBasiConfig, resume: bool = False, log: Callable[[str], None] = print) -> dict:
     """θ_0 from a merge of the task models, then M DV-BASI iterations (and the asked ablations).
 
     Writes ``results.json``, ``report.md``, a Figure-2-style plot and every θ_m as safetensors to
     ``cfg.out``; with ``resume`` a killed run continues after its last finished outer iteration.
     """
-    from .mima import TA_GRID, TIES_GRID, Evaluator, MimaConfig, build_suite
+    from .mima import TA_GRID, TIES_GRID, Evaluator, MimaConfig, _write_json, build_suite, pick_lambda
 
     if cfg.init_merge not in INIT_MERGES:
         raise ValueError(f"init_merge must be one of {INIT_MERGES}, got {cfg.init_merge!r}")
@@ -437,7 +421,7 @@ def run_dvbasi(cfg: DVBasiConfig, resume: bool = False, log: Callable[[str], Non
                 raise FileExistsError(f"{out} already holds a run; pass --resume or choose another --out")
         elif {k: v for k, v in old.items() if k != "out"} != {k: v for k, v in cfg_json.items() if k != "out"}:
             raise ValueError(f"--resume with different settings than the run in {out}")
-    _save_json(cfg_json, out / "config.json")
+    _write_json(cfg_json, out / "config.json")
 
     mcfg = MimaConfig(model=cfg.model, pretrained=cfg.pretrained, data_root=cfg.data_root, tasks=cfg.tasks,
                       steps=cfg.finetune_steps, seed=cfg.seed, builtin_sizes=cfg.builtin_sizes,
@@ -452,7 +436,14 @@ def run_dvbasi(cfg: DVBasiConfig, resume: bool = False, log: Callable[[str], Non
     pre_test = ev.all_tasks(theta_pre, "test")
     results: dict = dict(config=cfg_json, tasks=names, d=theta_pre.numel(), fine_tuned=ft_test, pretrained=pre_test)
     coef = cfg.coef
-    idx = lambda n: names.index(n) if n in names else (_ for _ in ()).throw(ValueError(f"unknown task {n!r}; the suite has {names}"))
+
+    def idx(name: str) -> int:
+        if name not in names:
+            raise ValueError(f"unknown task {name!r}; the suite has {names}")
+        return names.index(name)
+
+    def val_mean(theta) -> float:
+        return sum(ev.accuracy(theta, t, "val") for t in eval_tasks) / len(eval_tasks)
 
     # ---- objective and θ_0
     if cfg.negate is not None:
@@ -463,7 +454,7 @@ def run_dvbasi(cfg: DVBasiConfig, resume: bool = False, log: Callable[[str], Non
         make = lambda lam: theta_pre - lam * tau
         keep_ok = lambda th: (-ev.accuracy(th, target, "val") if ev.accuracy(th, control, "val") >= floor
                               else float("-inf"))
-        lam = _grid_pick(ev, make, TA_GRID, None, keep_ok)
+        lam, _ = pick_lambda(make, TA_GRID, keep_ok)
         theta0 = make(lam)
         results["init"] = dict(method="task_arithmetic_negation", lam=lam)
         eval_tasks = [target, control]
@@ -483,11 +474,11 @@ def run_dvbasi(cfg: DVBasiConfig, resume: bool = False, log: Callable[[str], Non
             theta0 = FlatLayout.load_safetensors(init_path)[1]
             results["init"] = json.loads((out / "init.json").read_text())
         elif cfg.init_merge == "task_arithmetic":
-            lam = _grid_pick(ev, lambda l: fastmerge.task_arithmetic(theta_pre, thetas, l), TA_GRID, eval_tasks)
+            lam, _ = pick_lambda(lambda l: fastmerge.task_arithmetic(theta_pre, thetas, l), TA_GRID, val_mean)
             theta0 = fastmerge.task_arithmetic(theta_pre, thetas, lam)
             results["init"] = dict(method="task_arithmetic", lam=lam)
         elif cfg.init_merge == "ties":
-            lam = _grid_pick(ev, lambda l: fastmerge.merge_ties(theta_pre, thetas, 0.2, l), TIES_GRID, eval_tasks)
+            lam, _ = pick_lambda(lambda l: fastmerge.merge_ties(theta_pre, thetas, 0.2, l), TIES_GRID, val_mean)
             theta0 = fastmerge.merge_ties(theta_pre, thetas, 0.2, lam)
             results["init"] = dict(method="ties", lam=lam)
         else:
@@ -497,7 +488,7 @@ def run_dvbasi(cfg: DVBasiConfig, resume: bool = False, log: Callable[[str], Non
                                 cfg.progress)
             results["init"] = dict(method="atlas", objective=aobj.kind, best_epoch=rec["best_epoch"],
                                    epochs=rec["epochs"])
-        _save_json(results["init"], out / "init.json")   # first: resume needs both files
+        _write_json(results["init"], out / "init.json")   # first: resume needs both files
         tmp = init_path.with_name(init_path.name + f".tmp{os.getpid()}")
         suite.layout.save_safetensors(theta0, tmp, {"method": results["init"]["method"]})
         os.replace(tmp, init_path)
@@ -531,8 +522,9 @@ def run_dvbasi(cfg: DVBasiConfig, resume: bool = False, log: Callable[[str], Non
             theta = FlatLayout.load_safetensors(vdir / f"theta-{st['done']}.safetensors")[1]
             log(f"{variant}: resuming after outer iteration {st['done']} of {cfg.iterations}")
         gen = torch.Generator().manual_seed(cfg.seed + 17)
-        for _ in range(1, start):
-            torch.randn(theta.shape, generator=gen)   # keep the random ablation's stream on resume
+        if variant == "random":
+            for _ in range(1, start):
+                torch.randn(theta.shape, generator=gen)   # keep the random ablation's stream on resume
         for m in range(start, cfg.iterations + 1):
             t0 = time.perf_counter()
             theta, rec = dvbasi_step(suite, ev, theta_pre, theta, obj, coef_for(coef, cfg.alpha, m), cfg.blocks,
@@ -542,7 +534,7 @@ def run_dvbasi(cfg: DVBasiConfig, resume: bool = False, log: Callable[[str], Non
                        coef_range=[float(rec["coefs"].min()), float(rec["coefs"].max())], **summary(theta))
             its.append(rec)
             suite.layout.save_safetensors(theta, vdir / f"theta-{m}.safetensors", {"iteration": str(m)})
-            _save_json(dict(done=m, iterations=its), state_path)
+            _write_json(dict(done=m, iterations=its), state_path)
             log(f"{variant}, iteration {m}/{cfg.iterations}: best epoch {rec['best_epoch']}, test accuracy "
                 f"{rec['abs']:.1f} % (relative {rec['rel']:.1f} %), {rec['seconds']:.0f} s")
         runs[variant] = its

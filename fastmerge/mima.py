@@ -41,6 +41,7 @@ import fastmerge
 
 from . import models
 from .flat import FlatLayout
+from .report import _upper
 
 TA_GRID = tuple(round(0.05 * i, 2) for i in range(21))          # 0, 0.05, ..., 1.0
 TIES_GRID = tuple(round(0.8 + 0.05 * i, 2) for i in range(21))  # 0.8, 0.85, ..., 1.8
@@ -238,15 +239,25 @@ class Evaluator:
 
     def accuracy(self, theta: torch.Tensor, t: int, split: str = "test", limit: Optional[int] = None) -> float:
         self.flat.copy_(theta)
-        return models.accuracy(self.encoder, self.suite.heads[t], self.suite.tasks[t], split, limit)
+        return self._loaded(t, split, limit)
 
     def all_tasks(self, theta: torch.Tensor, split: str = "test", limit: Optional[int] = None) -> list[float]:
-        return [self.accuracy(theta, t, split, limit) for t in range(len(self.suite.tasks))]
+        self.flat.copy_(theta)
+        return [self._loaded(t, split, limit) for t in range(len(self.suite.tasks))]
+
+    def _loaded(self, t: int, split: str, limit: Optional[int]) -> float:
+        return models.accuracy(self.encoder, self.suite.heads[t], self.suite.tasks[t], split, limit)
 
 
-def _upper(m: torch.Tensor) -> list[float]:
-    T = m.shape[0]
-    return [float(m[i, j]) for i in range(T) for j in range(i + 1, T)]
+def pick_lambda(make: Callable[[float], torch.Tensor], grid: Sequence[float],
+                score: Callable[[torch.Tensor], float]) -> tuple[float, float]:
+    """The first λ of ``grid`` with the highest ``score(make(λ))`` (a validation score), and that score."""
+    best = None
+    for lam in grid:
+        s = score(make(lam))
+        if best is None or s > best[1]:
+            best = (lam, s)
+    return best
 
 
 def _median(xs: Sequence[float]) -> float:
@@ -260,8 +271,9 @@ def _save_atomic(obj, path: Path) -> None:
 
 
 def _write_json(obj, path: Path) -> None:
+    """Atomic JSON write (tensors become lists)."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(json.dumps(obj, indent=1, default=lambda o: o.tolist() if torch.is_tensor(o) else str(o)))
     os.replace(tmp, path)
 
 
@@ -356,7 +368,8 @@ def run_one(suite: Suite, cfg: MimaConfig, N: int, dist: Dist, run_dir: Path, re
                 merged_acc = evaluator.all_tasks(new_bar, "test", cfg.eval_limit)
                 rec = dict(iteration=i, step=i * K, seconds_train=t_train, seconds_average=t_avg,
                            cos_tau=cos_tau.tolist(), cos_delta=cos_delta.tolist(),
-                           median_cos_tau=_median(_upper(cos_tau)), median_cos_delta=_median(_upper(cos_delta)),
+                           median_cos_tau=_median(_upper(cos_tau.tolist())),
+                           median_cos_delta=_median(_upper(cos_delta.tolist())),
                            task_acc=task_acc, merged_acc=merged_acc, train_loss=None)
                 records.append(rec)
                 msg = (f"N = {N}, iteration {i}/{N}: median cos τ {rec['median_cos_tau']:.3f}, "
@@ -412,12 +425,7 @@ def final_merges(suite: Suite, cfg: MimaConfig, thetas: torch.Tensor, ev: Evalua
         return theta
 
     def pick(make, grid):
-        best = None
-        for lam in grid:
-            val = sum(ev.all_tasks(make(lam), "val")) / T
-            if best is None or val > best[1]:
-                best = (lam, val)
-        return best
+        return pick_lambda(make, grid, lambda theta: sum(ev.all_tasks(theta, "val")) / T)
 
     keep = {}
     keep["uniform"] = record("uniform", fastmerge.uniform_average(thetas))

@@ -68,7 +68,8 @@ def load_clip(name: str, pretrained: Optional[str] = None, seed: int = 0, device
     return model, preprocess, open_clip.get_tokenizer(name)
 
 
-def _text_tower_digest(model) -> str:
+def text_tower_digest(model) -> str:
+    """Hash of the text tower's weights (the key of cached heads)."""
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         if k.startswith("visual."):
@@ -97,7 +98,7 @@ def zeroshot_head(model, tokenizer, classnames: Sequence[str], templates: Sequen
         raise ValueError(f"templates need a '{{}}' for the class name: {bad}")
     path = None
     if cache:
-        key = hashlib.sha256("\x00".join([digest or _text_tower_digest(model), *classnames, "\x01", *templates]).encode())
+        key = hashlib.sha256("\x00".join([digest or text_tower_digest(model), *classnames, "\x01", *templates]).encode())
         path = cache_dir() / "heads" / f"{key.hexdigest()[:32]}.pt"
         if path.is_file():
             try:
@@ -117,11 +118,6 @@ def zeroshot_head(model, tokenizer, classnames: Sequence[str], templates: Sequen
         torch.save(head, tmp)
         os.replace(tmp, path)
     return head
-
-
-def text_tower_digest(model) -> str:
-    """Hash of the text tower's weights (the key of cached heads)."""
-    return _text_tower_digest(model)
 
 
 def logits(encoder: torch.nn.Module, head: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
