@@ -3,7 +3,8 @@
 Environment switches:
   FASTMERGE_CUDA=auto|0|1     auto (default): build the CUDA kernels when torch has CUDA and nvcc is
                               found; 0: never; 1: always (fail if impossible).
-  FASTMERGE_CUDA_ARCHS        CUDA architectures, default "80;90".
+  FASTMERGE_CUDA_ARCHS        CUDA architectures, default "80;90" ("8.0,9.0" and "90a" styles work
+                              too); SASS for each, plus PTX of the highest for newer GPUs.
   FASTMERGE_CPU_ISA           CPU instruction-set builds to compile, default "default,avx2,avx512" on
                               x86-64 ("default" elsewhere). The right one is picked at run time; no
                               -march=native anywhere.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -53,12 +55,54 @@ def wanted_isas() -> list[str]:
     return isas
 
 
+def resolve_cuda_home() -> None:
+    """Point CUDA_HOME at the toolkit when it is not set and torch would guess wrong.
+
+    torch.utils.cpp_extension guesses CUDA_HOME from the directory above `nvcc`; when `nvcc` is a
+    wrapper script (e.g. /usr/local/bin/nvcc exec-ing the real one) that guess has no headers or
+    libraries. Must run before torch.utils.cpp_extension is imported (it reads CUDA_HOME once).
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")) and os.path.exists(
+            os.path.join(home, "bin", "nvcc")
+        ):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+def cuda_archs() -> list[str]:
+    """FASTMERGE_CUDA_ARCHS ("80;90", "8.0,9.0", "90a") as a list like ["80", "90", "90a"]."""
+    raw = os.environ.get("FASTMERGE_CUDA_ARCHS", "80;90")
+    archs = []
+    for tok in raw.replace(",", ";").replace(" ", ";").split(";"):
+        tok = tok.strip().lower()
+        if not tok:
+            continue
+        m = re.fullmatch(r"(\d+)\.?(\d)([af]?)", tok)
+        if not m:
+            raise SystemExit(f"FASTMERGE_CUDA_ARCHS: cannot read architecture {tok!r} (use e.g. \"80;90\" or \"8.0,9.0\")")
+        arch = m.group(1) + m.group(2) + m.group(3)
+        if arch not in archs:
+            archs.append(arch)
+    if not archs:
+        raise SystemExit("FASTMERGE_CUDA_ARCHS is empty")
+    return sorted(archs, key=lambda a: (int(re.match(r"\d+", a).group(0)), a))
+
+
 def cuda_decision() -> tuple[bool, str]:
     mode = os.environ.get("FASTMERGE_CUDA", "auto").strip().lower()
     if mode not in ("auto", "0", "1"):
         raise SystemExit(f"FASTMERGE_CUDA must be auto, 0 or 1, got {mode!r}")
     if mode == "0":
         return False, "FASTMERGE_CUDA=0"
+    resolve_cuda_home()
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
@@ -81,6 +125,8 @@ def cuda_decision() -> tuple[bool, str]:
 
 
 def ext_modules_and_cmdclass():
+    if os.environ.get("FASTMERGE_CUDA", "auto").strip().lower() != "0":
+        resolve_cuda_home()  # before torch.utils.cpp_extension is first imported
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, include_paths
 
@@ -88,8 +134,6 @@ def ext_modules_and_cmdclass():
     log(f"CPU kernels: building instruction sets {', '.join(isas)} (chosen at run time)")
     build_cuda, why = cuda_decision()
     log(("CUDA kernels: building (" if build_cuda else "CUDA kernels: skipped (") + why + ")")
-    if build_cuda:  # pragma: no cover - the GPU issue adds the sources
-        raise SystemExit("CUDA sources are present but this setup.py predates them")
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     defines = [f"-DFASTMERGE_HAVE_{s.upper()}" for s in isas if s != "default"]
@@ -101,7 +145,8 @@ def ext_modules_and_cmdclass():
 
         def build_extensions(self):
             for ext in self.extensions:
-                ext.extra_objects = self._isa_objects() + list(ext.extra_objects or [])
+                if ext.name == "fastmerge._C":  # the ISA objects belong to the CPU extension only
+                    ext.extra_objects = self._isa_objects() + list(ext.extra_objects or [])
             super().build_extensions()
 
         def _isa_objects(self) -> list[str]:
@@ -141,7 +186,41 @@ def ext_modules_and_cmdclass():
         extra_compile_args={"cxx": CXX_FLAGS + defines},
         extra_link_args=["-fopenmp"],
     )
-    return [ext], {"build_ext": Build.with_options(use_ninja=shutil.which("ninja") is not None)}
+    exts = [ext]
+    if build_cuda:
+        exts.append(cuda_extension())
+    return exts, {"build_ext": Build.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+def cuda_extension():
+    """fastmerge._C_cuda: csrc/cuda/ops_cuda.cpp and every csrc/cuda/*.cu, for FASTMERGE_CUDA_ARCHS."""
+    from torch.utils.cpp_extension import CUDAExtension
+
+    archs = cuda_archs()
+    cuda_dir = os.path.join(CSRC, "cuda")
+    sources = [os.path.relpath(os.path.join(cuda_dir, "ops_cuda.cpp"), ROOT)]
+    sources += sorted(os.path.relpath(os.path.join(cuda_dir, f), ROOT) for f in os.listdir(cuda_dir) if f.endswith(".cu"))
+    gencode = []
+    for a in archs:
+        gencode.append(f"-gencode=arch=compute_{a},code=sm_{a}")
+    gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX for newer GPUs
+    # nvcc compiles the architectures of one file in parallel; ninja runs files in parallel.
+    threads = max(1, min(len(archs) + 1, os.cpu_count() or 1))
+    # -fmad=false: no fused multiply-add in device code, so the kernels round like the reference (TIES is
+    # compared bit for bit). C++20: what the torch headers (and the CPU extension) need.
+    nvcc_flags = ["-O3", "-std=c++20", "-fmad=false", "--expt-relaxed-constexpr", f"--threads={threads}",
+                  "-Xcompiler=-ffp-contract=off", *gencode]
+    log(f"CUDA kernels: {len(sources) - 1} .cu files + ops_cuda.cpp for sm_{', sm_'.join(archs)} "
+        f"(+ PTX compute_{archs[-1]}), nvcc --threads={threads}, -fmad=false")
+    return CUDAExtension(
+        name="fastmerge._C_cuda",
+        sources=sources,
+        include_dirs=[os.path.join(CSRC, "include"), cuda_dir],
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++20", "-ffp-contract=off", f"-DFASTMERGE_CUDA_ARCHS={','.join(archs)}"],
+            "nvcc": nvcc_flags,
+        },
+    )
 
 
 ext_modules, cmdclass = ext_modules_and_cmdclass()

@@ -88,6 +88,20 @@ def model_layout(name: str = DEFAULT_MODEL) -> ModelLayout:
     return layout
 
 
+def layout_from_args(args) -> ModelLayout:
+    """``--layout-json PATH`` (a JSON list of offsets) if given, else ``--model``'s visual tower."""
+    path = getattr(args, "layout_json", None)
+    if not path:
+        return model_layout(args.model)
+    import json
+
+    with open(path) as f:
+        offs = [int(o) for o in json.load(f)]
+    if len(offs) < 2 or offs[0] != 0 or any(b < a for a, b in zip(offs, offs[1:])):
+        raise SystemExit(f"--layout-json {path}: expected a non-decreasing list of offsets starting at 0")
+    return ModelLayout(f"layout from {path}", tuple(offs))
+
+
 # ---------------------------------------------------------------------------------------- sizes
 
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}

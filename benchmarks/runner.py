@@ -85,6 +85,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sigma", type=float, default=1e-3,
                    help="fine-tuning noise scale s (per task and tensor s * 2^U(-1,1); default 1e-3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu (default) or cuda: time the GPU backends (triton, cuda) against the reference on "
+                        "the GPU, with the device-to-device copy bandwidth as the yardstick")
+    p.add_argument("--layout-json", metavar="PATH", default=None,
+                   help="block offsets (a JSON list from 0 to d) to use instead of building --model's layout")
     p.add_argument("--stream-mib", type=int, default=None, metavar="MiB",
                    help="buffer of the bandwidth probe (default 1024, quick 256)")
 
@@ -364,6 +369,10 @@ def _resolve(args) -> dict:
 
 
 def run(args) -> int:
+    if getattr(args, "device", "cpu") == "cuda":
+        from . import gpu
+
+        return gpu.run_gpu(args)
     log = Log()
     cfg = _resolve(args)
     if args.threads:
@@ -376,7 +385,7 @@ def run(args) -> int:
              f"kernels {info['cpu_capability']}, {threads} threads")
 
     log.start(f"layout of {args.model}")
-    layout = cases.model_layout(args.model)
+    layout = cases.layout_from_args(args)
     log.finish(f"{layout.num_tensors} tensors, d = {layout.numel:,}")
 
     sizes: list[int] = []

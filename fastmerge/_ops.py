@@ -4,12 +4,17 @@ Each op takes flat 1-D tensors (the public functions in ``fastmerge/__init__.py`
 reshape) and a concrete ``backend`` string, resolved before the op is called:
 
 - ``reference``: the pure-PyTorch twins in ``fastmerge.reference``;
-- ``cpu``: the fused C++ kernels of ``fastmerge._C``;
-- ``triton`` / ``cuda``: GPU kernels (not part of this build yet: asking for them raises).
+- ``cpu``: the fused C++ kernels of ``fastmerge._C`` (CPU tensors);
+- ``triton``: the Triton kernels of ``fastmerge.kernels`` (CUDA tensors; also CPU tensors when
+  ``TRITON_INTERPRET=1`` was set before the first import of triton, which is how they are tested
+  without a GPU);
+- ``cuda``: the CUDA C++ kernels of ``fastmerge._C_cuda``, registered for the CUDA dispatch key as
+  ``torch.ops.fastmerge_cuda.<name>`` (CUDA tensors).
 
-Default: CPU tensors use ``cpu``. When the extension is missing, or for GPU tensors (no GPU kernels
-in this build), the ``reference`` backend runs instead, with one warning that says so.
-``FASTMERGE_BACKEND`` overrides the default, and so does each function's ``backend=`` argument.
+Default: CPU tensors use ``cpu``, CUDA tensors ``triton`` (``cuda`` when Triton cannot be imported).
+When the kernels a default needs are missing, the ``reference`` backend runs instead, with one
+warning that says so. ``FASTMERGE_BACKEND`` overrides the default, and so does each function's
+``backend=`` argument.
 """
 
 from __future__ import annotations
@@ -33,6 +38,36 @@ except ImportError as e:  # pragma: no cover - exercised only on broken installs
     _C_ERROR = e
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
+
+_KERNELS = None
+_KERNELS_ERROR: Optional[BaseException] = None
+
+
+def triton_kernels():
+    """The ``fastmerge.kernels`` package (imports triton on first use), or None if unavailable."""
+    global _KERNELS, _KERNELS_ERROR
+    if _KERNELS is None and _KERNELS_ERROR is None:
+        try:
+            import fastmerge.kernels as K
+
+            _KERNELS = K
+        except Exception as e:  # triton missing or broken: GPU tensors fall back, loudly
+            _KERNELS_ERROR = e
+    return _KERNELS
+
+
+def triton_interpret() -> bool:
+    """Whether Triton kernels run under the interpreter (on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def cuda_extension():
+    """``fastmerge._cuda`` when the CUDA extension was built and loads, else None."""
+    try:
+        from . import _cuda
+    except ImportError:  # pragma: no cover - a source tree without the CUDA loader
+        return None
+    return _cuda if _cuda.AVAILABLE else None
 _MERGE_CODES = {"mean": 0, "sum": 1, "max": 2}
 _warned: set[str] = set()
 
@@ -49,8 +84,16 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
     """Backends that can run on tensors of ``device`` in this installation."""
     dev = torch.device(device)
     out = ["reference"]
-    if dev.type == "cpu" and _C is not None:
-        out.append("cpu")
+    if dev.type == "cpu":
+        if _C is not None:
+            out.append("cpu")
+        if triton_interpret() and triton_kernels() is not None:
+            out.append("triton")
+    elif dev.type == "cuda":
+        if triton_kernels() is not None:
+            out.append("triton")
+        if cuda_extension() is not None:
+            out.append("cuda")
     return out
 
 
@@ -65,8 +108,15 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
             _warn_once("noext", f"fastmerge: the compiled extension failed to import ({_C_ERROR}); "
                                 f"running the slow PyTorch reference ops instead. {REBUILD_HINT}")
             return "reference"
-        _warn_once("nogpu", f"fastmerge: no GPU kernels in this build for {device.type} tensors; "
-                            "running the PyTorch reference ops instead")
+        if device.type == "cuda":
+            if triton_kernels() is not None:
+                return "triton"
+            if cuda_extension() is not None:
+                return "cuda"
+            _warn_once("nogpu", f"fastmerge: neither the Triton kernels ({_KERNELS_ERROR}) nor the CUDA extension "
+                                "could be loaded; running the PyTorch reference ops on CUDA tensors instead")
+            return "reference"
+        _warn_once("nodev", f"fastmerge: no kernels for {device.type} tensors; running the PyTorch reference ops")
         return "reference"
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of auto, {', '.join(BACKENDS)}")
@@ -76,10 +126,36 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
                                f"{REBUILD_HINT}")
         if device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
-    if name in ("triton", "cuda"):
-        raise RuntimeError(f"backend={name!r} is not available in this build (no GPU kernels yet); "
-                           "use backend='reference' for GPU tensors")
+    if name == "triton":
+        if not (device.type == "cuda" or (device.type == "cpu" and triton_interpret())):
+            raise ValueError(f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set "
+                             f"before triton is imported), got tensors on {device}")
+        if triton_kernels() is None:
+            raise RuntimeError(f"backend='triton' is unavailable: importing the Triton kernels failed ({_KERNELS_ERROR})")
+    if name == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+        if cuda_extension() is None:
+            from . import _cuda
+
+            raise RuntimeError("backend='cuda' is unavailable: the CUDA extension was not built or does not load "
+                               f"({_cuda.ERROR or 'not built'}); build it with a CUDA toolkit: FASTMERGE_CUDA=1 "
+                               "pip install --no-build-isolation -e .")
     return name
+
+
+def _cuda_checked(result, named, overflow_msg: Optional[str] = None):
+    """Raise the ValueError for a NaN/Inf the last CUDA op noted (it returns instead of raising)."""
+    from . import _cuda
+
+    if _cuda.take_nonfinite():
+        V.raise_if_nonfinite(named)
+        raise ValueError(overflow_msg or "a non-finite value appeared in the computation (finite inputs)")
+    return result
+
+
+def _named(first_name, first, list_name, xs):
+    return ([] if first is None else [(first_name, first)]) + [(f"{list_name}[{t}]", x) for t, x in enumerate(xs)]
 
 
 def _ties_strategy() -> int:
@@ -93,6 +169,11 @@ def _ties_strategy() -> int:
 def uniform_average_op(thetas: list[Tensor], weights: list[float], backend: str) -> Tensor:
     if backend == "reference":
         return R.uniform_average(thetas, weights)
+    if backend == "triton":
+        return triton_kernels().uniform_average(list(thetas), list(weights))
+    if backend == "cuda":
+        return _cuda_checked(torch.ops.fastmerge_cuda.uniform_average(list(thetas), list(weights)),
+                             _named(None, None, "thetas", thetas))
     return _C.uniform_average(list(thetas), list(weights))
 
 
@@ -107,6 +188,11 @@ def _(thetas, weights, backend):
 def task_arithmetic_op(base: Tensor, thetas: list[Tensor], lam: list[float], backend: str) -> Tensor:
     if backend == "reference":
         return R.task_arithmetic(base, thetas, lam)
+    if backend == "triton":
+        return triton_kernels().task_arithmetic(base, list(thetas), list(lam))
+    if backend == "cuda":
+        return _cuda_checked(torch.ops.fastmerge_cuda.task_arithmetic(base, list(thetas), list(lam)),
+                             _named("base", base, "thetas", thetas))
     return _C.task_arithmetic(base, list(thetas), list(lam))
 
 
@@ -124,8 +210,18 @@ def merge_ties_op(base: Tensor, thetas: list[Tensor], density: float, lam: float
         scope = "global" if offsets.numel() == 2 else "tensor"
         return R.merge_ties(base, thetas, density, lam, merge, scope, offsets, weights)
     V.check_merge(merge)
+    w = None if weights is None else list(weights)
+    if backend == "triton":
+        return triton_kernels().merge_ties(base, list(thetas), float(density), float(lam), _MERGE_CODES[merge],
+                                           offsets, w, _ties_strategy())
+    if backend == "cuda":
+        out = torch.ops.fastmerge_cuda.merge_ties(base, list(thetas), float(density), float(lam),
+                                                  _MERGE_CODES[merge], offsets, w, _ties_strategy())
+        return _cuda_checked(out, _named("base", base, "thetas", thetas),
+                             "merge_ties: a task vector overflowed to infinity (finite inputs); the merge is "
+                             "undefined there")
     return _C.merge_ties(base, list(thetas), float(density), float(lam), _MERGE_CODES[merge], offsets,
-                         None if weights is None else list(weights), _ties_strategy())
+                         w, _ties_strategy())
 
 
 @merge_ties_op.register_fake
@@ -139,7 +235,12 @@ def _(base, thetas, density, lam, merge, offsets, weights, backend):
 def task_vector_cosine_op(base: Tensor, thetas: list[Tensor], gram: bool, backend: str) -> Tensor:
     if backend == "reference":
         return R.task_vector_cosine(base, thetas, gram=gram)
-    G = _C.gram(base, list(thetas))
+    if backend == "triton":
+        G = triton_kernels().gram(base, list(thetas))
+    elif backend == "cuda":
+        G = _cuda_checked(torch.ops.fastmerge_cuda.gram(base, list(thetas)), _named("base", base, "thetas", thetas))
+    else:
+        G = _C.gram(base, list(thetas))
     return G if gram else R.gram_to_cosine(G)
 
 
@@ -156,6 +257,11 @@ def block_scale_op(base: Tensor, vectors: list[Tensor], coefs: Tensor, offsets: 
     if backend == "reference":
         with torch.no_grad():
             return R.block_scale(base, vectors, coefs, offsets)
+    if backend == "triton":
+        return triton_kernels().block_scale(base, list(vectors), coefs, offsets)
+    if backend == "cuda":
+        return _cuda_checked(torch.ops.fastmerge_cuda.block_scale(base, list(vectors), coefs, offsets),
+                             [("coefs", coefs)] + _named("base", base, "vectors", vectors))
     return _C.block_scale(base, list(vectors), coefs, offsets)
 
 
@@ -170,6 +276,11 @@ def block_scale_backward_op(grad: Tensor, vectors: list[Tensor], coefs: Tensor, 
     """∂L/∂coefs in float64, shape [T, B]."""
     if backend == "reference":
         return R.block_scale_backward(grad, vectors, coefs.double(), offsets)[1]
+    if backend == "triton":
+        return triton_kernels().block_scale_backward(grad, list(vectors), coefs, offsets)
+    if backend == "cuda":
+        return _cuda_checked(torch.ops.fastmerge_cuda.block_scale_backward(grad, list(vectors), coefs, offsets),
+                             _named("grad", grad, "vectors", vectors))
     return _C.block_scale_backward(grad, list(vectors), coefs, offsets)
 
 

@@ -71,7 +71,7 @@ def ties_segments(numel: int, scope: str, layout) -> list[tuple[int, int]]:
 
 def ties_masks(tau: torch.Tensor, density: float, segments) -> torch.Tensor:
     """Trim masks of the stacked task vectors [T, d]: keep |τ| >= the k-th smallest |τ| per row and segment."""
-    mask = torch.empty(tau.shape, dtype=torch.bool)
+    mask = torch.empty(tau.shape, dtype=torch.bool, device=tau.device)
     for a, b in segments:
         n = b - a
         if n == 0:
@@ -119,7 +119,7 @@ def merge_ties(base, thetas, density=0.2, lam=1.0, merge="mean", scope="global",
     b32 = b.to(acc_t)
     tau = torch.stack([x.to(acc_t) - b32 for x in ths])  # [T, d]: the published code's layout
     if w is not None:
-        tau = tau * torch.tensor(w, dtype=acc_t)[:, None]
+        tau = tau * torch.tensor(w, dtype=acc_t, device=tau.device)[:, None]
     mask = ties_masks(tau, density, segments)
     trimmed = torch.where(mask, tau, torch.zeros((), dtype=acc_t))
     gamma = ties_elect(trimmed)

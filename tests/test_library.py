@@ -68,9 +68,33 @@ def test_backend_selection_and_env(monkeypatch):
     monkeypatch.setenv("FASTMERGE_BACKEND", "bogus")
     with pytest.raises(ValueError, match="unknown backend"):
         fastmerge.uniform_average(thetas)
-    with pytest.raises(RuntimeError, match="not available in this build"):
-        fastmerge.uniform_average(thetas, backend="triton")
+    monkeypatch.delenv("FASTMERGE_BACKEND")
+    if not _ops.triton_interpret():
+        with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors .*TRITON_INTERPRET=1"):
+            fastmerge.uniform_average(thetas, backend="triton")
+        assert fastmerge.available_backends("cpu") == ["reference", "cpu"]
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+        fastmerge.merge_ties(base, thetas, backend="cuda")
     assert "cpu" in fastmerge.available_backends()
+
+
+def test_gpu_tensors_without_gpu_kernels_fall_back_with_one_warning(monkeypatch):
+    # the dispatch decision for CUDA tensors, checked without a GPU: triton first, then cuda, else a warning
+    monkeypatch.delenv("FASTMERGE_BACKEND", raising=False)
+    monkeypatch.setattr(_ops, "_warned", set())
+    dev = torch.device("cuda")
+    monkeypatch.setattr(_ops, "triton_kernels", lambda: object())
+    assert _ops.resolve_backend(None, dev) == "triton"
+    monkeypatch.setattr(_ops, "triton_kernels", lambda: None)
+    monkeypatch.setattr(_ops, "cuda_extension", lambda: object())
+    assert _ops.resolve_backend(None, dev) == "cuda"
+    monkeypatch.setattr(_ops, "cuda_extension", lambda: None)
+    with pytest.warns(RuntimeWarning, match="running the PyTorch reference ops on CUDA tensors"):
+        assert _ops.resolve_backend(None, dev) == "reference"
+    with pytest.raises(RuntimeError, match="backend='cuda' is unavailable"):
+        _ops.resolve_backend("cuda", dev)
+    with pytest.raises(RuntimeError, match="backend='triton' is unavailable"):
+        _ops.resolve_backend("triton", dev)
 
 
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):

@@ -150,3 +150,19 @@ def test_reference_follows_the_published_algorithm():
     # sums: [0.1, 0.3, 0.9, -1.3, 0.2] -> signs [+, +, +, -, +]
     expect = torch.tensor([0.9, 0.3, 0.45, -0.65, 0.2])
     torch.testing.assert_close(ref.merge_ties(base, [t1, t2], density=0.6), expect)
+
+
+@pytest.mark.parametrize("merge", MODES)
+@pytest.mark.parametrize("lam", [1.0, -1.0])
+def test_negative_zero_base_where_nothing_is_kept(merge, lam):
+    # the reference adds lam * (0 * majority) there: with base -0 and a negative majority the max
+    # merge gives -0 (lam > 0), so the kernel must wait for the majority sign at those positions
+    base = torch.full((64,), -0.0)
+    x = torch.zeros(64)
+    x[:40] = -1.0
+    x[40:44] = 2.0
+    check(base, [x, 0.5 * x], density=0.5, merge=merge, lam=lam)
+    big = torch.full((70001,), -0.0)
+    y = torch.zeros(70001)
+    y[:40000] = -torch.rand(40000, generator=torch.Generator().manual_seed(0)) - 0.1
+    check(big, [y, 0.5 * y], density=0.3, merge=merge, lam=lam)

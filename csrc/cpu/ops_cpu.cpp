@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "common.h"
+#include "fastmerge/checks.h"
 
 namespace fastmerge {
 namespace cpu {
@@ -208,22 +209,7 @@ std::vector<std::pair<std::string, at::Tensor>> named_inputs(const at::Tensor* b
   return v;
 }
 
-at::Tensor check_offsets(const at::Tensor& offsets, int64_t numel, const char* name) {
-  TORCH_CHECK_VALUE(offsets.dim() == 1, name, " must be a 1-D sequence of offsets, got shape ", offsets.sizes());
-  TORCH_CHECK_VALUE(offsets.scalar_type() == at::kLong, name, " must hold int64 offsets, got dtype ",
-                    offsets.scalar_type());
-  at::Tensor off = offsets.to(at::kCPU).contiguous();
-  const int64_t* o = off.data_ptr<int64_t>();
-  const int64_t m = off.numel();
-  TORCH_CHECK_VALUE(m >= 2, name, " must have at least two offsets (start 0 and end ", numel, ")");
-  TORCH_CHECK_VALUE(o[0] == 0, name, " do not tile the buffer: the first offset is ", o[0], ", expected 0");
-  TORCH_CHECK_VALUE(o[m - 1] == numel, name, " do not tile the buffer: the last offset is ", o[m - 1],
-                    ", expected ", numel);
-  for (int64_t b = 0; b + 1 < m; ++b)
-    TORCH_CHECK_VALUE(o[b + 1] >= o[b], name, " do not tile the buffer: offsets decrease at block ", b, " (",
-                      o[b], " -> ", o[b + 1], ")");
-  return off;
-}
+at::Tensor check_offsets(const at::Tensor& offsets, int64_t numel, const char* name) { return checked_offsets(offsets, numel, name); }
 
 at::Tensor uniform_average(const std::vector<at::Tensor>& thetas, const std::vector<double>& weights,
                            const std::optional<at::Tensor>& out_opt) {

@@ -475,6 +475,7 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
           }
           const F o = bv + lamv * merged;
           I cm = (sum == zero) & ((cp + cn) != 0);  // cancelled: the majority sign decides
+          if constexpr (MODE == kMergeMax) cm |= (sum == zero) & ((I)bv == (I)(zero * -one));  // base -0
           if constexpr (TAIL) cm &= valid;
           msumv = msumv + gn - gp;
           if (simd_any(cm)) {
@@ -635,7 +636,7 @@ void ties_fixup(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P
           bool nzo, nzn;
           const acc_t so = ties_sum(tro.data(), T, &nzo), sn = ties_sum(trn.data(), T, &nzn);
           dm[tid] += int64_t(sign_of(sn)) - int64_t(sign_of(so));
-          if (sn == acc_t(0) && nzn) canc[tid].push_back(i);
+          if (ties_needs_majority(sn, nzn, P.mode, b)) canc[tid].push_back(i);
         }
         out[i] = to_out<in_t>(ties_entry(trn.data(), T, majority, P.mode, b, P.lam));
       }

@@ -66,7 +66,9 @@ FM_HD T ties_disjoint(const T* trimmed, int ntask, T gamma, int mode) {
       T v = trimmed[t] * gamma > T(0) ? abs_of(trimmed[t]) : T(0);
       mx = v > mx ? v : mx;
     }
-    return mx > T(0) ? mx * gamma : T(0);
+    // mx * gamma even when mx == 0, as the reference computes it: with base == -0 the sign of
+    // that zero decides the sign of the result (see ties_needs_majority)
+    return mx * gamma;
   }
   T acc = T(0);
   T cnt = T(0);
@@ -77,6 +79,17 @@ FM_HD T ties_disjoint(const T* trimmed, int ntask, T gamma, int mode) {
   }
   if (mode == kMergeSum) return acc;
   return acc / (cnt > T(1) ? cnt : T(1));
+}
+
+// Whether an entry's elected sign must wait for the majority sign of the whole vector: its
+// task-order sum cancelled exactly while some kept entry is nonzero; or, with the max merge, nothing
+// was kept and base is -0, where the reference adds lam * (0 * majority) and the sign of that zero
+// decides between -0 and +0.
+template <typename T>
+FM_HD bool ties_needs_majority(T s, bool any_nonzero, int mode, T base) {
+  if (s != T(0)) return false;
+  if (any_nonzero) return true;
+  return mode == kMergeMax && base == T(0) && (T(1) / base) < T(0);
 }
 
 // One whole TIES entry given the trimmed values and the majority sign (used where the sum is 0).
