@@ -72,6 +72,7 @@ _MERGE_CODES = {"mean": 0, "sum": 1, "max": 2}
 _warned: set[str] = set()
 
 REBUILD_HINT = "rebuild it with: pip install --no-build-isolation -e ."
+TIES_OVERFLOW = ("merge_ties: a task vector overflowed to infinity (finite inputs); the merge is undefined there")
 
 
 def _warn_once(key: str, msg: str) -> None:
@@ -144,10 +145,16 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     return name
 
 
-def _cuda_checked(result, named, overflow_msg: Optional[str] = None):
-    """Raise the ValueError for a NaN/Inf the last CUDA op noted (it returns instead of raising)."""
+def _cuda_op(name: str, named, *args, overflow_msg: Optional[str] = None):
+    """Run ``torch.ops.fastmerge_cuda.<name>`` and raise the ValueError for a NaN/Inf it noted.
+
+    The CUDA ops do not raise on non-finite data: they note it (per thread) and return. The note is
+    cleared first, so a stale one from a direct call cannot leak into this call.
+    """
     from . import _cuda
 
+    _cuda.take_nonfinite()
+    result = getattr(torch.ops.fastmerge_cuda, name)(*args)
     if _cuda.take_nonfinite():
         V.raise_if_nonfinite(named)
         raise ValueError(overflow_msg or "a non-finite value appeared in the computation (finite inputs)")
@@ -172,8 +179,7 @@ def uniform_average_op(thetas: list[Tensor], weights: list[float], backend: str)
     if backend == "triton":
         return triton_kernels().uniform_average(list(thetas), list(weights))
     if backend == "cuda":
-        return _cuda_checked(torch.ops.fastmerge_cuda.uniform_average(list(thetas), list(weights)),
-                             _named(None, None, "thetas", thetas))
+        return _cuda_op("uniform_average", _named(None, None, "thetas", thetas), list(thetas), list(weights))
     return _C.uniform_average(list(thetas), list(weights))
 
 
@@ -191,8 +197,7 @@ def task_arithmetic_op(base: Tensor, thetas: list[Tensor], lam: list[float], bac
     if backend == "triton":
         return triton_kernels().task_arithmetic(base, list(thetas), list(lam))
     if backend == "cuda":
-        return _cuda_checked(torch.ops.fastmerge_cuda.task_arithmetic(base, list(thetas), list(lam)),
-                             _named("base", base, "thetas", thetas))
+        return _cuda_op("task_arithmetic", _named("base", base, "thetas", thetas), base, list(thetas), list(lam))
     return _C.task_arithmetic(base, list(thetas), list(lam))
 
 
@@ -213,13 +218,10 @@ def merge_ties_op(base: Tensor, thetas: list[Tensor], density: float, lam: float
     w = None if weights is None else list(weights)
     if backend == "triton":
         return triton_kernels().merge_ties(base, list(thetas), float(density), float(lam), _MERGE_CODES[merge],
-                                           offsets, w, _ties_strategy())
+                                           offsets, w, _ties_strategy(), overflow_msg=TIES_OVERFLOW)
     if backend == "cuda":
-        out = torch.ops.fastmerge_cuda.merge_ties(base, list(thetas), float(density), float(lam),
-                                                  _MERGE_CODES[merge], offsets, w, _ties_strategy())
-        return _cuda_checked(out, _named("base", base, "thetas", thetas),
-                             "merge_ties: a task vector overflowed to infinity (finite inputs); the merge is "
-                             "undefined there")
+        return _cuda_op("merge_ties", _named("base", base, "thetas", thetas), base, list(thetas), float(density),
+                        float(lam), _MERGE_CODES[merge], offsets, w, _ties_strategy(), overflow_msg=TIES_OVERFLOW)
     return _C.merge_ties(base, list(thetas), float(density), float(lam), _MERGE_CODES[merge], offsets,
                          w, _ties_strategy())
 
@@ -238,7 +240,7 @@ def task_vector_cosine_op(base: Tensor, thetas: list[Tensor], gram: bool, backen
     if backend == "triton":
         G = triton_kernels().gram(base, list(thetas))
     elif backend == "cuda":
-        G = _cuda_checked(torch.ops.fastmerge_cuda.gram(base, list(thetas)), _named("base", base, "thetas", thetas))
+        G = _cuda_op("gram", _named("base", base, "thetas", thetas), base, list(thetas))
     else:
         G = _C.gram(base, list(thetas))
     return G if gram else R.gram_to_cosine(G)
@@ -260,8 +262,8 @@ def block_scale_op(base: Tensor, vectors: list[Tensor], coefs: Tensor, offsets: 
     if backend == "triton":
         return triton_kernels().block_scale(base, list(vectors), coefs, offsets)
     if backend == "cuda":
-        return _cuda_checked(torch.ops.fastmerge_cuda.block_scale(base, list(vectors), coefs, offsets),
-                             [("coefs", coefs)] + _named("base", base, "vectors", vectors))
+        return _cuda_op("block_scale", [("coefs", coefs)] + _named("base", base, "vectors", vectors), base,
+                        list(vectors), coefs, offsets)
     return _C.block_scale(base, list(vectors), coefs, offsets)
 
 
@@ -279,8 +281,8 @@ def block_scale_backward_op(grad: Tensor, vectors: list[Tensor], coefs: Tensor, 
     if backend == "triton":
         return triton_kernels().block_scale_backward(grad, list(vectors), coefs, offsets)
     if backend == "cuda":
-        return _cuda_checked(torch.ops.fastmerge_cuda.block_scale_backward(grad, list(vectors), coefs, offsets),
-                             _named("grad", grad, "vectors", vectors))
+        return _cuda_op("block_scale_backward", _named("grad", grad, "vectors", vectors), grad, list(vectors), coefs,
+                        offsets)
     return _C.block_scale_backward(grad, list(vectors), coefs, offsets)
 
 

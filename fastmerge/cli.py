@@ -105,6 +105,9 @@ def _edit_arguments(p: argparse.ArgumentParser, dv: bool) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished iteration")
     p.add_argument("--objective", default="supervised", choices=["supervised", "unsupervised", "mgda"],
                    help="cross-entropy over the tasks, entropy on unlabeled images, or MGDA over per-task losses")
+    p.add_argument("--unlabeled", default="train", choices=["train", "test"],
+                   help="images of the unsupervised objective: the train split (default), or the unlabeled test "
+                        "images (test-time adaptation, AdaMerging's protocol); selection always uses validation")
     p.add_argument("--blocks", default="tensor", choices=["tensor", "row", "global"],
                    help="coefficient blocks: one per parameter tensor (default), per row, or one in all")
     p.add_argument("--lr", type=float, default=0.01, help="AdamW learning rate of the coefficients (default 0.01)")
@@ -150,7 +153,7 @@ def _edit_run(args: argparse.Namespace, dv: bool) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     coef = CoefConfig(lr=args.lr, epochs=args.epochs, patience=args.patience, steps_per_epoch=args.steps_per_epoch,
-                      batch_size=args.batch_size, seed=args.seed)
+                      batch_size=args.batch_size, seed=args.seed, unlabeled_split=args.unlabeled)
     extra = {}
     if dv:
         extra = dict(iterations=args.iterations, init_merge=args.init_merge, alpha=args.alpha,

@@ -14,7 +14,8 @@ fused backward for ∂L/∂Λ, whatever the number of parameter tensors. Blocks 
 tensor by default, or one per row (``blocks="row"``), or one for everything (isotropic scaling).
 
 Objectives: supervised cross-entropy summed over the tasks; unsupervised entropy of the predictions
-on unlabeled training images; MGDA (the min-norm convex combination of the per-task gradients with
+on unlabeled training images (or, with ``unlabeled_split="test"``, on the unlabeled test images:
+test-time adaptation as in AdaMerging); MGDA (the min-norm convex combination of the per-task gradients with
 respect to Λ, solved exactly); task negation (ascent on a target task, descent on a control task,
 keeping at least 95 % of the starting model's control accuracy). Model selection always uses
 validation data; test accuracies are only reported.
@@ -150,6 +151,10 @@ class CoefConfig:
     val_limit: Optional[int] = None
     test_limit: Optional[int] = None
     negation_keep: float = 0.95
+    # images the unsupervised objective sees: "train", or "test" for test-time adaptation on the
+    # unlabeled test images (AdaMerging's protocol, which the paper's unsupervised results follow);
+    # labels are never read, and model selection still uses the validation split
+    unlabeled_split: str = "train"
     seed: int = 0
 
 
@@ -174,9 +179,12 @@ class Objective:
 def _batch_iters(suite, obj: Objective, cfg: CoefConfig, epoch: int):
     tasks = [obj.target, obj.control] if obj.kind == "negation" else list(obj.tasks)
     out = {}
+    split = cfg.unlabeled_split if obj.kind == "unsupervised" else "train"
+    if split not in ("train", "test"):
+        raise ValueError(f"unlabeled_split must be train or test, got {split!r}")
     for t in tasks:
         g = torch.Generator().manual_seed((cfg.seed * 7919 + t * 104_729 + epoch) & 0x7FFFFFFF)
-        out[t] = iter(suite.tasks[t].train_batches(cfg.batch_size, cfg.steps_per_epoch, g))
+        out[t] = iter(suite.tasks[t].train_batches(cfg.batch_size, cfg.steps_per_epoch, g, split=split))
     return out
 
 

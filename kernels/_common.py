@@ -8,7 +8,8 @@ Conventions every Triton kernel of fastmerge follows:
   on the device, cast back with ``.to(tl.pointer_type(base.dtype.element_ty))`` in the kernel; a
   [T, d] input arrives as T row views, so nothing is stacked or copied;
 - every kernel is launched with ``enable_fp_fusion=False``: products and sums round separately, as
-  in the PyTorch reference (no silent fused multiply-add);
+  in the PyTorch reference (no silent fused multiply-add); and with ``enable_reflect_ftz=False``, so
+  library calls such as ``div_rn`` keep subnormal results as PyTorch does instead of flushing them;
 - reductions are deterministic: fixed-size chunks produce partial sums that a second stage adds in
   a fixed order; there are no floating-point atomics (integer atomics only, whose results do not
   depend on the order);
@@ -33,7 +34,7 @@ from fastmerge import _validate as V
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 #: Launch options every kernel call passes (see the module docstring).
-LAUNCH = {"enable_fp_fusion": False}
+LAUNCH = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
 
 
 def triton_dtype_ok(x: torch.Tensor) -> bool:
@@ -61,12 +62,19 @@ def new_flag(device: torch.device) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.int32, device=device)
 
 
-def raise_if_flagged(flag: torch.Tensor, named: Sequence[tuple[str, torch.Tensor]]) -> None:
-    """After a kernel ran: if it flagged a NaN/Inf, raise the ValueError naming input and index."""
+def raise_if_flagged(flag: torch.Tensor, named: Sequence[tuple[str, torch.Tensor]],
+                     overflow_msg: str | None = None) -> None:
+    """After a kernel ran: if it flagged a NaN/Inf, raise the ValueError naming input and index.
+
+    ``overflow_msg``: for kernels that also flag intermediate values (TIES flags a weighted task
+    vector that overflowed from finite inputs), the message when no input is non-finite.
+    """
     if int(flag.item()) == 0:
         return
     hit = V.find_nonfinite(named)
-    if hit is None:  # pragma: no cover - the flag and the scan disagree only on a kernel bug
+    if hit is None:
+        if overflow_msg is not None:
+            raise ValueError(overflow_msg)
         raise RuntimeError("fastmerge: a Triton kernel flagged a non-finite input that a rescan did not find")
     raise ValueError(V.nonfinite_message(*hit))
 

@@ -155,10 +155,12 @@ def block_scale(base: torch.Tensor, vectors: list[torch.Tensor], coefs: torch.Te
     c = coefs.detach().contiguous()
     out = torch.empty(d, dtype=b.dtype, device=dev)
     flag = C.new_flag(dev)
+    # the coefficient scan has its own flag: autotuning the forward kernel resets ``flag``
+    cflag = C.new_flag(dev)
     if c.numel():
         SCAN = 1024
         _nonfinite_scan_kernel[(triton.cdiv(c.numel(), SCAN),)](
-            c, c.numel(), flag, ACC64=c.dtype == torch.float64, BLOCK=SCAN, **C.LAUNCH)
+            c, c.numel(), cflag, ACC64=c.dtype == torch.float64, BLOCK=SCAN, **C.LAUNCH)
     items = C.block_items(offsets, ITEM_CHUNK, dev)
     if items["num_items"]:
         table = C.pointer_table(vs, dev)
@@ -169,7 +171,7 @@ def block_scale(base: torch.Tensor, vectors: list[torch.Tensor], coefs: torch.Te
             int(items["max_len"]).bit_length(),
             T=T, ACC64=b.dtype == torch.float64, ALIGNED=aligned, **C.LAUNCH)
     # the CPU backend checks the coefficients first, then the data: same order here
-    C.raise_if_flagged(flag, [("coefs", coefs)] + C.named_inputs("base", base, "vectors", vectors))
+    C.raise_if_flagged(flag | cflag, [("coefs", coefs)] + C.named_inputs("base", base, "vectors", vectors))
     return out
 
 

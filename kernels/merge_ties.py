@@ -47,9 +47,11 @@ from . import _common as C
 CHUNK = 16384          # entries per work item (an item lies inside one segment)
 SAMPLE_MAX = 131072    # sampled entries per problem (global scope)
 SAMPLE_MAX_TENSOR = 8192  # per problem with scope="tensor" (many problems)
+SAMPLE_BUDGET = 1 << 24   # most sampled values in all (T x segments x per-problem sample)
 Z = 4.0                # bracket half-width in standard deviations of the sampled rank
 NB = 256               # radix digit: 8 bits
 CANCEL_CAP_MIN = 1 << 16
+GRID_Y_MAX = 65535     # CUDA's limit on the second grid dimension (chunks loop beyond it)
 
 _last_stats: dict = {}
 PROFILE = os.environ.get("FASTMERGE_TIES_PROFILE", "0") == "1"  # per-phase times in last_stats (syncs)
@@ -164,6 +166,8 @@ def _ties_pass(tab, b_ptr, out_ptr, w_ptr, lam_ptr,
             x = tl.load(xptrs, mask=m, other=0.0)
             bad = bad | (m & C.nonfinite(x.to(ACC), ACC == tl.float64))
             tau = _tau(x, b, w_ptr, t, HAS_W, ACC)
+            # a weighted difference of finite inputs can still overflow: flagged like a bad input
+            bad = bad | (m & C.nonfinite(tau, ACC == tl.float64))
             a = tl.abs(tau)
             p = t * S + seg
             c = tl.load(c_ptr + p)
@@ -306,15 +310,24 @@ def _ties_fixup(tab, b_ptr, out_ptr, w_ptr, lam_ptr, c_ptr, thr_ptr, cnt_ptr, ca
     """Recompute the positions whose trim decision changed between the guess c and the exact
     threshold; each position is owned by its lowest task with a changed decision."""
     p = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1).to(tl.int64)
     t_own = p // S
     seg = p % S
     n = tl.minimum(tl.load(cnt_ptr + p * 4 + 3), tl.load(ccap_ptr + p))
     cb = tl.load(cbase_ptr + p)
-    j = chunk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    m = j < n
     c = tl.load(c_ptr + p)
     thr = tl.load(thr_ptr + p)
+    # chunks of BLOCK candidates, strided over the (bounded) second grid dimension
+    for j0 in range(tl.program_id(1).to(tl.int64) * BLOCK, n, tl.num_programs(1).to(tl.int64) * BLOCK):
+        _fixup_chunk(tab, b_ptr, out_ptr, w_ptr, lam_ptr, c_ptr, thr_ptr, cand_val, cand_pos, cb, n, j0, c, thr,
+                     t_own, seg, tally_ptr, cpos_ptr, cseg_ptr, ccnt_ptr, CCAP, S, T, MODE, HAS_W, ACC, BLOCK)
+
+
+@triton.jit
+def _fixup_chunk(tab, b_ptr, out_ptr, w_ptr, lam_ptr, c_ptr, thr_ptr, cand_val, cand_pos, cb, n, j0, c, thr,
+                 t_own, seg, tally_ptr, cpos_ptr, cseg_ptr, ccnt_ptr, CCAP, S, T: tl.constexpr, MODE: tl.constexpr,
+                 HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    j = j0 + tl.arange(0, BLOCK).to(tl.int64)
+    m = j < n
     v = tl.load(cand_val + cb + j, mask=m, other=0.0)
     m = m & ((v >= c) != (v >= thr))
     if tl.sum(m.to(tl.int32), axis=0) > 0:
@@ -402,7 +415,8 @@ def _hist_full(tab, b_ptr, w_ptr, item_seg, item_start, item_end, prefix_ptr, ac
                 hr = hr - tl.where(bins == 0, tl.sum((~ok).to(tl.int32), axis=0), 0)
                 h += tl.where(rows[:, None] == t, hr[None, :], 0)
     pr = rows * S + seg
-    tl.atomic_add(hist_ptr + pr[:, None] * 256 + bins[None, :], h, mask=(rows[:, None] < T) & (h != 0))
+    # int64 counters: one segment may hold more than 2^31 entries
+    tl.atomic_add(hist_ptr + pr[:, None] * 256 + bins[None, :], h.to(tl.int64), mask=(rows[:, None] < T) & (h != 0))
 
 
 @triton.jit
@@ -411,16 +425,15 @@ def _hist_cand(cand_val, n_ptr, cbase_ptr, ccap_ptr, base_key_ptr, prefix_ptr, a
     """Radix-select round over the candidate buffer (keys relative to the bracket's lo): each
     program histograms SPAN candidates of one problem in registers, then adds its 256 counts."""
     p = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1).to(tl.int64)
     if tl.load(active_ptr + p) != 0:
         n = tl.minimum(tl.load(n_ptr + p * 4 + 3), tl.load(ccap_ptr + p))
-        j0 = chunk * SPAN
-        if j0 < n:
-            cb = tl.load(cbase_ptr + p)
-            bk = tl.load(base_key_ptr + p)
-            pre = tl.load(prefix_ptr + p)
-            bins = tl.arange(0, 256)
-            h = tl.zeros([256], dtype=tl.int32)
+        cb = tl.load(cbase_ptr + p)
+        bk = tl.load(base_key_ptr + p)
+        pre = tl.load(prefix_ptr + p)
+        bins = tl.arange(0, 256)
+        h = tl.zeros([256], dtype=tl.int64)
+        # SPAN-sized spans of candidates, strided over the (bounded) second grid dimension
+        for j0 in range(tl.program_id(1).to(tl.int64) * SPAN, n, tl.num_programs(1).to(tl.int64) * SPAN):
             for jj in range(j0, tl.minimum(j0 + SPAN, n), BLOCK):
                 j = jj + tl.arange(0, BLOCK).to(tl.int64)
                 m = j < n
@@ -429,8 +442,8 @@ def _hist_cand(cand_val, n_ptr, cbase_ptr, ccap_ptr, base_key_ptr, prefix_ptr, a
                 ok = m & ((key >> SHIFT_HI) == pre)
                 dig = tl.where(ok, (key >> SHIFT) & 255, 0).to(tl.int32)
                 hr = tl.histogram(dig, 256)
-                h += hr - tl.where(bins == 0, tl.sum((~ok).to(tl.int32), axis=0), 0)
-            tl.atomic_add(hist_ptr + p * 256 + bins, h, mask=h != 0)
+                h += (hr - tl.where(bins == 0, tl.sum((~ok).to(tl.int32), axis=0), 0)).to(tl.int64)
+        tl.atomic_add(hist_ptr + p * 256 + bins, h, mask=h != 0)
 
 
 # ---------------------------------------------------------------- host side
@@ -448,9 +461,9 @@ def _radix_rounds(hist_launch, P, nbits, rank, device):
     for r in range(rounds - 1, -1, -1):
         shift = 8 * r
         shift_hi = min(shift + 8, 63)
-        hist = torch.zeros(P, NB, dtype=torch.int32, device=device)
+        hist = torch.zeros(P, NB, dtype=torch.int64, device=device)
         hist_launch(prefix, hist, shift, shift_hi)
-        cum = hist.to(torch.int64).cumsum(1)
+        cum = hist.cumsum(1)
         digit = (cum < rank[:, None]).sum(1).clamp(max=NB - 1)
         before = torch.where(digit > 0, cum.gather(1, (digit - 1).clamp(min=0)[:, None])[:, 0],
                              torch.zeros_like(digit))
@@ -488,8 +501,13 @@ def _sample(b, xs, w, starts, sizes, m_s, M, acc, device):
     return out.sort(dim=2).values
 
 
-def merge_ties(base, thetas, density: float, lam: float, mode: int, offsets, weights, strategy: int = 0):
-    """TIES-Merging of flat 1-D tensors on the Triton backend; see the module docstring."""
+def merge_ties(base, thetas, density: float, lam: float, mode: int, offsets, weights, strategy: int = 0,
+               overflow_msg: str | None = None):
+    """TIES-Merging of flat 1-D tensors on the Triton backend; see the module docstring.
+
+    ``overflow_msg``: the ValueError message when no input is NaN/Inf but a weighted task vector
+    overflowed to infinity.
+    """
     b = base if base.is_contiguous() else base.contiguous()
     xs = C.contiguous_tasks(thetas)
     device = b.device
@@ -601,7 +619,7 @@ def merge_ties(base, thetas, density: float, lam: float, mode: int, offsets, wei
         run_pass(c, lo, hi, cand, True)
         mark("pass")
         stats = cnt.cpu()
-        C.raise_if_flagged(flag, named)
+        C.raise_if_flagged(flag, named, overflow_msg)
         below, eqlo, eqhi, ncand = (stats[:, i] for i in range(4))
         cap_cpu = capp.cpu()
         r = k_p - below
@@ -629,7 +647,7 @@ def merge_ties(base, thetas, density: float, lam: float, mode: int, offsets, wei
                 nch = max(1, triton.cdiv(int(ncand[need].max()), SPAN))
 
                 def launch(prefix, hist, shift, shift_hi):
-                    _hist_cand[(P, nch)](cand_val, cnt, cbase, capp, base_key, prefix, active, hist, shift,
+                    _hist_cand[(P, min(nch, GRID_Y_MAX))](cand_val, cnt, cbase, capp, base_key, prefix, active, hist, shift,
                                          shift_hi, SPAN, KEYT=KEYT, BLOCK=BL, **C.LAUNCH)
 
                 keys = _radix_rounds(launch, P, nbits, rank, device) + base_key
@@ -640,7 +658,7 @@ def merge_ties(base, thetas, density: float, lam: float, mode: int, offsets, wei
             if changed:
                 BL = 1024
                 nch = max(1, triton.cdiv(int(ncand.max()), BL))
-                _ties_fixup[(P, nch)](tab, b, out, w_arg, lam_t, c, thr, cnt, cand_val, cand_pos, cbase, capp,
+                _ties_fixup[(P, min(nch, GRID_Y_MAX))](tab, b, out, w_arg, lam_t, c, thr, cnt, cand_val, cand_pos, cbase, capp,
                                       tally, cpos, cseg, ccnt, ccap, BLOCK=BL, **common, **C.LAUNCH)
             _last_stats["fixup"] = changed
             mark("fixup")
@@ -657,7 +675,7 @@ def merge_ties(base, thetas, density: float, lam: float, mode: int, offsets, wei
     thr = exact_thresholds()
     mark("exact_select")
     run_pass(thr, thr, thr, None, False)
-    C.raise_if_flagged(flag, named)
+    C.raise_if_flagged(flag, named, overflow_msg)
     mark("exact_pass")
     _last_stats.setdefault("path", "exact")
     finish(thr)
@@ -673,6 +691,8 @@ def _bracket(b, xs, w, k, sizes, starts, T, acc, device):
     """Guess, bracket and candidate capacity of every problem from a sorted sample (no sync)."""
     S = sizes.numel()
     m_max = SAMPLE_MAX if S == 1 else SAMPLE_MAX_TENSOR
+    # the padded sample is T x S x M values (and the sort's indices): keep it to SAMPLE_BUDGET
+    m_max = max(1, min(m_max, SAMPLE_BUDGET // max(1, T * S)))
     m_s = torch.minimum(sizes, torch.full_like(sizes, m_max))
     M = max(1, int(m_s.max()))
     samp = _sample(b, xs, w, starts, sizes, m_s, M, acc, device)  # [T, S, M] sorted

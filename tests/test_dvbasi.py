@@ -254,3 +254,26 @@ def test_atlas_theta0_can_use_its_own_objective_and_blocks(tmp_path):
                                   blocks="row", atlas_blocks="tensor", progress=False), log=lambda _m: None)
     assert res["init"]["method"] == "atlas" and res["init"]["objective"] == "supervised"
     assert len(res["runs"]["anisotropic"]) == 1
+
+
+def test_unsupervised_objective_can_adapt_on_the_unlabeled_test_images(suite):
+    from fastmerge.dvbasi import _batch_iters
+
+    obj = Objective("unsupervised", [0])
+    test_images = next(iter(suite.tasks[0].eval_batches("test", batch_size=1000)))[0]
+    train_images = next(iter(suite.tasks[0].eval_batches("train", batch_size=1000)))[0]
+
+    def drawn(split):
+        images, _ = next(_batch_iters(suite, obj, CoefConfig(batch_size=8, unlabeled_split=split), 1)[0])
+        return images
+
+    def rows_in(x, pool):
+        return all(bool((pool == r).flatten(1).all(1).any()) for r in x)
+
+    assert rows_in(drawn("test"), test_images) and rows_in(drawn("train"), train_images)
+    # the supervised objective always trains on the labeled train split
+    images, _ = next(_batch_iters(suite, Objective("supervised", [0]), CoefConfig(batch_size=8, unlabeled_split="test"),
+                                  1)[0])
+    assert rows_in(images, train_images)
+    with pytest.raises(ValueError, match="unlabeled_split"):
+        _batch_iters(suite, obj, CoefConfig(unlabeled_split="val"), 1)

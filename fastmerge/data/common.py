@@ -91,11 +91,11 @@ class TaskData:
             idx = sorted(torch.randperm(n, generator=torch.Generator().manual_seed(0))[:limit].tolist())
         return self.batches(split, [idx[i:i + batch_size] for i in range(0, len(idx), batch_size)])
 
-    def train_batches(self, batch_size: int, steps: int, generator: torch.Generator):
-        """``steps`` batches drawn by reshuffling the train split each epoch (from ``generator``)."""
-        n = self.size("train")
+    def train_batches(self, batch_size: int, steps: int, generator: torch.Generator, split: str = "train"):
+        """``steps`` batches drawn by reshuffling ``split`` (the train split by default) each epoch."""
+        n = self.size(split)
         if n == 0:
-            raise ValueError(f"task {self.name!r} has an empty train split")
+            raise ValueError(f"task {self.name!r} has an empty {split} split")
         order: list[int] = []
         out = []
         for _ in range(steps):
@@ -107,4 +107,4 @@ class TaskData:
                 batch += order[:take]
                 del order[:take]
             out.append(batch)
-        return self.batches("train", out)
+        return self.batches(split, out)

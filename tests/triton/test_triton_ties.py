@@ -74,6 +74,14 @@ def test_bracket_path(device, small_sample, merge, density, T):
         assert st["sample"] == 64
 
 
+def test_many_tasks_unpacked_counters(device, small_sample):
+    # T > 12 tasks do not fit the packed 5-bit per-task counters: the per-task reductions run instead
+    base, thetas = make_tasks(2001, 13, seed=13)
+    for merge in MODES:
+        check(device, base, thetas, density=0.2, merge=merge)
+    assert small_sample.last_stats()["path"] == "bracket"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("merge", MODES)
 def test_dtypes(device, small_sample, dtype, merge):
@@ -190,3 +198,21 @@ def test_deterministic(device, small_sample):
     one = fastmerge.merge_ties(b, th, density=0.2, backend="triton")
     two = fastmerge.merge_ties(b, th, density=0.2, backend="triton")
     assert torch.equal(bits(one.cpu()), bits(two.cpu()))
+
+
+def test_chunk_loops_beyond_the_grid(device, small_sample, monkeypatch):
+    # a second grid dimension of 1 makes the fix-up and the candidate histograms loop over chunks
+    monkeypatch.setattr(small_sample, "GRID_Y_MAX", 1)
+    base, thetas = make_tasks(5003, 3, seed=21)
+    for merge in MODES:
+        check(device, base, thetas, density=0.2, merge=merge)
+    assert small_sample.last_stats()["candidates"] > 1024  # more than one chunk per problem
+
+
+def test_overflowing_task_vector_is_reported(device):
+    base = torch.zeros(300)
+    x = torch.full((300,), 3e38)
+    with pytest.raises(ValueError, match="overflowed to infinity"):
+        fastmerge.merge_ties(base.to(device), [x.to(device), x.to(device)], weights=[10.0, 1.0], backend="triton")
+    with pytest.raises(ValueError, match="overflowed to infinity"):
+        fastmerge.merge_ties(base, [x, x], weights=[10.0, 1.0], backend="cpu")
