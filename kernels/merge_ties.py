@@ -95,6 +95,120 @@ def _sign_i(v):
     return (v > 0).to(tl.int64) - (v < 0).to(tl.int64)
 
 
+@triton.jit
+def _ld(ptrs, m, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptrs, mask=m, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _pass_step(i0, end, seg, tab, b_ptr, out_ptr, w_ptr, lam_a, majority, c_ptr, lo_ptr, hi_ptr, cnt_ptr, cand_val,
+               cand_pos, cbase_ptr, ccap_ptr, ccnt_ptr, cpos_ptr, cseg_ptr, CCAP, rows, bad, below_p, eqlo_p, eqhi_p,
+               below_acc, eqlo_acc, eqhi_acc, tally, S, T: tl.constexpr, MODE: tl.constexpr, HAS_W: tl.constexpr,
+               COLLECT: tl.constexpr, MAJ_ALL: tl.constexpr, ACC: tl.constexpr, PACKED: tl.constexpr,
+               ALIGNED: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    """One step of BLOCK entries of ``_ties_pass`` (MASKED only for the last, partial step)."""
+    offs = i0 + tl.arange(0, BLOCK).to(tl.int64)
+    # full blocks run unmasked (vector loads when ALIGNED); only an item's tail is masked
+    m = offs < end
+    bptrs = b_ptr + offs
+    if ALIGNED:
+        bptrs = tl.multiple_of(bptrs, 16)
+    braw = _ld(bptrs, m, MASKED)
+    bad = bad | (m & C.nonfinite(braw.to(ACC), ACC == tl.float64))
+    b = braw.to(ACC)
+    s = tl.zeros([BLOCK], dtype=ACC)
+    nz = tl.zeros([BLOCK], dtype=tl.int1)
+    # One sweep over the tasks: the task-order sum s, and the task-order sums (counts, maxima)
+    # of the positive and of the negative kept entries; the elected sign then picks one of
+    # them, which is exactly the reference's sum over the entries whose sign equals it.
+    acc_p = tl.zeros([BLOCK], dtype=ACC)
+    acc_n = tl.zeros([BLOCK], dtype=ACC)
+    cnt_p = tl.zeros([BLOCK], dtype=ACC)
+    cnt_n = tl.zeros([BLOCK], dtype=ACC)
+    for t in tl.static_range(T):
+        xptrs = _row_ptr(tab, t, b_ptr) + offs
+        if ALIGNED:
+            xptrs = tl.multiple_of(xptrs, 16)
+        x = _ld(xptrs, m, MASKED)
+        bad = bad | (m & C.nonfinite(x.to(ACC), ACC == tl.float64))
+        tau = _tau(x, b, w_ptr, t, HAS_W, ACC)
+        # a weighted difference of finite inputs can still overflow: flagged like a bad input
+        bad = bad | (m & C.nonfinite(tau, ACC == tl.float64))
+        a = tl.abs(tau)
+        p = t * S + seg
+        c = tl.load(c_ptr + p)
+        tr = tl.where(a >= c, tau, 0.0)
+        s = s + tr
+        nz = nz | (tr != 0.0)
+        if MODE == 2:
+            acc_p = tl.maximum(acc_p, tl.where(tr > 0.0, a, 0.0))
+            acc_n = tl.maximum(acc_n, tl.where(tr < 0.0, a, 0.0))
+        else:
+            acc_p = acc_p + tl.where(tr > 0.0, tr, 0.0)
+            acc_n = acc_n + tl.where(tr < 0.0, tr, 0.0)
+            cnt_p = cnt_p + tl.where(tr > 0.0, 1.0, 0.0)
+            cnt_n = cnt_n + tl.where(tr < 0.0, 1.0, 0.0)
+        if COLLECT:
+            lo = tl.load(lo_ptr + p)
+            hi = tl.load(hi_ptr + p)
+            if PACKED:
+                below_p += (m & (a < lo)).to(tl.int64) << (5 * t)
+                eqlo_p += (m & (a == lo)).to(tl.int64) << (5 * t)
+                eqhi_p += (m & (a == hi) & (a > lo)).to(tl.int64) << (5 * t)
+            else:
+                below_acc += tl.where(rows == t, tl.sum((m & (a < lo)).to(tl.int64), axis=0), 0)
+                eqlo_acc += tl.where(rows == t, tl.sum((m & (a == lo)).to(tl.int64), axis=0), 0)
+                eqhi_acc += tl.where(rows == t, tl.sum((m & (a == hi) & (a > lo)).to(tl.int64), axis=0), 0)
+            cand = m & (a > lo) & (a < hi)
+            nc = tl.sum(cand.to(tl.int32), axis=0)
+            if nc > 0:
+                slot0 = tl.atomic_add(cnt_ptr + p * 4 + 3, nc.to(tl.int64))
+                idx = slot0 + (tl.cumsum(cand.to(tl.int32), axis=0) - 1).to(tl.int64)
+                ok = cand & (idx < tl.load(ccap_ptr + p))
+                cb = tl.load(cbase_ptr + p)
+                tl.store(cand_val + cb + idx, a, mask=ok)
+                tl.store(cand_pos + cb + idx, offs, mask=ok)
+    g = tl.where(s > 0, 1.0, tl.where(s < 0, -1.0, 0.0)).to(ACC)
+    cancel = m & (g == 0.0) & (nz | _majority_zero(b, MODE, ACC))
+    if MAJ_ALL:
+        g = tl.where(cancel, majority, g).to(ACC)
+    else:
+        tally += tl.where(m, _sign_i(s), 0)
+    pos_side = g > 0.0
+    if MODE == 2:
+        mx = tl.where(pos_side, acc_p, tl.where(g < 0.0, acc_n, 0.0))
+        merged = mx * g
+    else:
+        sel_sum = tl.where(pos_side, acc_p, tl.where(g < 0.0, acc_n, 0.0))
+        if MODE == 1:
+            merged = sel_sum
+        else:
+            sel_cnt = tl.where(pos_side, cnt_p, tl.where(g < 0.0, cnt_n, 0.0))
+            merged = _div(sel_sum, tl.maximum(sel_cnt, 1.0), ACC)
+    res = C.to_out(b + lam_a * merged, out_ptr)
+    optrs = out_ptr + offs
+    if ALIGNED:
+        optrs = tl.multiple_of(optrs, 16)
+    if MAJ_ALL:
+        tl.store(optrs, res, mask=cancel)
+    else:
+        if MASKED:
+            tl.store(optrs, res, mask=m)
+        else:
+            tl.store(optrs, res)
+        ncan = tl.sum(cancel.to(tl.int32), axis=0)
+        if ncan > 0:
+            slot0 = tl.atomic_add(ccnt_ptr, ncan.to(tl.int64))
+            idx = slot0 + (tl.cumsum(cancel.to(tl.int32), axis=0) - 1).to(tl.int64)
+            ok = cancel & (idx < CCAP)
+            tl.store(cpos_ptr + idx, offs, mask=ok)
+            tl.store(cseg_ptr + idx, tl.zeros([BLOCK], dtype=tl.int64) + seg, mask=ok)
+    return bad, below_p, eqlo_p, eqhi_p, below_acc, eqlo_acc, eqhi_acc, tally
+
+
 @C.autotune(
     # BLOCK >= 1024 keeps an item (CHUNK entries) within 16 steps, as the packed counters need
     configs=[
@@ -141,99 +255,13 @@ def _ties_pass(tab, b_ptr, out_ptr, w_ptr, lam_ptr,
         tv = tl.load(tally_ptr)
         majority = tl.where(tv > 0, 1.0, tl.where(tv < 0, -1.0, 0.0))
     lam_a = tl.load(lam_ptr)
-    for i0 in range(start, end, BLOCK):
-        offs = i0 + tl.arange(0, BLOCK).to(tl.int64)
-        m = offs < end
-        bptrs = b_ptr + offs
-        if ALIGNED:
-            bptrs = tl.multiple_of(bptrs, 16)
-        braw = tl.load(bptrs, mask=m, other=0.0)
-        bad = bad | (m & C.nonfinite(braw.to(ACC), ACC == tl.float64))
-        b = braw.to(ACC)
-        s = tl.zeros([BLOCK], dtype=ACC)
-        nz = tl.zeros([BLOCK], dtype=tl.int1)
-        # One sweep over the tasks: the task-order sum s, and the task-order sums (counts, maxima)
-        # of the positive and of the negative kept entries; the elected sign then picks one of
-        # them, which is exactly the reference's sum over the entries whose sign equals it.
-        acc_p = tl.zeros([BLOCK], dtype=ACC)
-        acc_n = tl.zeros([BLOCK], dtype=ACC)
-        cnt_p = tl.zeros([BLOCK], dtype=ACC)
-        cnt_n = tl.zeros([BLOCK], dtype=ACC)
-        for t in tl.static_range(T):
-            xptrs = _row_ptr(tab, t, b_ptr) + offs
-            if ALIGNED:
-                xptrs = tl.multiple_of(xptrs, 16)
-            x = tl.load(xptrs, mask=m, other=0.0)
-            bad = bad | (m & C.nonfinite(x.to(ACC), ACC == tl.float64))
-            tau = _tau(x, b, w_ptr, t, HAS_W, ACC)
-            # a weighted difference of finite inputs can still overflow: flagged like a bad input
-            bad = bad | (m & C.nonfinite(tau, ACC == tl.float64))
-            a = tl.abs(tau)
-            p = t * S + seg
-            c = tl.load(c_ptr + p)
-            tr = tl.where(a >= c, tau, 0.0)
-            s = s + tr
-            nz = nz | (tr != 0.0)
-            if MODE == 2:
-                acc_p = tl.maximum(acc_p, tl.where(tr > 0.0, a, 0.0))
-                acc_n = tl.maximum(acc_n, tl.where(tr < 0.0, a, 0.0))
-            else:
-                acc_p = acc_p + tl.where(tr > 0.0, tr, 0.0)
-                acc_n = acc_n + tl.where(tr < 0.0, tr, 0.0)
-                cnt_p = cnt_p + tl.where(tr > 0.0, 1.0, 0.0)
-                cnt_n = cnt_n + tl.where(tr < 0.0, 1.0, 0.0)
-            if COLLECT:
-                lo = tl.load(lo_ptr + p)
-                hi = tl.load(hi_ptr + p)
-                if PACKED:
-                    below_p += (m & (a < lo)).to(tl.int64) << (5 * t)
-                    eqlo_p += (m & (a == lo)).to(tl.int64) << (5 * t)
-                    eqhi_p += (m & (a == hi) & (a > lo)).to(tl.int64) << (5 * t)
-                else:
-                    below_acc += tl.where(rows == t, tl.sum((m & (a < lo)).to(tl.int64), axis=0), 0)
-                    eqlo_acc += tl.where(rows == t, tl.sum((m & (a == lo)).to(tl.int64), axis=0), 0)
-                    eqhi_acc += tl.where(rows == t, tl.sum((m & (a == hi) & (a > lo)).to(tl.int64), axis=0), 0)
-                cand = m & (a > lo) & (a < hi)
-                nc = tl.sum(cand.to(tl.int32), axis=0)
-                if nc > 0:
-                    slot0 = tl.atomic_add(cnt_ptr + p * 4 + 3, nc.to(tl.int64))
-                    idx = slot0 + (tl.cumsum(cand.to(tl.int32), axis=0) - 1).to(tl.int64)
-                    ok = cand & (idx < tl.load(ccap_ptr + p))
-                    cb = tl.load(cbase_ptr + p)
-                    tl.store(cand_val + cb + idx, a, mask=ok)
-                    tl.store(cand_pos + cb + idx, offs, mask=ok)
-        g = tl.where(s > 0, 1.0, tl.where(s < 0, -1.0, 0.0)).to(ACC)
-        cancel = m & (g == 0.0) & (nz | _majority_zero(b, MODE, ACC))
-        if MAJ_ALL:
-            g = tl.where(cancel, majority, g).to(ACC)
-        else:
-            tally += tl.where(m, _sign_i(s), 0)
-        pos_side = g > 0.0
-        if MODE == 2:
-            mx = tl.where(pos_side, acc_p, tl.where(g < 0.0, acc_n, 0.0))
-            merged = mx * g
-        else:
-            sel_sum = tl.where(pos_side, acc_p, tl.where(g < 0.0, acc_n, 0.0))
-            if MODE == 1:
-                merged = sel_sum
-            else:
-                sel_cnt = tl.where(pos_side, cnt_p, tl.where(g < 0.0, cnt_n, 0.0))
-                merged = _div(sel_sum, tl.maximum(sel_cnt, 1.0), ACC)
-        res = C.to_out(b + lam_a * merged, out_ptr)
-        optrs = out_ptr + offs
-        if ALIGNED:
-            optrs = tl.multiple_of(optrs, 16)
-        if MAJ_ALL:
-            tl.store(optrs, res, mask=cancel)
-        else:
-            tl.store(optrs, res, mask=m)
-            ncan = tl.sum(cancel.to(tl.int32), axis=0)
-            if ncan > 0:
-                slot0 = tl.atomic_add(ccnt_ptr, ncan.to(tl.int64))
-                idx = slot0 + (tl.cumsum(cancel.to(tl.int32), axis=0) - 1).to(tl.int64)
-                ok = cancel & (idx < CCAP)
-                tl.store(cpos_ptr + idx, offs, mask=ok)
-                tl.store(cseg_ptr + idx, tl.zeros([BLOCK], dtype=tl.int64) + seg, mask=ok)
+    full_end = start + ((end - start) // BLOCK) * BLOCK
+    for i0 in range(start, full_end, BLOCK):
+        bad, below_p, eqlo_p, eqhi_p, below_acc, eqlo_acc, eqhi_acc, tally = _pass_step(
+            i0, end, seg, tab, b_ptr, out_ptr, w_ptr, lam_a, majority, c_ptr, lo_ptr, hi_ptr, cnt_ptr, cand_val, cand_pos, cbase_ptr, ccap_ptr, ccnt_ptr, cpos_ptr, cseg_ptr, CCAP, rows, bad, below_p, eqlo_p, eqhi_p, below_acc, eqlo_acc, eqhi_acc, tally, S, T, MODE, HAS_W, COLLECT, MAJ_ALL, ACC, PACKED, ALIGNED, False, BLOCK)
+    if full_end < end:
+        bad, below_p, eqlo_p, eqhi_p, below_acc, eqlo_acc, eqhi_acc, tally = _pass_step(
+            full_end, end, seg, tab, b_ptr, out_ptr, w_ptr, lam_a, majority, c_ptr, lo_ptr, hi_ptr, cnt_ptr, cand_val, cand_pos, cbase_ptr, ccap_ptr, ccnt_ptr, cpos_ptr, cseg_ptr, CCAP, rows, bad, below_p, eqlo_p, eqhi_p, below_acc, eqlo_acc, eqhi_acc, tally, S, T, MODE, HAS_W, COLLECT, MAJ_ALL, ACC, PACKED, ALIGNED, True, BLOCK)
     if not MAJ_ALL:
         tl.atomic_add(tally_ptr, tl.sum(tally, axis=0))
     nbad = tl.sum(bad.to(tl.int32), axis=0)
