@@ -134,8 +134,9 @@ def run_gpu(args) -> int:
                     fn = spec.bind(x, be)
                     is_ref = be == "reference"
                     try:
-                        times, _ = time_gpu(fn, warmup=1 if is_ref else 3, max_reps=3 if is_ref else 50,
-                                            budget_s=0.5 if is_ref else 2.0)
+                        warm = args.warmup if args.warmup is not None and args.warmup > 1 else (1 if is_ref else 3)
+                        reps = (args.ref_reps if is_ref else args.reps) or (3 if is_ref else 50)
+                        times, _ = time_gpu(fn, warmup=warm, max_reps=reps, budget_s=0.5 if is_ref else 2.0)
                         mem = None if args.no_memory else peak_extra(fn)
                     except torch.OutOfMemoryError:
                         torch.cuda.empty_cache()
