@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from typing import Any, Optional
 
 import torch
 
@@ -67,7 +66,7 @@ def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 20) -> dict:
     return {"bytes": 2 * n * 4, "median_s": med, "gbps": 2 * n * 4 / med / 1e9}
 
 
-def time_gpu(fn, warmup: int, max_reps: int, budget_s: float) -> tuple[list[float], Any]:
+def time_gpu(fn, warmup: int, max_reps: int, budget_s: float) -> list[float]:
     out = None
     for _ in range(warmup):
         out = fn()
@@ -83,7 +82,7 @@ def time_gpu(fn, warmup: int, max_reps: int, budget_s: float) -> tuple[list[floa
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3)
         del out
-    return times, None
+    return times
 
 
 def peak_extra(fn) -> int:
@@ -136,7 +135,7 @@ def run_gpu(args) -> int:
                     try:
                         warm = args.warmup if args.warmup is not None and args.warmup > 1 else (1 if is_ref else 3)
                         reps = (args.ref_reps if is_ref else args.reps) or (3 if is_ref else 50)
-                        times, _ = time_gpu(fn, warmup=warm, max_reps=reps, budget_s=0.5 if is_ref else 2.0)
+                        times = time_gpu(fn, warmup=warm, max_reps=reps, budget_s=0.5 if is_ref else 2.0)
                         mem = None if args.no_memory else peak_extra(fn)
                     except torch.OutOfMemoryError:
                         torch.cuda.empty_cache()

@@ -161,10 +161,6 @@ def _cuda_op(name: str, named, *args, overflow_msg: Optional[str] = None):
     return result
 
 
-def _named(first_name, first, list_name, xs):
-    return ([] if first is None else [(first_name, first)]) + [(f"{list_name}[{t}]", x) for t, x in enumerate(xs)]
-
-
 def _ties_strategy() -> int:
     s = os.environ.get("FASTMERGE_TIES_STRATEGY", "auto").strip().lower()
     return {"auto": 0, "one-pass": 1, "two-pass": 2}.get(s, 0)
@@ -179,7 +175,7 @@ def uniform_average_op(thetas: list[Tensor], weights: list[float], backend: str)
     if backend == "triton":
         return triton_kernels().uniform_average(list(thetas), list(weights))
     if backend == "cuda":
-        return _cuda_op("uniform_average", _named(None, None, "thetas", thetas), list(thetas), list(weights))
+        return _cuda_op("uniform_average", V.named_inputs(None, None, "thetas", thetas), list(thetas), list(weights))
     return _C.uniform_average(list(thetas), list(weights))
 
 
@@ -197,7 +193,7 @@ def task_arithmetic_op(base: Tensor, thetas: list[Tensor], lam: list[float], bac
     if backend == "triton":
         return triton_kernels().task_arithmetic(base, list(thetas), list(lam))
     if backend == "cuda":
-        return _cuda_op("task_arithmetic", _named("base", base, "thetas", thetas), base, list(thetas), list(lam))
+        return _cuda_op("task_arithmetic", V.named_inputs("base", base, "thetas", thetas), base, list(thetas), list(lam))
     return _C.task_arithmetic(base, list(thetas), list(lam))
 
 
@@ -220,7 +216,7 @@ def merge_ties_op(base: Tensor, thetas: list[Tensor], density: float, lam: float
         return triton_kernels().merge_ties(base, list(thetas), float(density), float(lam), _MERGE_CODES[merge],
                                            offsets, w, _ties_strategy(), overflow_msg=TIES_OVERFLOW)
     if backend == "cuda":
-        return _cuda_op("merge_ties", _named("base", base, "thetas", thetas), base, list(thetas), float(density),
+        return _cuda_op("merge_ties", V.named_inputs("base", base, "thetas", thetas), base, list(thetas), float(density),
                         float(lam), _MERGE_CODES[merge], offsets, w, _ties_strategy(), overflow_msg=TIES_OVERFLOW)
     return _C.merge_ties(base, list(thetas), float(density), float(lam), _MERGE_CODES[merge], offsets,
                          w, _ties_strategy())
@@ -240,7 +236,7 @@ def task_vector_cosine_op(base: Tensor, thetas: list[Tensor], gram: bool, backen
     if backend == "triton":
         G = triton_kernels().gram(base, list(thetas))
     elif backend == "cuda":
-        G = _cuda_op("gram", _named("base", base, "thetas", thetas), base, list(thetas))
+        G = _cuda_op("gram", V.named_inputs("base", base, "thetas", thetas), base, list(thetas))
     else:
         G = _C.gram(base, list(thetas))
     return G if gram else R.gram_to_cosine(G)
@@ -262,7 +258,7 @@ def block_scale_op(base: Tensor, vectors: list[Tensor], coefs: Tensor, offsets: 
     if backend == "triton":
         return triton_kernels().block_scale(base, list(vectors), coefs, offsets)
     if backend == "cuda":
-        return _cuda_op("block_scale", [("coefs", coefs)] + _named("base", base, "vectors", vectors), base,
+        return _cuda_op("block_scale", [("coefs", coefs)] + V.named_inputs("base", base, "vectors", vectors), base,
                         list(vectors), coefs, offsets)
     return _C.block_scale(base, list(vectors), coefs, offsets)
 
@@ -281,7 +277,7 @@ def block_scale_backward_op(grad: Tensor, vectors: list[Tensor], coefs: Tensor, 
     if backend == "triton":
         return triton_kernels().block_scale_backward(grad, list(vectors), coefs, offsets)
     if backend == "cuda":
-        return _cuda_op("block_scale_backward", _named("grad", grad, "vectors", vectors), grad, list(vectors), coefs,
+        return _cuda_op("block_scale_backward", V.named_inputs("grad", grad, "vectors", vectors), grad, list(vectors), coefs,
                         offsets)
     return _C.block_scale_backward(grad, list(vectors), coefs, offsets)
 

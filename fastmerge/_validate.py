@@ -180,6 +180,13 @@ def nonfinite_message(name: str, index: int, value: float) -> str:
     return f"{name} contains a non-finite value ({value}) at index {index}"
 
 
+def named_inputs(first_name, first, list_name: str, tensors) -> list[tuple[str, torch.Tensor]]:
+    """``[(first_name, first), (f"{list_name}[0]", tensors[0]), ...]`` (``first`` may be None): the
+    inputs of an op in the order their NaN/Inf is reported."""
+    out = [] if first is None else [(first_name, first)]
+    return out + [(f"{list_name}[{t}]", x) for t, x in enumerate(tensors)]
+
+
 def find_nonfinite(named: Sequence[tuple[str, torch.Tensor]]):
     """First (name, index, value) of a NaN/Inf in the given tensors, in order; None if all finite."""
     for name, x in named:

@@ -20,25 +20,22 @@ Conventions every Triton kernel of fastmerge follows:
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
-import triton.language as tl
 
+from fastmerge import _ops
 from fastmerge import _validate as V
 
 #: True when the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set before import).
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+INTERPRET = _ops.triton_interpret()
+
+named_inputs = V.named_inputs
 
 #: Launch options every kernel call passes (see the module docstring).
 LAUNCH = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
-
-
-def triton_dtype_ok(x: torch.Tensor) -> bool:
-    return x.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def contiguous_tasks(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -77,12 +74,6 @@ def raise_if_flagged(flag: torch.Tensor, named: Sequence[tuple[str, torch.Tensor
             raise ValueError(overflow_msg)
         raise RuntimeError("fastmerge: a Triton kernel flagged a non-finite input that a rescan did not find")
     raise ValueError(V.nonfinite_message(*hit))
-
-
-def named_inputs(first_name: str | None, first: torch.Tensor | None, list_name: str,
-                 tensors: Sequence[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
-    out = [] if first is None else [(first_name, first)]
-    return out + [(f"{list_name}[{t}]", x) for t, x in enumerate(tensors)]
 
 
 # ---------------------------------------------------------------- block work items

@@ -22,7 +22,6 @@ import triton
 import triton.language as tl
 
 from . import _common as C
-from fastmerge import _validate as V
 
 #: Entries per work item (its span lies inside one block). Part of the backward's summation order.
 ITEM_CHUNK = 16384
@@ -33,13 +32,7 @@ BWD_R = 32
 _BWD_WARPS = 4
 
 # The first configuration is the one the interpreter runs (small tiles keep it quick).
-_FWD_CONFIGS = [
-    triton.Config({"BLOCK": 256}, num_warps=4),
-    triton.Config({"BLOCK": 1024}, num_warps=4),
-    triton.Config({"BLOCK": 2048}, num_warps=4),
-    triton.Config({"BLOCK": 2048}, num_warps=8),
-    triton.Config({"BLOCK": 4096}, num_warps=8),
-]
+_FWD_CONFIGS = C.STREAM_CONFIGS
 
 
 @triton.jit

@@ -65,11 +65,6 @@ def last_stats() -> dict:
 # ---------------------------------------------------------------- kernels
 
 @triton.jit
-def _row_ptr(tab, t, like):
-    return tl.load(tab + t).to(tl.pointer_type(like.dtype.element_ty))
-
-
-@triton.jit
 def _tau(x, b, w_ptr, t, HAS_W: tl.constexpr, ACC: tl.constexpr):
     tau = x.to(ACC) - b
     if HAS_W:
@@ -116,9 +111,7 @@ def _pass_step(i0, end, seg, tab, b_ptr, out_ptr, w_ptr, lam_a, majority, c_ptr,
     bptrs = b_ptr + offs
     if ALIGNED:
         bptrs = tl.multiple_of(bptrs, 16)
-    braw = _ld(bptrs, m, MASKED)
-    bad = bad | (m & C.nonfinite(braw.to(ACC), ACC == tl.float64))
-    b = braw.to(ACC)
+    b = _ld(bptrs, m, MASKED).to(ACC)
     s = tl.zeros([BLOCK], dtype=ACC)
     nz = tl.zeros([BLOCK], dtype=tl.int1)
     # One sweep over the tasks: the task-order sum s, and the task-order sums (counts, maxima)
@@ -129,13 +122,13 @@ def _pass_step(i0, end, seg, tab, b_ptr, out_ptr, w_ptr, lam_a, majority, c_ptr,
     cnt_p = tl.zeros([BLOCK], dtype=ACC)
     cnt_n = tl.zeros([BLOCK], dtype=ACC)
     for t in tl.static_range(T):
-        xptrs = _row_ptr(tab, t, b_ptr) + offs
+        xptrs = C.task_ptr(tab, t, b_ptr) + offs
         if ALIGNED:
             xptrs = tl.multiple_of(xptrs, 16)
         x = _ld(xptrs, m, MASKED)
-        bad = bad | (m & C.nonfinite(x.to(ACC), ACC == tl.float64))
         tau = _tau(x, b, w_ptr, t, HAS_W, ACC)
-        # a weighted difference of finite inputs can still overflow: flagged like a bad input
+        # a NaN/Inf in x or b makes tau non-finite, and so does a weighted difference of finite
+        # inputs that overflowed: one test per task covers all three
         bad = bad | (m & C.nonfinite(tau, ACC == tl.float64))
         a = tl.abs(tau)
         p = t * S + seg
@@ -296,7 +289,7 @@ def _entry(tab, b_ptr, w_ptr, pos, seg, m, thr_ptr, S, T: tl.constexpr, HAS_W: t
     s = tl.zeros(pos.shape, dtype=ACC)
     nz = tl.zeros(pos.shape, dtype=tl.int1)
     for t in tl.static_range(T):
-        x = tl.load(_row_ptr(tab, t, b_ptr) + pos, mask=m, other=0.0)
+        x = tl.load(C.task_ptr(tab, t, b_ptr) + pos, mask=m, other=0.0)
         tau = _tau(x, b, w_ptr, t, HAS_W, ACC)
         thr = tl.load(thr_ptr + t * S + seg, mask=m, other=0.0)
         tr = tl.where(tl.abs(tau) >= thr, tau, 0.0)
@@ -311,7 +304,7 @@ def _merge_at(tab, b_ptr, w_ptr, pos, seg, m, thr_ptr, g, b, lam_a, S, T: tl.con
     acc = tl.zeros(pos.shape, dtype=ACC)
     cnt = tl.zeros(pos.shape, dtype=ACC)
     for t in tl.static_range(T):
-        x = tl.load(_row_ptr(tab, t, b_ptr) + pos, mask=m, other=0.0)
+        x = tl.load(C.task_ptr(tab, t, b_ptr) + pos, mask=m, other=0.0)
         tau = _tau(x, b, w_ptr, t, HAS_W, ACC)
         thr = tl.load(thr_ptr + t * S + seg, mask=m, other=0.0)
         tr = tl.where(tl.abs(tau) >= thr, tau, 0.0)
@@ -365,7 +358,7 @@ def _fixup_chunk(tab, b_ptr, out_ptr, w_ptr, lam_ptr, c_ptr, thr_ptr, cand_val, 
         b = tl.load(b_ptr + pos, mask=m, other=0.0).to(ACC)
         owner = m
         for t in tl.static_range(T):
-            x = tl.load(_row_ptr(tab, t, b_ptr) + pos, mask=m, other=0.0)
+            x = tl.load(C.task_ptr(tab, t, b_ptr) + pos, mask=m, other=0.0)
             a = tl.abs(_tau(x, b, w_ptr, t, HAS_W, ACC))
             ct = tl.load(c_ptr + t * S + seg)
             tt = tl.load(thr_ptr + t * S + seg)
@@ -435,7 +428,7 @@ def _hist_full(tab, b_ptr, w_ptr, item_seg, item_start, item_end, prefix_ptr, ac
         for t in tl.static_range(T):
             p = t * S + seg
             if tl.load(active_ptr + p) != 0:
-                x = tl.load(_row_ptr(tab, t, b_ptr) + offs, mask=m, other=0.0)
+                x = tl.load(C.task_ptr(tab, t, b_ptr) + offs, mask=m, other=0.0)
                 key = _key(tl.abs(_tau(x, b, w_ptr, t, HAS_W, ACC)), KEYT)
                 ok = m & ((key >> SHIFT_HI) == tl.load(prefix_ptr + p))
                 dig = tl.where(ok, (key >> SHIFT) & 255, 0).to(tl.int32)
@@ -541,7 +534,7 @@ def merge_ties(base, thetas, density: float, lam: float, mode: int, offsets, wei
     device = b.device
     T = len(xs)
     d = b.numel()
-    acc = torch.float64 if b.dtype == torch.float64 else torch.float32
+    acc = C.acc_dtype(b.dtype)
     ACC = _tl_dtype(acc)
     KEYT = tl.int64 if acc == torch.float64 else tl.int32
     nbits_full = 63 if acc == torch.float64 else 31
@@ -557,9 +550,9 @@ def merge_ties(base, thetas, density: float, lam: float, mode: int, offsets, wei
         return out
     items = C.block_items(off, CHUNK, device)
     tab = C.pointer_table(xs, device)
-    w = None if weights is None else torch.tensor([float(v) for v in weights], dtype=acc, device=device)
+    w = None if weights is None else C.small_tensor([float(v) for v in weights], acc, device)
     w_arg = w if w is not None else b  # never read when HAS_W is False
-    lam_t = torch.tensor([float(lam)], dtype=acc, device=device)
+    lam_t = C.small_tensor([float(lam)], acc, device)
     TP = C.next_pow2(T)
     flag = C.new_flag(device)
     tally = torch.zeros(1, dtype=torch.int64, device=device)
