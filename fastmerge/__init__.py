@@ -237,8 +237,15 @@ def block_scale(base: Tensor, vectors: Thetas, coefs: Tensor, blocks=None, *,
 
 
 def ties_stats() -> dict:
-    """Diagnostics of the last CPU merge_ties call on this thread: strategy, passes, bracket
-    misses (each one took the exact fallback), deferred and cancelled positions, timings."""
+    """Diagnostics of the last CPU merge_ties call on this thread.
+
+    Returns:
+        dict with the strategy, the full passes over the inputs (``passes``; of them
+        ``narrow_passes`` were histogram passes that narrowed brackets too wide for the fixed
+        candidate budget), bracket misses (a missed or overflowing bracket is narrowed to its exact
+        threshold and the merge pass is run again), the candidates collected, the deferred and
+        cancelled positions, and per-phase timings in seconds.
+    """
     if _C is None:
         raise RuntimeError("the compiled extension is not available")
     return dict(_C.ties_last_stats())

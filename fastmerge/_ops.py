@@ -161,9 +161,35 @@ def _cuda_op(name: str, named, *args, overflow_msg: Optional[str] = None):
     return result
 
 
+_TIES_TEST_FLAGS = {"late": 4, "miss-low": 8, "miss-high": 16}
+
+
 def _ties_strategy() -> int:
+    """``FASTMERGE_TIES_STRATEGY`` (auto, one-pass, two-pass), plus the CPU kernel's test hooks from
+    ``FASTMERGE_TIES_TEST`` (comma-separated: late, miss-low, miss-high; they change the path taken,
+    never the result)."""
     s = os.environ.get("FASTMERGE_TIES_STRATEGY", "auto").strip().lower()
-    return {"auto": 0, "one-pass": 1, "two-pass": 2}.get(s, 0)
+    code = {"auto": 0, "one-pass": 1, "two-pass": 2}.get(s, 0)
+    for f in filter(None, (x.strip() for x in os.environ.get("FASTMERGE_TIES_TEST", "").split(","))):
+        if f not in _TIES_TEST_FLAGS:
+            raise ValueError(f"FASTMERGE_TIES_TEST: unknown flag {f!r} (use {', '.join(_TIES_TEST_FLAGS)})")
+        code |= _TIES_TEST_FLAGS[f]
+    return code
+
+
+def _ties_scratch() -> tuple[int, int]:
+    """CPU TIES scratch budgets per thread, from ``FASTMERGE_TIES_SCRATCH=CANDIDATES,BINS``
+    (0 or unset: the built-in 2^20 each). Small budgets force the histogram narrowing passes."""
+    raw = os.environ.get("FASTMERGE_TIES_SCRATCH", "").strip()
+    if not raw:
+        return 0, 0
+    try:
+        cand, bins = (int(x) for x in raw.split(","))
+    except ValueError:
+        raise ValueError(f"FASTMERGE_TIES_SCRATCH must be 'CANDIDATES,BINS' (two integers), got {raw!r}") from None
+    if cand < 0 or bins < 0:
+        raise ValueError(f"FASTMERGE_TIES_SCRATCH budgets must be >= 0, got {raw!r}")
+    return cand, bins
 
 
 # ---------------------------------------------------------------- uniform_average
@@ -214,12 +240,13 @@ def merge_ties_op(base: Tensor, thetas: list[Tensor], density: float, lam: float
     w = None if weights is None else list(weights)
     if backend == "triton":
         return triton_kernels().merge_ties(base, list(thetas), float(density), float(lam), _MERGE_CODES[merge],
-                                           offsets, w, _ties_strategy(), overflow_msg=TIES_OVERFLOW)
+                                           offsets, w, _ties_strategy() & 3, overflow_msg=TIES_OVERFLOW)
     if backend == "cuda":
         return _cuda_op("merge_ties", V.named_inputs("base", base, "thetas", thetas), base, list(thetas), float(density),
-                        float(lam), _MERGE_CODES[merge], offsets, w, _ties_strategy(), overflow_msg=TIES_OVERFLOW)
+                        float(lam), _MERGE_CODES[merge], offsets, w, _ties_strategy() & 3, overflow_msg=TIES_OVERFLOW)
+    cand, bins = _ties_scratch()
     return _C.merge_ties(base, list(thetas), float(density), float(lam), _MERGE_CODES[merge], offsets,
-                         w, _ties_strategy())
+                         w, _ties_strategy(), cand, bins)
 
 
 @merge_ties_op.register_fake

@@ -166,3 +166,61 @@ def test_negative_zero_base_where_nothing_is_kept(merge, lam):
     y = torch.zeros(70001)
     y[:40000] = -torch.rand(40000, generator=torch.Generator().manual_seed(0)) - 0.1
     check(big, [y, 0.5 * y], density=0.3, merge=merge, lam=lam)
+
+
+# The bounded-scratch threshold search: histogram passes narrow wide brackets before the merge
+# pass (so the collected candidates fit a fixed budget), and a bracket that missed or whose
+# candidates overflowed is narrowed to its exact threshold. The test hooks force each path on a
+# small problem; the result must not change, bit for bit.
+NARROW_CASES = [
+    ({}, lambda s: s["narrow_passes"] == 0),                                       # small: fits the budget
+    ({"FASTMERGE_TIES_SCRATCH": "1,1"}, lambda s: s["narrow_passes"] >= 1),         # 256 candidates, 64 bins
+    ({"FASTMERGE_TIES_SCRATCH": "4000,300"}, lambda s: s["narrow_passes"] >= 1),
+    ({"FASTMERGE_TIES_SCRATCH": "1,1", "FASTMERGE_TIES_TEST": "late"},             # candidates overflow
+     lambda s: s["bracket_misses"] >= 1),
+    ({"FASTMERGE_TIES_TEST": "late,miss-low"}, lambda s: s["bracket_misses"] >= 1),
+    ({"FASTMERGE_TIES_TEST": "late,miss-high"}, lambda s: s["bracket_misses"] >= 1),
+    ({"FASTMERGE_TIES_TEST": "miss-low"}, lambda s: s["bracket_misses"] >= 1),      # missed inside narrowing
+    ({"FASTMERGE_TIES_TEST": "miss-high", "FASTMERGE_TIES_SCRATCH": "1,1"}, lambda s: s["bracket_misses"] >= 1),
+    ({"FASTMERGE_TIES_STRATEGY": "two-pass"}, lambda s: s["strategy"] == "two-pass" and s["deferred"] == 0),
+    ({"FASTMERGE_TIES_STRATEGY": "two-pass", "FASTMERGE_TIES_TEST": "miss-high"}, lambda s: s["bracket_misses"] >= 1),
+]
+
+
+@pytest.mark.parametrize("env,path", NARROW_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_bounded_scratch_paths_stay_exact(monkeypatch, env, path, dtype):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    d = 131_101  # above the exact-selection size: the threshold is bracketed
+    base, thetas = make_tasks(d, 3, seed=11, dtype=dtype)
+    thetas[1][::5] = base[::5]          # exact zeros in a task vector
+    thetas[2][1::9] = base[1::9] + 0.25  # many ties at one magnitude
+    for merge in MODES:
+        check(base, thetas, density=0.3, merge=merge)
+        stats = fastmerge.ties_stats()
+        assert stats["bracket_problems"] == 3
+        assert path(stats), stats
+    off = torch.tensor([0, 70_001, 70_002, d])
+    check(base, thetas, density=0.5, merge="mean", scope="tensor", layout=off)
+
+
+def test_narrowed_candidates_stay_within_the_budget(monkeypatch):
+    monkeypatch.setenv("FASTMERGE_TIES_SCRATCH", "2048,4096")
+    base, thetas = make_tasks(400_009, 4, seed=12)
+    check(base, thetas, density=0.2)
+    stats = fastmerge.ties_stats()
+    assert stats["narrow_passes"] >= 1
+    # per thread at most max(256, 2048 / 4) candidates per problem
+    assert stats["candidates"] <= 4 * 512 * torch.get_num_threads()
+
+
+def test_bad_scratch_setting_is_named(monkeypatch):
+    base, thetas = make_tasks(100, 2, seed=1)
+    monkeypatch.setenv("FASTMERGE_TIES_SCRATCH", "lots")
+    with pytest.raises(ValueError, match="FASTMERGE_TIES_SCRATCH"):
+        fastmerge.merge_ties(base, thetas)
+    monkeypatch.setenv("FASTMERGE_TIES_SCRATCH", "")
+    monkeypatch.setenv("FASTMERGE_TIES_TEST", "sideways")
+    with pytest.raises(ValueError, match="FASTMERGE_TIES_TEST"):
+        fastmerge.merge_ties(base, thetas)

@@ -70,20 +70,27 @@ struct TiesArgs {
   int64_t S;
   int64_t n;
   void* out;
-  int strategy;  // 0 auto, 1 one pass + fix-up, 2 two passes
+  int strategy;  // 0 auto, 1 one pass + fix-up, 2 two passes; plus the kTies* test flags
+  int64_t cand_budget;  // scratch budgets of the threshold search (0: the defaults)
+  int64_t hist_budget;
 };
+
+// Test hooks of TiesArgs::strategy: no narrowing before the merge pass, so that its candidates
+// overflow their caps; sampled brackets moved above (the threshold lies below them) or below it.
+constexpr int kTiesLate = 4, kTiesMissLow = 8, kTiesMissHigh = 16;
 
 struct TiesStats {
   std::string strategy;
   int64_t passes = 0;            // full streaming passes over the inputs
   int64_t exact_problems = 0;    // (task, segment) thresholds found exactly before the merge pass
   int64_t bracket_problems = 0;  // thresholds bracketed from a sample
-  int64_t bracket_misses = 0;    // brackets that missed the threshold (exact fallback taken)
+  int64_t bracket_misses = 0;    // brackets that missed the threshold (or overflowed their cap)
+  int64_t narrow_passes = 0;     // histogram passes that narrowed brackets (counted in passes too)
   int64_t candidates = 0;        // entries collected inside the brackets
   int64_t deferred = 0;          // positions finished by the fix-up
   int64_t cancelled = 0;         // positions whose sum cancelled exactly (majority sign used)
   int64_t sampled = 0;           // sampled entries
-  double threshold_seconds = 0, pass_seconds = 0, fixup_seconds = 0;
+  double threshold_seconds = 0, narrow_seconds = 0, pass_seconds = 0, fixup_seconds = 0;
   std::vector<double> thresholds;  // T*S exact thresholds
 };
 
@@ -98,6 +105,12 @@ struct Kernels {
   bool (*block_scale_bwd)(const BlockArgs&);
   bool (*merge_ties)(const TiesArgs&, TiesStats*);
 };
+
+// Large scratch blocks for the kernels, from the same cache as the outputs (2 MiB aligned, on
+// transparent huge pages, kept for the next call: a fresh block's first-touch page faults would
+// cost more than filling it). Pages are touched only as the kernel writes them.
+void* scratch_take(size_t bytes);
+void scratch_give(void* p, size_t bytes);
 
 const Kernels& kernels_DEFAULT();
 const Kernels& kernels_AVX2();

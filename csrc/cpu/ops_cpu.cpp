@@ -154,6 +154,17 @@ OutputCache& output_cache() {
   return *c;
 }
 
+void* huge_block(size_t size) {  // size: a multiple of kHuge
+  void* p = output_cache().take(size);
+  if (p == nullptr) {
+    if (posix_memalign(&p, kHuge, size) != 0) return nullptr;
+#ifdef MADV_HUGEPAGE
+    madvise(p, size, MADV_HUGEPAGE);
+#endif
+  }
+  return p;
+}
+
 at::Tensor new_output(int64_t n, const at::TensorOptions& opt, const std::optional<at::Tensor>& out = std::nullopt) {
   if (out) {
     TORCH_CHECK_VALUE(out->dim() == 1 && out->numel() == n && out->is_contiguous() && out->device().is_cpu(),
@@ -164,14 +175,9 @@ at::Tensor new_output(int64_t n, const at::TensorOptions& opt, const std::option
   }
   const size_t bytes = size_t(n) * c10::elementSize(c10::typeMetaToScalarType(opt.dtype()));
   if (bytes < 4 * kHuge) return at::empty({n}, opt);
-  size_t size = (bytes + kHuge - 1) / kHuge * kHuge;
-  void* p = output_cache().take(size);
-  if (p == nullptr) {
-    if (posix_memalign(&p, kHuge, size) != 0 || p == nullptr) return at::empty({n}, opt);
-#ifdef MADV_HUGEPAGE
-    madvise(p, size, MADV_HUGEPAGE);
-#endif
-  }
+  const size_t size = (bytes + kHuge - 1) / kHuge * kHuge;
+  void* p = huge_block(size);
+  if (p == nullptr) return at::empty({n}, opt);
   return at::from_blob(p, {n}, [size](void* q) { output_cache().give(q, size); }, opt);
 }
 
@@ -289,7 +295,7 @@ at::Tensor block_scale_backward(const at::Tensor& grad, const std::vector<at::Te
 
 at::Tensor merge_ties(const at::Tensor& base, const std::vector<at::Tensor>& thetas, double density, double lam,
                       int64_t mode, const at::Tensor& offsets, const std::optional<std::vector<double>>& weights,
-                      int64_t strategy) {
+                      int64_t strategy, int64_t cand_budget, int64_t hist_budget) {
   check_1d(base, "base");
   const DT dt = dt_of(base, "base");
   auto srcs = task_srcs(base, thetas, "thetas", "base");
@@ -316,7 +322,9 @@ at::Tensor merge_ties(const at::Tensor& base, const std::vector<at::Tensor>& the
              off.numel() - 1,
              base.numel(),
              out.data_ptr(),
-             int(strategy)};
+             int(strategy),
+             cand_budget,
+             hist_budget};
   TiesStats st;
   const bool bad = K().merge_ties(a, &st);
   last_ties_stats = st;
@@ -337,11 +345,13 @@ py::dict ties_last_stats() {
   d["exact_problems"] = s.exact_problems;
   d["bracket_problems"] = s.bracket_problems;
   d["bracket_misses"] = s.bracket_misses;
+  d["narrow_passes"] = s.narrow_passes;
   d["candidates"] = s.candidates;
   d["deferred"] = s.deferred;
   d["cancelled"] = s.cancelled;
   d["sampled"] = s.sampled;
   d["threshold_seconds"] = s.threshold_seconds;
+  d["narrow_seconds"] = s.narrow_seconds;
   d["pass_seconds"] = s.pass_seconds;
   d["fixup_seconds"] = s.fixup_seconds;
   d["thresholds"] = s.thresholds;
@@ -393,6 +403,15 @@ std::vector<std::string> capabilities() {
 }
 
 }  // namespace
+
+void* scratch_take(size_t bytes) {
+  void* p = huge_block((bytes + kHuge - 1) / kHuge * kHuge);
+  if (p == nullptr) throw std::bad_alloc();
+  return p;
+}
+
+void scratch_give(void* p, size_t bytes) { output_cache().give(p, (bytes + kHuge - 1) / kHuge * kHuge); }
+
 }  // namespace cpu
 }  // namespace fastmerge
 
@@ -407,7 +426,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_scale_backward", &C::block_scale_backward, py::arg("grad"), py::arg("vectors"), py::arg("coefs"),
         py::arg("offsets"));
   m.def("merge_ties", &C::merge_ties, py::arg("base"), py::arg("thetas"), py::arg("density"), py::arg("lam"),
-        py::arg("mode"), py::arg("offsets"), py::arg("weights"), py::arg("strategy") = 0);
+        py::arg("mode"), py::arg("offsets"), py::arg("weights"), py::arg("strategy") = 0,
+        py::arg("cand_budget") = 0, py::arg("hist_budget") = 0);
   m.def("empty_cache", &C::empty_cache, "Free the cached output blocks; returns the bytes freed");
   m.def("ties_last_stats", &C::ties_last_stats, "Diagnostics of the last merge_ties call on this thread");
   m.def("stream_read", &C::stream_read, "Read every byte of a buffer (bandwidth probe)");

@@ -13,17 +13,32 @@
 // smallest of {= lo} + candidates + {= hi}; only the positions of candidates that fall between
 // the guess and the exact threshold were merged wrongly, and a fix-up recomputes just those with
 // the shared scalar entry math (correcting the majority-sign tally too). Positions whose sign sum
-// cancelled exactly are listed during the pass and finished once the majority sign is known. A
-// bracket that missed (or a tie at lo or hi on the wrong side of the guess, whose positions are
-// not kept) falls back to an exact selection and a second, exact pass.
+// cancelled exactly are listed during the pass and finished once the majority sign is known.
+//
+// The scratch is bounded by constants, whatever the sizes: the sample has at most kMaxRuns runs
+// per task, and the candidates of all problems share kCandBudget entries. A bracket expected to
+// hold more than its share is first narrowed by histogram passes (ties_narrow: one read of the
+// inputs each, cache-resident bins) to one bin that fits. A bracket that missed, that overflowed
+// its share during the pass, or with a tie at lo or hi on the wrong side of the guess (whose
+// positions are not kept) is narrowed to its exact threshold, and the merge pass runs again.
 
 constexpr int64_t kExactMax = 1 << 16;   // problems this small: exact selection before the pass
 constexpr int64_t kRun = 64;             // sampled in runs of contiguous entries (a few cache lines)
 constexpr int kSelBits = 12;             // histogram bins of the radix selections
 constexpr size_t kCancelCap = 1 << 16;   // cancelled positions listed per thread before falling back
+// Scratch of the threshold search, independent of the problem sizes: at most kMaxRuns sampled
+// runs per task, kCandBudget bracket candidates (with positions) over all problems and threads,
+// and kHistBudget histogram bins per thread. Brackets expected to hold more candidates than their
+// share are narrowed first by histogram passes (one extra read of the inputs each).
+constexpr int64_t kMaxRuns = 1 << 14;
+constexpr int64_t kCandBudget = 1 << 23;
+constexpr int64_t kHistBudget = 1 << 16;
+constexpr int64_t kCandMin = 256;         // candidates per problem, whatever the budget
+constexpr int64_t kHistMin = 64, kHistMax = 1 << 12;  // histogram bins per problem and pass (cache-resident)
 
 template <typename acc_t>
 struct TiesPlan {
+  using bits_t = typename BitsOf<acc_t>::type;
   int T = 0;
   int64_t S = 0;
   const int64_t* off = nullptr;
@@ -36,6 +51,22 @@ struct TiesPlan {
   std::vector<acc_t> c;         // threshold the pass merges with (the guess, or the exact one)
   std::vector<char> bracket;    // 1 while the threshold is still bracketed
   std::vector<acc_t> thr;       // exact thresholds once known
+  std::vector<int64_t> cap;     // bracket candidates one thread may collect per problem
+  std::vector<double> est;      // candidates the sampled bracket is expected to hold
+  // In the pass at hand, per problem: 0 not classified, 1 candidates collected inside (lo, hi),
+  // 2 entries inside [lo, hi] counted in a histogram (a narrowing pass).
+  std::vector<char> active;
+  std::vector<bits_t> lok, hik;  // key range of a narrowing pass, inclusive
+  std::vector<int> hshift;       // bin = (key - lok) >> hshift
+  std::vector<int64_t> hoff;     // first bin of the problem in the per-thread histogram
+  int64_t hist_total = 0;
+  int64_t hist_budget = kHistBudget;
+
+  void size_for(int64_t NP) {  // every per-problem array, zeroed
+    k.assign(NP, 0), lo.assign(NP, 0), hi.assign(NP, 0), c.assign(NP, 0), thr.assign(NP, 0);
+    bracket.assign(NP, 0), active.assign(NP, 0), est.assign(NP, 0), cap.assign(NP, 0);
+    lok.assign(NP, 0), hik.assign(NP, 0), hshift.assign(NP, 0), hoff.assign(NP, 0);
+  }
 };
 
 template <typename acc_t>
@@ -57,6 +88,13 @@ inline typename BitsOf<acc_t>::type key_of(acc_t v) {  // order-preserving for v
   typename BitsOf<acc_t>::type u;
   std::memcpy(&u, &v, sizeof(u));
   return u;
+}
+
+template <typename acc_t>
+inline acc_t from_key(typename BitsOf<acc_t>::type u) {
+  acc_t v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
 }
 
 // Values of the given (ascending) 0-indexed ranks among the non-negative values v (reordered and
@@ -153,7 +191,7 @@ bool select_exact(const TiesArgs& a, const TiesPlan<acc_t>& P, int t, int64_t s,
       acc_t tau = xp[j] - bp[j];
       if (P.has_w) tau = tau * P.w[t];
       chk = chk + (tau - tau);
-      buf[i + j] = abs_of(tau);
+      buf[i + j] = std::fabs(tau);  // +0 for -0: the radix keys need it
     }
     ok = ok && chk == acc_t(0);
   }
@@ -165,7 +203,7 @@ bool select_exact(const TiesArgs& a, const TiesPlan<acc_t>& P, int t, int64_t s,
 
 inline int64_t ties_runs(int64_t n, int T) {  // sampled runs: balances sampling against the fix-up
   const double r = std::pow(0.02 * double(T) * double(n), 2.0 / 3.0) * (16.0 / double(kRun));
-  return std::max<int64_t>(1, std::min<int64_t>(int64_t(r), n / (4 * kRun)));
+  return std::max<int64_t>(1, std::min<int64_t>({int64_t(r), n / (4 * kRun), kMaxRuns}));
 }
 
 inline int64_t ties_run_start(int64_t r, int64_t runs, int64_t n, int64_t L) {  // stratified, pseudo-random
@@ -223,7 +261,7 @@ bool sample_brackets(const TiesArgs& a, TiesPlan<acc_t>& P, int64_t s, int64_t* 
           acc_t tau = xp[j] - bp[j];
           if (P.has_w) tau = tau * w;
           chk = chk + (tau - tau);
-          d[j] = abs_of(tau);
+          d[j] = std::fabs(tau);
         }
       }
     }
@@ -286,28 +324,37 @@ bool sample_brackets(const TiesArgs& a, TiesPlan<acc_t>& P, int64_t s, int64_t* 
       P.c[p] = res[1];
       P.hi[p] = hi_open ? std::numeric_limits<acc_t>::infinity() : res[2];
       P.bracket[p] = 1;
+      P.est[p] = double(rk[2] - rk[0] + 1) / double(m) * double(n);
     }
   });
   return true;
 }
 
+struct ScratchBlock {  // one block of the candidate storage of a pass, shared by its threads
+  void* p = nullptr;
+  size_t bytes = 0;
+  explicit ScratchBlock(size_t b) : p(b ? scratch_take(b) : nullptr), bytes(b) {}
+  ~ScratchBlock() {
+    if (p) scratch_give(p, bytes);
+  }
+  ScratchBlock(const ScratchBlock&) = delete;
+  ScratchBlock& operator=(const ScratchBlock&) = delete;
+};
+
 template <typename acc_t>
 struct CandBuf {  // entries strictly inside a bracket: values and positions inside the segment
-  std::vector<acc_t> val;     // capacity in use is n; storage may run ahead by a vector or two
-  std::vector<uint32_t> pos;
-  size_t n = 0;
-  void room(size_t extra, bool with_pos) {
-    if (n + extra <= val.size()) return;
-    const size_t cap = std::max<size_t>(2 * val.size(), n + extra + 256);
-    val.resize(cap);
-    if (with_pos) pos.resize(cap);
-  }
+  acc_t* val = nullptr;  // cap entries each, in the pass's scratch block
+  uint32_t* pos = nullptr;
+  size_t n = 0, cap = 0;
 };
 
 template <typename acc_t>
 struct PassAcc {  // per-thread results of one streaming pass
   std::vector<int64_t> below, eqlo, eqhi;  // per problem: |tau| < lo, == lo, == hi (!= lo)
   std::vector<CandBuf<acc_t>> cand;        // per problem
+  std::vector<char> over;                  // per problem: more candidates than its cap
+  std::vector<int64_t> hist;               // bins of the problems a narrowing pass counts
+  std::shared_ptr<ScratchBlock> block;     // storage of the candidates
   std::vector<int64_t> cancel;             // positions whose sign sum cancelled exactly
   int64_t msum = 0;
   bool cancel_overflow = false, bad = false;
@@ -316,10 +363,27 @@ struct PassAcc {  // per-thread results of one streaming pass
 template <typename acc_t>
 struct TiesTaskPar {  // per task, for the segment at hand
   acc_t lo, hi, c, w;
-  int brk;
+  int brk;   // classified in this pass
+  int hist;  // counted in the histogram rather than collected
+  typename BitsOf<acc_t>::type lok;
+  int shift;
+  int64_t hoff;
 };
 
-// One streaming pass. WRITE = false only classifies (two-pass strategy); WRITE = true also merges
+// Bit l set when lane l of the comparison mask is set.
+template <int W, typename I>
+inline uint32_t lane_mask(const I& in) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (sizeof(I) == 64 && W == 16) return _mm512_test_epi32_mask((__m512i)in, (__m512i)in);
+  if constexpr (sizeof(I) == 64 && W == 8) return _mm512_test_epi64_mask((__m512i)in, (__m512i)in);
+#endif
+  uint32_t m = 0;
+  if (simd_any(in))
+    for (int l = 0; l < W; ++l) m |= uint32_t(in[l] != 0) << l;
+  return m;
+}
+
+// One streaming pass. WRITE = false only classifies (the histogram passes); WRITE = true also merges
 // and writes every position with the thresholds c. With `fin`, the majority sign is known and
 // cancelled positions are finished in place.
 template <bool WRITE, typename in_t>
@@ -341,12 +405,41 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
   const std::vector<Item> items = make_items(P.off, S);
   in_t* out = static_cast<in_t*>(a.out);
   const int nthreads = at::get_num_threads();
-  acc_by_thread.assign(nthreads, PassAcc<acc_t>());
+  acc_by_thread.clear();
+  acc_by_thread.resize(nthreads);
   for (auto& pa : acc_by_thread) {
     pa.below.assign(T * S, 0);
     pa.eqlo.assign(T * S, 0);
     pa.eqhi.assign(T * S, 0);
     pa.cand.resize(T * S);
+    pa.over.assign(T * S, 0);
+    pa.hist.assign(size_t(P.hist_total), 0);
+  }
+  {  // each thread may collect its share of every problem's cap, in one reused scratch block
+    const size_t per = sizeof(acc_t) + (keep_pos ? sizeof(uint32_t) : 0);
+    auto share = [&](int64_t p) {  // a multiple of 16 entries keeps every array aligned
+      return (size_t(std::max<int64_t>(1, P.cap[p] / nthreads)) + 15) / 16 * 16;
+    };
+    size_t total = 0;
+    for (int64_t p = 0; p < T * S; ++p)
+      if (P.active[p] == 1) total += share(p) * per * size_t(nthreads);
+    auto block = std::make_shared<ScratchBlock>(total);
+    char* at = static_cast<char*>(block->p);
+    for (int64_t p = 0; p < T * S; ++p) {
+      if (P.active[p] != 1) continue;
+      const size_t c = share(p);
+      for (auto& pa : acc_by_thread) {
+        CandBuf<acc_t>& cb = pa.cand[p];
+        cb.cap = c;
+        cb.val = reinterpret_cast<acc_t*>(at);
+        at += c * sizeof(acc_t);
+        if (keep_pos) {
+          cb.pos = reinterpret_cast<uint32_t*>(at);
+          at += c * sizeof(uint32_t);
+        }
+      }
+    }
+    for (auto& pa : acc_by_thread) pa.block = block;
   }
   std::vector<const in_t*> raw(T + 1, nullptr);  // contiguous inputs, fetched ahead
   for (int t = 0; t < T; ++t)
@@ -368,13 +461,14 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
     int64_t msum_all = 0;
     int64_t s = 0, segb = 0;
 
-    // Per chunk, the entries inside a bracket and the cancelled positions are appended to small
-    // local arrays (no calls in the vector loop, so its state stays in registers) and handed on
-    // after the chunk.
+    // Per chunk, the vector loop stores one lane mask per vector and task for the entries inside a
+    // bracket (no branch, no compaction: its state stays in registers), and appends the cancelled
+    // positions; after the chunk, `flush` recomputes the few marked entries from the chunk, still
+    // in cache, and hands them on.
     constexpr int64_t kLoc = kChunk + 2 * W;
-    std::vector<acc_t> loc_val(size_t(T) * kLoc);
-    std::vector<uint32_t> loc_pos(size_t(T) * kLoc);
-    std::vector<int64_t> loc_n(T);
+    constexpr int64_t kMasks = kChunk / W + 1;
+    std::vector<uint32_t> loc_mask(size_t(T) * kMasks);
+    int64_t loc_nv = 0;
     std::vector<int32_t> loc_cancel(kLoc);
     int64_t loc_nc = 0;
 
@@ -385,9 +479,7 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
       const bool hw = P.has_w;
       const TiesTaskPar<acc_t>* tp = tpar.data();
       I* lc = lcnt.data();
-      acc_t* lv = loc_val.data();
-      uint32_t* lpz = loc_pos.data();
-      int64_t* ln = loc_n.data();
+      uint32_t* lm = loc_mask.data();
       int32_t* lcan = loc_cancel.data();
       int64_t nc = 0;
       const F zero = F{}, one = F{} + acc_t(1), lamv = F{} + P.lam;
@@ -395,7 +487,6 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
       I iota;
       for (int l = 0; l < W; ++l) iota[l] = ilane(l);
       const I valid = TAIL ? I(iota < ilane(nvalid)) : I{} - 1;
-      const uint32_t rel0 = uint32_t(pos0 - segb);
       F chk = zero;
       I msumv = I{};
       for (int64_t j = 0; j < nvec; j += W) {
@@ -420,28 +511,7 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
               in &= valid;
             }
             lc[t] -= lt;
-            acc_t* vdst = lv + t * kLoc + ln[t];
-            uint32_t* pdst = lpz + t * kLoc + ln[t];
-#if defined(CPU_CAPABILITY_AVX512)
-            if constexpr (std::is_same_v<acc_t, float>) {
-              const __mmask16 km = _mm512_test_epi32_mask((__m512i)in, (__m512i)in);
-              _mm512_storeu_ps(vdst, _mm512_maskz_compress_ps(km, (__m512)ab));
-              const __m512i pv = _mm512_add_epi32(_mm512_set1_epi32(int32_t(rel0 + uint32_t(j))), (__m512i)iota);
-              _mm512_storeu_si512(pdst, _mm512_maskz_compress_epi32(km, pv));
-              ln[t] += __builtin_popcount(unsigned(km));
-            } else
-#endif
-            {
-              if (simd_any(in)) {
-                int64_t c = 0;
-                for (int l = 0; l < W; ++l) {
-                  vdst[c] = ab[l];
-                  pdst[c] = rel0 + uint32_t(j + l);
-                  c += in[l] != 0;
-                }
-                ln[t] += c;
-              }
-            }
+            lm[t * kMasks + j / W] = lane_mask<W>(in);
           }
           if constexpr (!WRITE) continue;
           I keep = ab >= q.c;
@@ -488,30 +558,40 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
         }
       }
       loc_nc = nc;
+      loc_nv = nvec / W;
       chk_all = chk_all + chk;
       for (int l = 0; l < W; ++l) msum_all += int64_t(msumv[l]);
     };
     // Hands on what one chunk (or tail vector) left in the local arrays.
     auto flush = [&](const acc_t* bp, const acc_t* const* xv, int64_t pos0, acc_t* dst) {
+      const uint32_t rel0 = uint32_t(pos0 - segb);
       for (int t = 0; t < T; ++t) {
-        const int64_t nl = loc_n[t];
-        if (nl == 0) continue;
-        loc_n[t] = 0;
+        const TiesTaskPar<acc_t>& q = tpar[t];
+        if (!q.brk) continue;
         const int64_t p = t * S + s;
-        const acc_t lo = tpar[t].lo, hi = tpar[t].hi;
+        const uint32_t* mk = loc_mask.data() + t * kMasks;
+        const acc_t* xt = xv[t];
         CandBuf<acc_t>& cb = R.cand[p];
-        cb.room(size_t(nl), keep_pos);
-        const acc_t* v = loc_val.data() + t * kLoc;
-        const uint32_t* ps = loc_pos.data() + t * kLoc;
-        for (int64_t q = 0; q < nl; ++q) {
-          if (v[q] == lo) {
-            ++R.eqlo[p];
-          } else if (v[q] == hi) {
-            ++R.eqhi[p];
-          } else {
-            cb.val[cb.n] = v[q];
-            if (keep_pos) cb.pos[cb.n] = ps[q];
-            ++cb.n;
+        int64_t* h = q.hist ? R.hist.data() + q.hoff : nullptr;
+        for (int64_t v = 0; v < loc_nv; ++v) {
+          for (uint32_t m = mk[v]; m; m &= m - 1) {
+            const int64_t idx = v * W + __builtin_ctz(m);
+            acc_t tau = xt[idx] - bp[idx];  // exactly the vector loop's arithmetic
+            if (P.has_w) tau = tau * q.w;
+            const acc_t ab = std::fabs(tau);  // +0 for -0, like the vector loop's mask
+            if (h) {
+              ++h[size_t((key_of(ab) - q.lok) >> q.shift)];
+            } else if (ab == q.lo) {
+              ++R.eqlo[p];
+            } else if (ab == q.hi) {
+              ++R.eqhi[p];
+            } else if (cb.n < cb.cap) {  // each thread takes at most its share of the cap
+              cb.val[cb.n] = ab;
+              if (keep_pos) cb.pos[cb.n] = rel0 + uint32_t(idx);
+              ++cb.n;
+            } else {
+              R.over[p] = 1;  // the problem's threshold is found again without candidates
+            }
           }
         }
       }
@@ -547,7 +627,9 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
       segb = P.off[s];
       for (int t = 0; t < T; ++t) {
         const int64_t p = t * S + s;
-        tpar[t] = {P.lo[p], P.hi[p], P.c[p], P.w[t], int(P.bracket[p])};
+        tpar[t] = {P.lo[p], P.hi[p], P.c[p], P.w[t], int(P.active[p] != 0), int(P.active[p] == 2),
+                   P.active[p] == 2 ? P.lok[p] : 0, P.active[p] == 2 ? P.hshift[p] : 0,
+                   P.active[p] == 2 ? P.hoff[p] : 0};
         lcnt[t] = I{};
       }
       for (int64_t i = items[it].begin; i < items[it].end; i += kChunk) {
@@ -587,6 +669,95 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
     for (int l = 0; l < W; ++l)
       if (chk_all[l] != acc_t(0)) R.bad = true;
   });
+}
+
+// Narrows the threshold of every problem in `todo` with histogram passes. Each pass reads the
+// inputs once, counts per problem the entries below its key range [lok, hik] and bins those inside
+// it; the bin holding the k-th smallest becomes the new range (a threshold below or above the range
+// makes the rest of the key space the new range). A problem leaves `todo` once its range is one
+// value, its exact threshold, or, with `allow_cand`, once the entries in range fit its candidate
+// cap: it then gets a bracket whose open interval (lo, hi) is exactly that range and a guess inside
+// it, for the merge pass to collect and fix up. The per-thread histograms share hist_budget bins,
+// so the scratch does not grow with the problems' sizes. False if a non-finite value showed up.
+template <typename in_t>
+bool ties_narrow(const TiesArgs& a, TiesPlan<typename AccOf<in_t>::type>& P, std::vector<char>& todo,
+                 bool allow_cand, TiesStats* st) {
+  using acc_t = typename AccOf<in_t>::type;
+  using bits_t = typename BitsOf<acc_t>::type;
+  const int64_t NP = int64_t(todo.size());
+  const bits_t kinf = key_of(std::numeric_limits<acc_t>::infinity());
+  std::vector<PassAcc<acc_t>> R;
+  std::vector<int64_t> h;
+  while (true) {
+    int64_t nt = 0;
+    for (int64_t p = 0; p < NP; ++p) nt += todo[p];
+    if (nt == 0) break;
+    int64_t per = kHistMax;
+    while (per > kHistMin && per * nt > P.hist_budget) per >>= 1;
+    int64_t off = 0;
+    for (int64_t p = 0; p < NP; ++p) {
+      P.active[p] = todo[p] ? 2 : 0;
+      if (!todo[p]) continue;
+      const bits_t span = P.hik[p] - P.lok[p];
+      int sh = 0;
+      while ((span >> sh) >= bits_t(per)) ++sh;
+      P.hshift[p] = sh;
+      P.hoff[p] = off;
+      off += int64_t(span >> sh) + 1;
+      P.lo[p] = from_key<acc_t>(P.lok[p]);
+      P.hi[p] = from_key<acc_t>(P.hik[p]);
+    }
+    P.hist_total = off;
+    ties_pass<false, in_t>(a, P, R, false, false, acc_t(0));
+    st->passes += 1;
+    st->narrow_passes += 1;
+    for (auto& r : R)
+      if (r.bad) return false;
+    for (int64_t p = 0; p < NP; ++p) {
+      if (!todo[p]) continue;
+      int64_t below = 0;
+      for (auto& r : R) below += r.below[p];
+      const int sh = P.hshift[p];
+      const int64_t nb = int64_t((P.hik[p] - P.lok[p]) >> sh) + 1;
+      h.assign(size_t(nb), 0);
+      int64_t total = 0;
+      for (auto& r : R)
+        for (int64_t b = 0; b < nb; ++b) h[b] += r.hist[P.hoff[p] + b];
+      for (int64_t b = 0; b < nb; ++b) total += h[b];
+      const int64_t rank = P.k[p] - below;  // 1-indexed among the entries in range
+      if (rank < 1) {
+        st->bracket_misses += 1;
+        P.hik[p] = P.lok[p] - 1;
+        P.lok[p] = 0;
+        continue;
+      }
+      if (rank > total) {
+        st->bracket_misses += 1;
+        P.lok[p] = P.hik[p] + 1;
+        P.hik[p] = kinf;
+        continue;
+      }
+      int64_t b = 0, cum = 0;
+      while (cum + h[b] < rank) cum += h[b++];
+      const bits_t nlo = P.lok[p] + (bits_t(b) << sh);
+      const bits_t nhi = std::min<bits_t>(P.hik[p], nlo + ((bits_t(1) << sh) - 1));
+      P.lok[p] = nlo;
+      P.hik[p] = nhi;
+      if (nlo == nhi) {
+        set_exact(P, p, from_key<acc_t>(nlo));
+        todo[p] = 0;
+      } else if (allow_cand && h[b] <= P.cap[p]) {
+        P.lo[p] = nlo > 0 ? from_key<acc_t>(nlo - 1) : acc_t(-1);  // nothing equals a negative lo
+        P.hi[p] = from_key<acc_t>(std::min<bits_t>(nhi + 1, kinf));
+        P.c[p] = from_key<acc_t>(nlo);
+        P.est[p] = double(h[b]);
+        P.bracket[p] = 1;
+        todo[p] = 0;
+      }
+    }
+  }
+  P.hist_total = 0;
+  return true;
 }
 
 inline int64_t seg_of(const int64_t* off, int64_t S, int64_t i) {
@@ -667,12 +838,9 @@ bool ties_impl(const TiesArgs& a, TiesStats* st) {
   P.w.assign(T, acc_t(1));
   if (P.has_w)
     for (int t = 0; t < T; ++t) P.w[t] = acc_t(a.weights[t]);
-  P.k.resize(NP);
-  P.lo.assign(NP, 0);
-  P.hi.assign(NP, 0);
-  P.c.assign(NP, 0);
-  P.bracket.assign(NP, 0);
-  P.thr.assign(NP, 0);
+  P.size_for(NP);
+  if (a.hist_budget > 0) P.hist_budget = a.hist_budget;
+  const int64_t cand_budget = a.cand_budget > 0 ? a.cand_budget : kCandBudget;
   bool big_seg = false;  // positions inside a segment must fit 32 bits for the one-pass strategy
   for (int64_t s = 0; s < S; ++s) big_seg = big_seg || a.offsets[s + 1] - a.offsets[s] > int64_t(UINT32_MAX);
   for (int t = 0; t < T; ++t)
@@ -715,66 +883,107 @@ bool ties_impl(const TiesArgs& a, TiesStats* st) {
   st->exact_problems = nexact;
   st->bracket_problems = nbracket;
   st->sampled = nsampled;
-  int strategy = a.strategy == 2 || big_seg ? 2 : 1;
+  int strategy = (a.strategy & 3) == 2 || big_seg ? 2 : 1;
+  const bool late = (a.strategy & kTiesLate) != 0;
+  if (a.strategy & (kTiesMissLow | kTiesMissHigh)) {  // test hooks: move the brackets off the threshold
+    for (int64_t p = 0; p < NP; ++p) {
+      if (!P.bracket[p]) continue;
+      const acc_t g = std::max(P.c[p], std::numeric_limits<acc_t>::min());
+      P.lo[p] = (a.strategy & kTiesMissLow) ? g * acc_t(2) : g / acc_t(4);
+      P.hi[p] = P.lo[p] * acc_t(2);
+      P.c[p] = P.lo[p] * acc_t(1.5);
+    }
+  }
   if (nbracket == 0) strategy = 1;
   st->strategy = strategy == 1 ? "one-pass" : "two-pass";
   st->threshold_seconds = secs(t0);
 
+  // Candidate caps: the budget shared by the bracketed problems.
+  using bits_t = typename BitsOf<acc_t>::type;
+  const bits_t kinf = key_of(std::numeric_limits<acc_t>::infinity());
+  const int64_t cap = std::max<int64_t>(kCandMin, cand_budget / std::max<int64_t>(1, nbracket));
+  std::fill(P.cap.begin(), P.cap.end(), cap);
+
+  // 2. brackets too wide for their cap (or, two-pass, all of them) are narrowed first by
+  // histogram passes: to the exact threshold (two-pass), or until the bracket fits the cap.
+  t0 = clock::now();
+  {
+    std::vector<char> todo(NP, 0);
+    int64_t ntodo = 0;
+    for (int64_t p = 0; p < NP; ++p) {
+      if (!P.bracket[p] || (strategy == 1 && (late || P.est[p] <= 0.75 * double(cap)))) continue;
+      todo[p] = 1;
+      ++ntodo;
+      P.lok[p] = key_of(P.lo[p]);
+      P.hik[p] = key_of(P.hi[p]);
+    }
+    if (ntodo > 0 && !ties_narrow<in_t>(a, P, todo, strategy == 1, st)) return true;
+  }
+  st->narrow_seconds = secs(t0);
+
   std::vector<PassAcc<acc_t>> R;
-  const std::vector<acc_t> used_c = P.c;  // the thresholds the first pass merges with
+  const std::vector<acc_t> used_c = P.c;  // the thresholds the merge pass merges with
   std::vector<int64_t> wrong;             // positions merged with a wrong guess
   bool repass = false;
-  // Exact thresholds from the counts and candidates; with `keep_pos`, also the wrongly merged
-  // positions. Sets `repass` when some of those are not known.
-  auto resolve = [&](bool keep_pos) -> bool {
+  // Exact thresholds from the counts and candidates, and the wrongly merged positions. A problem
+  // whose bracket missed or whose candidates overflowed their cap is narrowed to its exact
+  // threshold; then, as when ties at lo or hi sit on the wrong side of the guess (their positions
+  // are not kept), `repass` is set.
+  auto resolve = [&]() -> bool {
     int64_t ncand_total = 0;
     for (int64_t p = 0; p < NP; ++p)
       if (P.bracket[p])
         for (auto& r : R) ncand_total += int64_t(r.cand[p].n);
     st->candidates += ncand_total;
-    std::atomic<bool> rbad{false};
     std::vector<char> missed(NP, 0), need(NP, 0);
     std::vector<acc_t> thr_of(NP, 0);
-    std::vector<std::vector<int64_t>> wrong_of(keep_pos ? NP : 0);  // per problem, ascending
+    std::vector<std::vector<int64_t>> wrong_of(NP);  // per problem, ascending
     at::parallel_for(0, NP, 1, [&](int64_t pb, int64_t pe) {
       std::vector<acc_t> buf;
       for (int64_t p = pb; p < pe; ++p) {
         if (!P.bracket[p]) continue;
         int64_t below = 0, elo = 0, ehi = 0;
         size_t nc = 0;
+        bool over = false;
         for (auto& r : R) {
           below += r.below[p];
           elo += r.eqlo[p];
           ehi += r.eqhi[p];
           nc += r.cand[p].n;
+          over = over || r.over[p];
         }
         const acc_t lo = P.lo[p], hi = P.hi[p];
-        int64_t rank = P.k[p] - below;  // 1-indexed rank among the entries >= lo
+        const int64_t rank = P.k[p] - below;  // 1-indexed rank among the entries >= lo
         acc_t thr = 0;
-        bool ok = true;
-        if (rank < 1) {
-          ok = false;
+        if (rank < 1) {  // below the bracket
+          missed[p] = 1;
+          P.lok[p] = 0;
+          P.hik[p] = key_of(lo) - 1;
         } else if (rank <= elo) {
           thr = lo;
+        } else if (over) {  // inside the bracket, candidates not all kept
+          missed[p] = 1;
+          P.lok[p] = key_of(lo);
+          P.hik[p] = key_of(hi);
         } else if (rank <= elo + int64_t(nc)) {
           buf.clear();
           buf.reserve(nc);
-          for (auto& r : R) buf.insert(buf.end(), r.cand[p].val.begin(), r.cand[p].val.begin() + r.cand[p].n);
+          for (auto& r : R) buf.insert(buf.end(), r.cand[p].val, r.cand[p].val + r.cand[p].n);
           int64_t r0 = rank - elo - 1;
           select_ranks(buf, &r0, 1, &thr);
         } else if (rank <= elo + int64_t(nc) + ehi && hi != lo) {
           thr = hi;
-        } else {
-          ok = false;
-        }
-        if (!ok) {
-          if (!select_exact<in_t>(a, P, int(p / S), p % S, buf, &thr)) rbad = true;
+        } else {  // above the bracket
           missed[p] = 1;
+          P.lok[p] = key_of(hi) + 1;
+          P.hik[p] = kinf;
         }
+        if (missed[p]) continue;
         thr_of[p] = thr;
         const acc_t c = used_c[p];
         if ((elo > 0 && (lo >= c) != (lo >= thr)) || (ehi > 0 && (hi >= c) != (hi >= thr))) need[p] = 1;
-        if (keep_pos && !missed[p] && !need[p] && c != thr) {
+        if (over) need[p] = 1;  // exact, but the wrongly merged positions are not all known
+        if (!need[p] && c != thr) {
           // Positions merged with the wrong side of the threshold. Each thread's list is in
           // position order; the lists are sorted here if the threads' ranges were not.
           std::vector<int64_t>& wl = wrong_of[p];
@@ -789,30 +998,28 @@ bool ties_impl(const TiesArgs& a, TiesStats* st) {
         }
       }
     });
+    for (auto& r : R) r.cand.clear();
     for (int64_t p = 0; p < NP; ++p) {
       st->bracket_misses += missed[p];
       if (missed[p] || need[p]) repass = true;
+      if (P.bracket[p] && !missed[p]) set_exact(P, p, thr_of[p]);
     }
-    if (keep_pos && !repass) {
-      // Segments are disjoint and ascending: merge the tasks' lists of each segment and append.
-      std::vector<int64_t> segl, tmp;
-      for (int64_t s = 0; s < S; ++s) {
-        segl.clear();
-        for (int t = 0; t < T; ++t) {
-          const std::vector<int64_t>& wl = wrong_of[t * S + s];
-          if (wl.empty()) continue;
-          tmp.resize(segl.size() + wl.size());
-          std::merge(segl.begin(), segl.end(), wl.begin(), wl.end(), tmp.begin());
-          segl.swap(tmp);
-        }
-        segl.erase(std::unique(segl.begin(), segl.end()), segl.end());
-        wrong.insert(wrong.end(), segl.begin(), segl.end());
+    if (repass) return ties_narrow<in_t>(a, P, missed, false, st);
+    // Segments are disjoint and ascending: merge the tasks' lists of each segment and append.
+    std::vector<int64_t> segl, tmp;
+    for (int64_t s = 0; s < S; ++s) {
+      segl.clear();
+      for (int t = 0; t < T; ++t) {
+        const std::vector<int64_t>& wl = wrong_of[t * S + s];
+        if (wl.empty()) continue;
+        tmp.resize(segl.size() + wl.size());
+        std::merge(segl.begin(), segl.end(), wl.begin(), wl.end(), tmp.begin());
+        segl.swap(tmp);
       }
+      segl.erase(std::unique(segl.begin(), segl.end()), segl.end());
+      wrong.insert(wrong.end(), segl.begin(), segl.end());
     }
-    for (int64_t p = 0; p < NP; ++p)
-      if (P.bracket[p]) set_exact(P, p, thr_of[p]);
-    for (auto& r : R) r.cand.clear();
-    return !rbad;
+    return true;
   };
 
   t0 = clock::now();
@@ -830,28 +1037,25 @@ bool ties_impl(const TiesArgs& a, TiesStats* st) {
       if (r.bad) bad = true;
     }
   };
-  if (strategy == 2) {
-    ties_pass<false, in_t>(a, P, R, false, false, acc_t(0));
-    st->passes += 1;
-    gather();
-    if (bad) return true;
-    if (!resolve(false)) return true;
-    ties_pass<true, in_t>(a, P, R, false, false, acc_t(0));
-    st->passes += 1;
-    gather();
-  } else {
-    ties_pass<true, in_t>(a, P, R, true, false, acc_t(0));
-    st->passes += 1;
-    gather();
-    if (bad) return true;
-    if (nbracket > 0) {
-      if (!resolve(true)) return true;
-      if (repass) {  // thresholds all exact now
-        wrong.clear();
-        ties_pass<true, in_t>(a, P, R, false, false, acc_t(0));
-        st->passes += 1;
-        gather();
-      }
+  // 3. the merge pass: with the exact thresholds (two-pass, or every problem exact already), or
+  // with the guesses, collecting the bracket candidates for the exact thresholds and the fix-up
+  int64_t nbr = 0;
+  for (int64_t p = 0; p < NP; ++p) {
+    P.active[p] = P.bracket[p];
+    nbr += P.bracket[p];
+  }
+  ties_pass<true, in_t>(a, P, R, nbr > 0, false, acc_t(0));
+  st->passes += 1;
+  gather();
+  if (bad) return true;
+  if (nbr > 0) {
+    if (!resolve()) return true;
+    if (repass) {  // thresholds all exact now
+      wrong.clear();
+      std::fill(P.active.begin(), P.active.end(), 0);
+      ties_pass<true, in_t>(a, P, R, false, false, acc_t(0));
+      st->passes += 1;
+      gather();
     }
   }
   if (bad) return true;
@@ -869,6 +1073,7 @@ bool ties_impl(const TiesArgs& a, TiesStats* st) {
   if (!cancel.empty() || overflow) {
     const acc_t majority = acc_t(int(msum > 0) - int(msum < 0));
     if (overflow) {
+      std::fill(P.active.begin(), P.active.end(), 0);
       ties_pass<true, in_t>(a, P, R, false, true, majority);
       st->passes += 1;
     } else {
