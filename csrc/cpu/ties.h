@@ -173,7 +173,8 @@ void select_ranks(std::vector<acc_t>& v, int64_t* ranks, int nr, acc_t* res) {
   }
 }
 
-// Exact k-th smallest |tau| of problem (t, s) by gathering it; false if a non-finite value showed up.
+// Exact k-th smallest |tau| of a small problem (t, s), at most kExactMax entries, by gathering it;
+// false if a non-finite value showed up.
 template <typename in_t, typename acc_t>
 bool select_exact(const TiesArgs& a, const TiesPlan<acc_t>& P, int t, int64_t s, std::vector<acc_t>& buf,
                   acc_t* thr) {
