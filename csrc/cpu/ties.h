@@ -16,10 +16,10 @@
 // cancelled exactly are listed during the pass and finished once the majority sign is known.
 //
 // The scratch is bounded by constants, whatever the sizes: the sample has at most kMaxRuns runs
-// per task, and the candidates of all problems share kCandBudget entries. A bracket expected to
-// hold more than its share is first narrowed by histogram passes (ties_narrow: one read of the
+// per task, and the candidates of all problems share kCandBudget entries per thread (each problem
+// gets an equal share, its cap). A bracket expected to hold more than its cap is first narrowed by histogram passes (ties_narrow: one read of the
 // inputs each, cache-resident bins) to one bin that fits. A bracket that missed, that overflowed
-// its share during the pass, or with a tie at lo or hi on the wrong side of the guess (whose
+// its cap during the pass, or with a tie at lo or hi on the wrong side of the guess (whose
 // positions are not kept) is narrowed to its exact threshold, and the merge pass runs again.
 
 constexpr int64_t kExactMax = 1 << 16;   // problems this small: exact selection before the pass
@@ -27,9 +27,8 @@ constexpr int64_t kRun = 64;             // sampled in runs of contiguous entrie
 constexpr int kSelBits = 12;             // histogram bins of the radix selections
 constexpr size_t kCancelCap = 1 << 16;   // cancelled positions listed per thread before falling back
 // Scratch of the threshold search, independent of the problem sizes: at most kMaxRuns sampled
-// runs per task, kCandBudget bracket candidates (with positions) over all problems and threads,
-// and kHistBudget histogram bins per thread. Brackets expected to hold more candidates than their
-// share are narrowed first by histogram passes (one extra read of the inputs each).
+// runs per task, kCandBudget bracket candidates (with positions) per thread over all problems,
+// and kHistBudget histogram bins per thread.
 constexpr int64_t kMaxRuns = 1 << 14;
 constexpr int64_t kCandBudget = 1 << 23;
 constexpr int64_t kHistBudget = 1 << 16;
@@ -416,11 +415,11 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
     pa.over.assign(T * S, 0);
     pa.hist.assign(size_t(P.hist_total), 0);
   }
-  {  // each thread may collect its share of every problem's cap, in one reused scratch block
+  {  // each thread's candidate arrays, in one scratch block reused from call to call
     const size_t per = sizeof(acc_t) + (keep_pos ? sizeof(uint32_t) : 0);
-    auto share = [&](int64_t p) {  // a multiple of 16 entries keeps every array aligned
-      return (size_t(std::max<int64_t>(1, P.cap[p] / nthreads)) + 15) / 16 * 16;
-    };
+    // A thread may hold a whole segment, so each may take the problem's whole cap; only the pages
+    // it writes are touched. A multiple of 16 entries keeps every array aligned.
+    auto share = [&](int64_t p) { return (size_t(std::max<int64_t>(1, P.cap[p])) + 15) / 16 * 16; };
     size_t total = 0;
     for (int64_t p = 0; p < T * S; ++p)
       if (P.active[p] == 1) total += share(p) * per * size_t(nthreads);
@@ -586,7 +585,7 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
               ++R.eqlo[p];
             } else if (ab == q.hi) {
               ++R.eqhi[p];
-            } else if (cb.n < cb.cap) {  // each thread takes at most its share of the cap
+            } else if (cb.n < cb.cap) {
               cb.val[cb.n] = ab;
               if (keep_pos) cb.pos[cb.n] = rel0 + uint32_t(idx);
               ++cb.n;
