@@ -568,6 +568,7 @@ def run(args) -> int:
                 r["ratio_to_fused_average"] = r["median_s"] / avg["median_s"]
 
     total = log.elapsed()
+    info["streaming_prefetch"] = fastmerge.cpu_prefetch_state()
     report = {
         "machine": info,
         "config": {
@@ -657,6 +658,13 @@ def _table(rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def _prefetch_line(p: dict) -> str:
+    if p["mode"] != "auto":
+        return f"prefetch  : streaming ops' software prefetch {p['chosen']} (FASTMERGE_CPU_PREFETCH)"
+    return (f"prefetch  : streaming ops' software prefetch {p['chosen']}, chosen by timing both ways "
+            f"(best {p['best_ns_per_byte_on']:.4f} ns/B on, {p['best_ns_per_byte_off']:.4f} ns/B off)")
+
+
 def render(report: dict) -> str:
     m, cfg, bw, lay = report["machine"], report["config"], report["bandwidth"], report["layout"]
     n_read = sum(len(s["read_GBps"]) for s in bw["samples"])
@@ -667,6 +675,7 @@ def render(report: dict) -> str:
         f"transparent huge pages: {m['transparent_hugepages']}",
         f"software  : torch {m['torch']}, fastmerge {m['fastmerge']}, CPU kernels {m['cpu_capability']} "
         f"(this CPU: {', '.join(m['cpu_capabilities'])}), Python {m['python']}, {cfg['threads']} torch threads",
+        *([_prefetch_line(m["streaming_prefetch"])] if m.get("streaming_prefetch") else []),
         f"bandwidth : read {bw['read_median_GBps']:.1f} GB/s (best {bw['read_best_GBps']:.1f}), "
         f"copy {bw['copy_median_GBps']:.1f} GB/s (best {bw['copy_best_GBps']:.1f}); STREAM-like probes, "
         f"{bw['buffer_bytes'] // 2**20} MiB buffer, {n_read} samples each along the run; copy = 2 x bytes / time",

@@ -38,6 +38,7 @@ __all__ = [
     "resolve_backend",
     "ties_stats",
     "cpu_capability",
+    "cpu_prefetch_state",
     "empty_cache",
 ]
 
@@ -249,6 +250,21 @@ def ties_stats() -> dict:
     if _C is None:
         raise RuntimeError("the compiled extension is not available")
     return dict(_C.ties_last_stats())
+
+
+def cpu_prefetch_state() -> dict:
+    """Whether the streaming CPU ops (average, task arithmetic, block_scale forward) issue software
+    prefetches. It depends on the processor: unless ``FASTMERGE_CPU_PREFETCH=on|off`` decides, the
+    first large calls (64 MiB and more) time both ways and the faster is kept for the process.
+    Results never depend on it.
+
+    Returns:
+        dict with ``mode`` (auto, on, off), ``chosen`` (on, off, or tuning), the timed runs of each
+        way and their best times in ns per byte.
+    """
+    if _C is None:
+        raise RuntimeError("the compiled extension is not available")
+    return dict(_C.prefetch_state())
 
 
 def cpu_capability() -> str:

@@ -92,3 +92,41 @@ def test_threads_bit_identical(op):
 def test_reference_average_is_the_plain_mean():
     thetas = [torch.randn(100) for _ in range(3)]
     torch.testing.assert_close(ref.uniform_average(thetas), torch.stack(thetas).mean(0), rtol=1e-6, atol=1e-6)
+
+
+PREFETCH_SCRIPT = r"""
+import json, torch, fastmerge
+g = torch.Generator().manual_seed(3)
+d = 2_000_003  # (T + 2) * d * 4 bytes > 64 MiB: large enough to be timed by the prefetch tuner
+base = torch.randn(d, generator=g)
+thetas = [base + torch.randn(d, generator=g) * 0.01 for _ in range(8)]
+coefs = torch.rand(8, 2, generator=g)
+blocks = torch.tensor([0, 1_000_001, d])
+outs = []
+for _ in range(4):
+    outs = [fastmerge.uniform_average(thetas), fastmerge.task_arithmetic(base, thetas, 0.3),
+            fastmerge.block_scale(base, thetas, coefs, blocks)]
+torch.save(outs, OUT)
+print(json.dumps(fastmerge.cpu_prefetch_state()))
+"""
+
+
+def test_streaming_prefetch_never_changes_results(tmp_path):
+    # software prefetch only moves cache lines: forced on, forced off and the tuned choice agree bit
+    # for bit; the tuner settles after three timed runs each way
+    import json, os, subprocess, sys
+    results, states = {}, {}
+    for mode in ("on", "off", "auto"):
+        out = tmp_path / f"{mode}.pt"
+        env = dict(os.environ, FASTMERGE_CPU_PREFETCH=mode if mode != "auto" else "")
+        r = subprocess.run([sys.executable, "-c", PREFETCH_SCRIPT.replace("OUT", repr(str(out)))], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        states[mode] = json.loads(r.stdout.strip().splitlines()[-1])
+        results[mode] = torch.load(out)
+    for a, b, c in zip(results["on"], results["off"], results["auto"]):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert states["on"]["chosen"] == "on" and states["off"]["chosen"] == "off"
+    auto = states["auto"]
+    assert auto["mode"] == "auto" and auto["chosen"] in ("on", "off")
+    assert auto["runs_on"] >= 3 and auto["runs_off"] >= 3

@@ -24,6 +24,7 @@ struct AvgArgs {
   const double* weights;  // T weights
   int64_t n;
   void* out;  // contiguous, dtype dt
+  bool prefetch = false;  // software prefetch in the streaming loop (see prefetch_spread)
 };
 
 struct TAArgs {
@@ -34,6 +35,7 @@ struct TAArgs {
   const double* lam;  // T coefficients
   int64_t n;
   void* out;
+  bool prefetch = false;  // software prefetch in the streaming loop (see prefetch_spread)
 };
 
 struct GramArgs {
@@ -55,6 +57,7 @@ struct BlockArgs {
   int64_t B;
   int64_t n;
   void* out;  // forward: output (dtype dt); backward: double grad_coefs[T*B]
+  bool prefetch = false;  // software prefetch in the streaming loop (see prefetch_spread)
 };
 
 struct TiesArgs {

@@ -195,24 +195,24 @@ inline void store_chunk(out_t* out, const acc_t* v, int64_t n) {
   }
 }
 
-// Software prefetch of an input's next chunk: the hardware prefetchers lose track of T + 1
-// interleaved streams. Strided inputs are left to the hardware.
-template <typename in_t>
-inline void prefetch_chunk(const Src& s, int64_t i, int64_t end, int64_t len = kChunk) {
-  if (s.stride != 1 || i >= end) return;
-  const char* p = reinterpret_cast<const char*>(static_cast<const in_t*>(s.ptr) + i);
-  const int64_t bytes = std::min(len, end - i) * int64_t(sizeof(in_t));
-  for (int64_t k = 0; k < bytes; k += 64) __builtin_prefetch(p + k, 0, 0);
+// Loads chunk [i, i + n) of every task into per-task buffers of kSChunk elements; xs[t] then
+// points at task t's values in the accumulation type.
+template <typename in_t, typename acc_t>
+inline void load_tasks(const Src* srcs, int T, int64_t i, int64_t n, acc_t* bufs, const acc_t** xs) {
+  for (int t = 0; t < T; ++t) xs[t] = load_chunk<in_t>(srcs[t], i, n, bufs + size_t(t) * kSChunk);
 }
 
-// Loads chunk [i, i + n) of every task (prefetching the one after it) into per-task buffers of
-// kSChunk elements; xs[t] then points at task t's values in the accumulation type.
-template <typename in_t, typename acc_t>
-inline void load_tasks(const Src* srcs, int T, int64_t i, int64_t n, int64_t end, acc_t* bufs, const acc_t** xs) {
-  for (int t = 0; t < T; ++t) {
-    prefetch_chunk<in_t>(srcs[t], i + kPrefetch, end, kSChunk);
-    xs[t] = load_chunk<in_t>(srcs[t], i, n, bufs + size_t(t) * kSChunk);
-  }
+// The streaming ops' software prefetch, spread over the vector loop: at each position `pos` that
+// starts a cache line, the line kPrefetch elements ahead of it in every contiguous input. Whether
+// it pays depends on the processor (the op layer times both ways on the first large calls and keeps
+// the faster); a burst of a whole chunk's lines at once measured slower than none on some.
+template <typename in_t>
+inline void prefetch_spread(const Src* srcs, int T, const Src* base, int64_t pos, int64_t end) {
+  const int64_t ahead = pos + kPrefetch;
+  if (ahead >= end || (pos * int64_t(sizeof(in_t))) % 64 != 0) return;
+  for (int t = 0; t < T; ++t)
+    if (srcs[t].stride == 1) __builtin_prefetch(static_cast<const in_t*>(srcs[t].ptr) + ahead, 0, 0);
+  if (base && base->stride == 1) __builtin_prefetch(static_cast<const in_t*>(base->ptr) + ahead, 0, 0);
 }
 
 template <typename V>
@@ -298,9 +298,10 @@ bool average_impl(const AvgArgs& a) {
     V chk(0);
     for (int64_t i = b; i < e; i += kSChunk) {
       const int64_t n = std::min(kSChunk, e - i);
-      load_tasks<in_t>(a.thetas, a.T, i, n, e, bufs.data(), xs.data());
+      load_tasks<in_t>(a.thetas, a.T, i, n, bufs.data(), xs.data());
       // all tasks of one vector of positions in registers, in task order
       for (int64_t j = 0; j < n; j += V::size()) {
+        if (a.prefetch) prefetch_spread<in_t>(a.thetas, a.T, nullptr, i + j, e);
         const int64_t c = std::min<int64_t>(V::size(), n - j);
         V acc = V::loadu(xs[0] + j, c) * V(w[0]);
         for (int t = 1; t < a.T; ++t) acc = acc + V::loadu(xs[t] + j, c) * V(w[t]);
@@ -331,10 +332,10 @@ bool task_arith_impl(const TAArgs& a) {
     V chk(0);
     for (int64_t i = b; i < e; i += kSChunk) {
       const int64_t n = std::min(kSChunk, e - i);
-      prefetch_chunk<in_t>(a.base, i + kPrefetch, e, kSChunk);
       const acc_t* bp = load_chunk<in_t>(a.base, i, n, bufs.data() + size_t(a.T) * kSChunk);
-      load_tasks<in_t>(a.thetas, a.T, i, n, e, bufs.data(), xs.data());
+      load_tasks<in_t>(a.thetas, a.T, i, n, bufs.data(), xs.data());
       for (int64_t j = 0; j < n; j += V::size()) {  // all tasks in registers, in task order
+        if (a.prefetch) prefetch_spread<in_t>(a.thetas, a.T, &a.base, i + j, e);
         const int64_t c = std::min<int64_t>(V::size(), n - j);
         const V bv = V::loadu(bp + j, c);
         V acc = bv;
@@ -572,10 +573,10 @@ bool block_fwd_impl(const BlockArgs& a) {
       for (int t = 0; t < a.T; ++t) c[t] = acc_t(a.coefs[t * a.B + blk]);
       for (int64_t i = items[it].begin; i < end; i += kSChunk) {
         const int64_t n = std::min(kSChunk, end - i);
-        prefetch_chunk<in_t>(a.base, i + kPrefetch, end, kSChunk);
         const acc_t* bp = load_chunk<in_t>(a.base, i, n, bufs.data() + size_t(a.T) * kSChunk);
-        load_tasks<in_t>(a.vectors, a.T, i, n, end, bufs.data(), xs.data());
+        load_tasks<in_t>(a.vectors, a.T, i, n, bufs.data(), xs.data());
         for (int64_t j = 0; j < n; j += V::size()) {  // all tasks in registers, in task order
+          if (a.prefetch) prefetch_spread<in_t>(a.vectors, a.T, &a.base, i + j, end);
           const int64_t m = std::min<int64_t>(V::size(), n - j);
           V acc = V::loadu(bp + j, m);
           for (int t = 0; t < a.T; ++t) acc = acc + V(c[t]) * V::loadu(xs[t] + j, m);

@@ -6,6 +6,7 @@
 
 #include <sys/mman.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <atomic>
@@ -217,6 +218,74 @@ std::vector<std::pair<std::string, at::Tensor>> named_inputs(const at::Tensor* b
 
 at::Tensor check_offsets(const at::Tensor& offsets, int64_t numel, const char* name) { return checked_offsets(offsets, numel, name); }
 
+// Software prefetch in the streaming ops (average, task arithmetic, block_scale forward) helps on
+// some processors and hurts on others (measured both ways on two AMD EPYC generations). Unless
+// FASTMERGE_CPU_PREFETCH=on|off says, the first large calls alternate the two ways, and once each
+// has run kTrials times the one with the lower best time per byte is kept for the process.
+// Results never depend on it: prefetching only moves cache lines.
+struct PrefetchTuner {
+  static constexpr int64_t kMinBytes = int64_t(64) << 20;  // smaller calls are not timed
+  static constexpr int kTrials = 3;
+  std::mutex m;
+  int forced = -1;  // 0 off, 1 on
+  int chosen = -1;
+  int runs[2] = {0, 0};
+  double best[2] = {0, 0};  // seconds per byte
+  PrefetchTuner() {
+    const char* env = std::getenv("FASTMERGE_CPU_PREFETCH");
+    const std::string v = env ? env : "";
+    if (v == "on" || v == "1") forced = 1;
+    if (v == "off" || v == "0") forced = 0;
+  }
+  int pick(int64_t bytes) {
+    std::lock_guard<std::mutex> g(m);
+    if (forced >= 0) return forced;
+    if (chosen >= 0) return chosen;
+    if (bytes < kMinBytes) return 0;
+    return runs[1] < runs[0] ? 1 : 0;
+  }
+  void report(int mode, int64_t bytes, double secs) {
+    std::lock_guard<std::mutex> g(m);
+    if (forced >= 0 || chosen >= 0 || bytes < kMinBytes) return;
+    const double r = secs / double(bytes);
+    best[mode] = runs[mode] == 0 ? r : std::min(best[mode], r);
+    if (++runs[mode] >= kTrials && runs[1 - mode] >= kTrials) chosen = best[1] < best[0] ? 1 : 0;
+  }
+};
+
+PrefetchTuner& prefetch_tuner() {
+  static PrefetchTuner t;
+  return t;
+}
+
+// Runs a streaming kernel that reads and writes `bytes`, with the tuner's prefetch choice.
+template <typename Args, typename Fn>
+bool run_streaming(Args& a, int64_t bytes, Fn fn) {
+  const int mode = prefetch_tuner().pick(bytes);
+  a.prefetch = mode == 1;
+  const auto t0 = std::chrono::steady_clock::now();
+  const bool bad = fn(a);
+  prefetch_tuner().report(mode, bytes, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  return bad;
+}
+
+int64_t streaming_bytes(int T, int64_t n, DT dt, bool with_base) {
+  return int64_t(T + 1 + (with_base ? 1 : 0)) * n * int64_t(dt == DT::F64 ? 8 : dt == DT::F32 ? 4 : 2);
+}
+
+py::dict prefetch_state() {
+  PrefetchTuner& t = prefetch_tuner();
+  std::lock_guard<std::mutex> g(t.m);
+  py::dict d;
+  d["mode"] = t.forced == 1 ? "on" : t.forced == 0 ? "off" : "auto";
+  d["chosen"] = t.forced >= 0 ? (t.forced ? "on" : "off") : t.chosen < 0 ? "tuning" : (t.chosen ? "on" : "off");
+  d["runs_off"] = t.runs[0];
+  d["runs_on"] = t.runs[1];
+  d["best_ns_per_byte_off"] = t.best[0] * 1e9;
+  d["best_ns_per_byte_on"] = t.best[1] * 1e9;
+  return d;
+}
+
 at::Tensor uniform_average(const std::vector<at::Tensor>& thetas, const std::vector<double>& weights,
                            const std::optional<at::Tensor>& out_opt) {
   TORCH_CHECK_VALUE(!thetas.empty(), "thetas is empty: at least one task (T >= 1) is needed");
@@ -226,7 +295,7 @@ at::Tensor uniform_average(const std::vector<at::Tensor>& thetas, const std::vec
                     thetas.size(), " tasks");
   at::Tensor out = new_output(thetas[0].numel(), thetas[0].options(), out_opt);
   AvgArgs a{dt, int(thetas.size()), srcs.data(), weights.data(), out.numel(), out.data_ptr()};
-  if (K().uniform_average(a)) raise_nonfinite(named_inputs(nullptr, "", thetas, "thetas"));
+  if (run_streaming(a, streaming_bytes(a.T, a.n, dt, false), K().uniform_average)) raise_nonfinite(named_inputs(nullptr, "", thetas, "thetas"));
   return out;
 }
 
@@ -239,7 +308,7 @@ at::Tensor task_arithmetic(const at::Tensor& base, const std::vector<at::Tensor>
                     " tasks");
   at::Tensor out = new_output(base.numel(), base.options(), out_opt);
   TAArgs a{dt, int(thetas.size()), src_of(base), srcs.data(), lam.data(), out.numel(), out.data_ptr()};
-  if (K().task_arithmetic(a)) raise_nonfinite(named_inputs(&base, "base", thetas, "thetas"));
+  if (run_streaming(a, streaming_bytes(a.T, a.n, dt, true), K().task_arithmetic)) raise_nonfinite(named_inputs(&base, "base", thetas, "thetas"));
   return out;
 }
 
@@ -275,7 +344,7 @@ at::Tensor block_scale(const at::Tensor& base, const std::vector<at::Tensor>& ve
   at::Tensor out = new_output(base.numel(), base.options());
   BlockArgs a{dt, int(T), src_of(base), srcs.data(), c.data(), off.data_ptr<int64_t>(), B, base.numel(),
               out.data_ptr()};
-  if (K().block_scale_fwd(a)) raise_nonfinite(named_inputs(&base, "base", vectors, "vectors"));
+  if (run_streaming(a, streaming_bytes(a.T, a.n, dt, true), K().block_scale_fwd)) raise_nonfinite(named_inputs(&base, "base", vectors, "vectors"));
   return out;
 }
 
@@ -432,6 +501,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ties_last_stats", &C::ties_last_stats, "Diagnostics of the last merge_ties call on this thread");
   m.def("stream_read", &C::stream_read, "Read every byte of a buffer (bandwidth probe)");
   m.def("stream_copy", &C::stream_copy, "Copy src into dst (bandwidth probe)");
+  m.def("prefetch_state", &C::prefetch_state, "Software-prefetch choice of the streaming ops and its timings");
   m.def("cpu_capability", &C::capability, "Instruction set of the kernels in use");
   m.def("set_cpu_capability", &C::set_capability, "Switch the kernels' instruction set (DEFAULT, AVX2, AVX512)");
   m.def("cpu_capabilities", &C::capabilities, "Instruction sets this CPU can run");
