@@ -109,9 +109,9 @@ struct Kernels {
   bool (*merge_ties)(const TiesArgs&, TiesStats*);
 };
 
-// Large scratch blocks for the kernels, from the same cache as the outputs (2 MiB aligned, on
-// transparent huge pages, kept for the next call: a fresh block's first-touch page faults would
-// cost more than filling it). Pages are touched only as the kernel writes them.
+// Large scratch blocks for the kernels, from the same cache as the outputs (2 MiB aligned and kept
+// for the next call: a fresh block's first-touch page faults would cost more than filling it).
+// Pages become resident only as the kernel writes them.
 void* scratch_take(size_t bytes);
 void scratch_give(void* p, size_t bytes);
 

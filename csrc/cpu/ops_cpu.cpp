@@ -155,12 +155,14 @@ OutputCache& output_cache() {
   return *c;
 }
 
-void* huge_block(size_t size) {  // size: a multiple of kHuge
+// A cached block, or a fresh one; `huge`: advised onto transparent huge pages (outputs, written
+// whole; the kernels' scratch is written sparsely, so it stays on small pages).
+void* huge_block(size_t size, bool huge = true) {  // size: a multiple of kHuge
   void* p = output_cache().take(size);
   if (p == nullptr) {
     if (posix_memalign(&p, kHuge, size) != 0) return nullptr;
 #ifdef MADV_HUGEPAGE
-    madvise(p, size, MADV_HUGEPAGE);
+    if (huge) madvise(p, size, MADV_HUGEPAGE);
 #endif
   }
   return p;
@@ -474,7 +476,7 @@ std::vector<std::string> capabilities() {
 }  // namespace
 
 void* scratch_take(size_t bytes) {
-  void* p = huge_block((bytes + kHuge - 1) / kHuge * kHuge);
+  void* p = huge_block((bytes + kHuge - 1) / kHuge * kHuge, false);
   if (p == nullptr) throw std::bad_alloc();
   return p;
 }

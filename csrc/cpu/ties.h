@@ -417,9 +417,13 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
   }
   {  // each thread's candidate arrays, in one scratch block reused from call to call
     const size_t per = sizeof(acc_t) + (keep_pos ? sizeof(uint32_t) : 0);
-    // A thread may hold a whole segment, so each may take the problem's whole cap; only the pages
-    // it writes are touched. A multiple of 16 entries keeps every array aligned.
-    auto share = [&](int64_t p) { return (size_t(std::max<int64_t>(1, P.cap[p])) + 15) / 16 * 16; };
+    // A thread may hold a whole segment, so each may take all the candidates the bracket is
+    // expected to hold (with a margin), within the problem's cap; more than that counts as an
+    // overflow. A multiple of 16 entries keeps every array aligned.
+    auto share = [&](int64_t p) {
+      const double want = std::min(P.est[p] * 1.25 + 4096.0, double(std::max<int64_t>(1, P.cap[p])));
+      return (size_t(want) + 15) / 16 * 16;
+    };
     size_t total = 0;
     for (int64_t p = 0; p < T * S; ++p)
       if (P.active[p] == 1) total += share(p) * per * size_t(nthreads);
