@@ -224,3 +224,18 @@ def test_bad_scratch_setting_is_named(monkeypatch):
     monkeypatch.setenv("FASTMERGE_TIES_TEST", "sideways")
     with pytest.raises(ValueError, match="FASTMERGE_TIES_TEST"):
         fastmerge.merge_ties(base, thetas)
+
+
+@pytest.mark.parametrize("merge", MODES)
+def test_negative_zero_task_entries_in_the_exact_selection(merge):
+    # theta = -0 over base = +0 gives tau = -0, whose float bits would sort above every positive
+    # |tau| in a radix selection unless the sign is cleared; n is in the exact-selection range and
+    # above the plain-sort size, and the threshold lies above the zeros
+    n = 20_011
+    g = torch.Generator().manual_seed(21)
+    base = torch.zeros(n)
+    thetas = [torch.randn(n, generator=g) for _ in range(3)]
+    for t, x in enumerate(thetas):
+        x[t::2] = -0.0
+    check(base, thetas, density=0.3, merge=merge)
+    check(base, thetas, density=0.6, merge=merge)
