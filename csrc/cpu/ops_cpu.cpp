@@ -157,7 +157,7 @@ OutputCache& output_cache() {
 
 // A cached block, or a fresh one; `huge`: advised onto transparent huge pages (outputs, written
 // whole; the kernels' scratch is written sparsely, so it stays on small pages).
-void* huge_block(size_t size, bool huge = true) {  // size: a multiple of kHuge
+void* cached_block(size_t size, bool huge = true) {  // size: a multiple of kHuge
   void* p = output_cache().take(size);
   if (p == nullptr) {
     if (posix_memalign(&p, kHuge, size) != 0) return nullptr;
@@ -179,7 +179,7 @@ at::Tensor new_output(int64_t n, const at::TensorOptions& opt, const std::option
   const size_t bytes = size_t(n) * c10::elementSize(c10::typeMetaToScalarType(opt.dtype()));
   if (bytes < 4 * kHuge) return at::empty({n}, opt);
   const size_t size = (bytes + kHuge - 1) / kHuge * kHuge;
-  void* p = huge_block(size);
+  void* p = cached_block(size);
   if (p == nullptr) return at::empty({n}, opt);
   return at::from_blob(p, {n}, [size](void* q) { output_cache().give(q, size); }, opt);
 }
@@ -271,10 +271,6 @@ bool run_streaming(Args& a, int64_t bytes, Fn fn) {
   return bad;
 }
 
-int64_t streaming_bytes(int T, int64_t n, DT dt, bool with_base) {
-  return int64_t(T + 1 + (with_base ? 1 : 0)) * n * int64_t(dt == DT::F64 ? 8 : dt == DT::F32 ? 4 : 2);
-}
-
 py::dict prefetch_state() {
   PrefetchTuner& t = prefetch_tuner();
   std::lock_guard<std::mutex> g(t.m);
@@ -297,7 +293,8 @@ at::Tensor uniform_average(const std::vector<at::Tensor>& thetas, const std::vec
                     thetas.size(), " tasks");
   at::Tensor out = new_output(thetas[0].numel(), thetas[0].options(), out_opt);
   AvgArgs a{dt, int(thetas.size()), srcs.data(), weights.data(), out.numel(), out.data_ptr()};
-  if (run_streaming(a, streaming_bytes(a.T, a.n, dt, false), K().uniform_average)) raise_nonfinite(named_inputs(nullptr, "", thetas, "thetas"));
+  if (run_streaming(a, out.nbytes() * (a.T + 1), K().uniform_average))  // inputs read, output written
+    raise_nonfinite(named_inputs(nullptr, "", thetas, "thetas"));
   return out;
 }
 
@@ -310,7 +307,8 @@ at::Tensor task_arithmetic(const at::Tensor& base, const std::vector<at::Tensor>
                     " tasks");
   at::Tensor out = new_output(base.numel(), base.options(), out_opt);
   TAArgs a{dt, int(thetas.size()), src_of(base), srcs.data(), lam.data(), out.numel(), out.data_ptr()};
-  if (run_streaming(a, streaming_bytes(a.T, a.n, dt, true), K().task_arithmetic)) raise_nonfinite(named_inputs(&base, "base", thetas, "thetas"));
+  if (run_streaming(a, out.nbytes() * (a.T + 2), K().task_arithmetic))  // inputs read, output written
+    raise_nonfinite(named_inputs(&base, "base", thetas, "thetas"));
   return out;
 }
 
@@ -346,7 +344,8 @@ at::Tensor block_scale(const at::Tensor& base, const std::vector<at::Tensor>& ve
   at::Tensor out = new_output(base.numel(), base.options());
   BlockArgs a{dt, int(T), src_of(base), srcs.data(), c.data(), off.data_ptr<int64_t>(), B, base.numel(),
               out.data_ptr()};
-  if (run_streaming(a, streaming_bytes(a.T, a.n, dt, true), K().block_scale_fwd)) raise_nonfinite(named_inputs(&base, "base", vectors, "vectors"));
+  if (run_streaming(a, out.nbytes() * (a.T + 2), K().block_scale_fwd))  // inputs read, output written
+    raise_nonfinite(named_inputs(&base, "base", vectors, "vectors"));
   return out;
 }
 
@@ -476,7 +475,7 @@ std::vector<std::string> capabilities() {
 }  // namespace
 
 void* scratch_take(size_t bytes) {
-  void* p = huge_block((bytes + kHuge - 1) / kHuge * kHuge, false);
+  void* p = cached_block((bytes + kHuge - 1) / kHuge * kHuge, false);
   if (p == nullptr) throw std::bad_alloc();
   return p;
 }

@@ -17,10 +17,11 @@
 //
 // The scratch is bounded by constants, whatever the sizes: the sample has at most kMaxRuns runs
 // per task, and the candidates of all problems share kCandBudget entries per thread (each problem
-// gets an equal share, its cap). A bracket expected to hold more than its cap is first narrowed by histogram passes (ties_narrow: one read of the
-// inputs each, cache-resident bins) to one bin that fits. A bracket that missed, that overflowed
-// its cap during the pass, or with a tie at lo or hi on the wrong side of the guess (whose
-// positions are not kept) is narrowed to its exact threshold, and the merge pass runs again.
+// gets an equal share, the cap). A bracket expected to hold more than the cap is first narrowed by
+// histogram passes (ties_narrow: one read of the inputs each, cache-resident bins) to one bin that
+// fits. A bracket that missed, that overflowed the cap during the pass, or with a tie at lo or hi
+// on the wrong side of the guess (whose positions are not kept) is narrowed to its exact
+// threshold, and the merge pass runs again.
 
 constexpr int64_t kExactMax = 1 << 16;   // problems this small: exact selection before the pass
 constexpr int64_t kRun = 64;             // sampled in runs of contiguous entries (a few cache lines)
@@ -50,7 +51,7 @@ struct TiesPlan {
   std::vector<acc_t> c;         // threshold the pass merges with (the guess, or the exact one)
   std::vector<char> bracket;    // 1 while the threshold is still bracketed
   std::vector<acc_t> thr;       // exact thresholds once known
-  std::vector<int64_t> cap;     // bracket candidates one thread may collect per problem
+  int64_t cap = 0;              // bracket candidates one thread may collect per problem
   std::vector<double> est;      // candidates the sampled bracket is expected to hold
   // In the pass at hand, per problem: 0 not classified, 1 candidates collected inside (lo, hi),
   // 2 entries inside [lo, hi] counted in a histogram (a narrowing pass).
@@ -63,7 +64,7 @@ struct TiesPlan {
 
   void size_for(int64_t NP) {  // every per-problem array, zeroed
     k.assign(NP, 0), lo.assign(NP, 0), hi.assign(NP, 0), c.assign(NP, 0), thr.assign(NP, 0);
-    bracket.assign(NP, 0), active.assign(NP, 0), est.assign(NP, 0), cap.assign(NP, 0);
+    bracket.assign(NP, 0), active.assign(NP, 0), est.assign(NP, 0);
     lok.assign(NP, 0), hik.assign(NP, 0), hshift.assign(NP, 0), hoff.assign(NP, 0);
   }
 };
@@ -421,7 +422,7 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
     // expected to hold (with a margin), within the problem's cap; more than that counts as an
     // overflow. A multiple of 16 entries keeps every array aligned.
     auto share = [&](int64_t p) {
-      const double want = std::min(P.est[p] * 1.25 + 4096.0, double(std::max<int64_t>(1, P.cap[p])));
+      const double want = std::min(P.est[p] * 1.25 + 4096.0, double(std::max<int64_t>(1, P.cap)));
       return (size_t(want) + 15) / 16 * 16;
     };
     size_t total = 0;
@@ -632,8 +633,7 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
       for (int t = 0; t < T; ++t) {
         const int64_t p = t * S + s;
         tpar[t] = {P.lo[p], P.hi[p], P.c[p], P.w[t], int(P.active[p] != 0), int(P.active[p] == 2),
-                   P.active[p] == 2 ? P.lok[p] : 0, P.active[p] == 2 ? P.hshift[p] : 0,
-                   P.active[p] == 2 ? P.hoff[p] : 0};
+                   P.lok[p], P.hshift[p], P.hoff[p]};
         lcnt[t] = I{};
       }
       for (int64_t i = items[it].begin; i < items[it].end; i += kChunk) {
@@ -750,7 +750,7 @@ bool ties_narrow(const TiesArgs& a, TiesPlan<typename AccOf<in_t>::type>& P, std
       if (nlo == nhi) {
         set_exact(P, p, from_key<acc_t>(nlo));
         todo[p] = 0;
-      } else if (allow_cand && h[b] <= P.cap[p]) {
+      } else if (allow_cand && h[b] <= P.cap) {
         P.lo[p] = nlo > 0 ? from_key<acc_t>(nlo - 1) : acc_t(-1);  // nothing equals a negative lo
         P.hi[p] = from_key<acc_t>(std::min<bits_t>(nhi + 1, kinf));
         P.c[p] = from_key<acc_t>(nlo);
@@ -902,11 +902,10 @@ bool ties_impl(const TiesArgs& a, TiesStats* st) {
   st->strategy = strategy == 1 ? "one-pass" : "two-pass";
   st->threshold_seconds = secs(t0);
 
-  // Candidate caps: the budget shared by the bracketed problems.
+  // The candidate cap: the budget shared by the bracketed problems.
   using bits_t = typename BitsOf<acc_t>::type;
   const bits_t kinf = key_of(std::numeric_limits<acc_t>::infinity());
-  const int64_t cap = std::max<int64_t>(kCandMin, cand_budget / std::max<int64_t>(1, nbracket));
-  std::fill(P.cap.begin(), P.cap.end(), cap);
+  P.cap = std::max<int64_t>(kCandMin, cand_budget / std::max<int64_t>(1, nbracket));
 
   // 2. brackets too wide for their cap (or, two-pass, all of them) are narrowed first by
   // histogram passes: to the exact threshold (two-pass), or until the bracket fits the cap.
@@ -915,7 +914,7 @@ bool ties_impl(const TiesArgs& a, TiesStats* st) {
     std::vector<char> todo(NP, 0);
     int64_t ntodo = 0;
     for (int64_t p = 0; p < NP; ++p) {
-      if (!P.bracket[p] || (strategy == 1 && (late || P.est[p] <= 0.75 * double(cap)))) continue;
+      if (!P.bracket[p] || (strategy == 1 && (late || P.est[p] <= 0.75 * double(P.cap)))) continue;
       todo[p] = 1;
       ++ntodo;
       P.lok[p] = key_of(P.lo[p]);
