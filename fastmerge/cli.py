@@ -104,7 +104,12 @@ def _edit_arguments(p: argparse.ArgumentParser, dv: bool) -> None:
     p.add_argument("--out", default="runs/dvbasi" if dv else "runs/atlas", help="output folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out after its last finished iteration")
     p.add_argument("--objective", default="supervised", choices=["supervised", "unsupervised", "mgda"],
-                   help="cross-entropy over the tasks, entropy on unlabeled images, or MGDA over per-task losses")
+                   help="cross-entropy over the tasks, a label-free loss on unlabeled images, or MGDA over "
+                        "per-task losses")
+    p.add_argument("--unsupervised-loss", default="im", choices=["im", "entropy"],
+                   help="label-free loss of the unsupervised objective: im (prediction entropy minus the entropy "
+                        "of the batch's mean prediction, default) or entropy (prediction entropy alone, the paper's "
+                        "surrogate, which can collapse onto one class)")
     p.add_argument("--unlabeled", default="train", choices=["train", "test"],
                    help="images of the unsupervised objective: the train split (default), or the unlabeled test "
                         "images (test-time adaptation, AdaMerging's protocol); selection always uses validation")
@@ -153,7 +158,8 @@ def _edit_run(args: argparse.Namespace, dv: bool) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     coef = CoefConfig(lr=args.lr, epochs=args.epochs, patience=args.patience, steps_per_epoch=args.steps_per_epoch,
-                      batch_size=args.batch_size, seed=args.seed, unlabeled_split=args.unlabeled)
+                      batch_size=args.batch_size, seed=args.seed, unlabeled_split=args.unlabeled,
+                      unsupervised_loss=args.unsupervised_loss)
     extra = {}
     if dv:
         extra = dict(iterations=args.iterations, init_merge=args.init_merge, alpha=args.alpha,

@@ -13,9 +13,10 @@ The model's parameters are views of the output of ``fastmerge.block_scale(base, 
 fused backward for ∂L/∂Λ, whatever the number of parameter tensors. Blocks are one per parameter
 tensor by default, or one per row (``blocks="row"``), or one for everything (isotropic scaling).
 
-Objectives: supervised cross-entropy summed over the tasks; unsupervised entropy of the predictions
-on unlabeled training images (or, with ``unlabeled_split="test"``, on the unlabeled test images:
-test-time adaptation as in AdaMerging); MGDA (the min-norm convex combination of the per-task gradients with
+Objectives: supervised cross-entropy summed over the tasks; unsupervised, on unlabeled training
+images (or, with ``unlabeled_split="test"``, on the unlabeled test images: test-time adaptation as
+in AdaMerging), either information maximisation (prediction entropy minus the entropy of the
+batch's mean prediction, the default) or the paper's prediction entropy alone; MGDA (the min-norm convex combination of the per-task gradients with
 respect to Λ, solved exactly); task negation (ascent on a target task, descent on a control task,
 keeping at least 95 % of the starting model's control accuracy). Model selection always uses
 validation data; test accuracies are only reported.
@@ -41,6 +42,7 @@ from . import models
 from .flat import FlatLayout
 
 OBJECTIVES = ("supervised", "unsupervised", "mgda", "negation")
+UNSUPERVISED_LOSSES = ("im", "entropy")
 ABLATIONS = ("anisotropic", "isotropic", "random")
 
 
@@ -155,6 +157,10 @@ class CoefConfig:
     # unlabeled test images (AdaMerging's protocol, which the paper's unsupervised results follow);
     # labels are never read, and model selection still uses the validation split
     unlabeled_split: str = "train"
+    # the unsupervised loss: "im" (information maximisation: mean prediction entropy minus the
+    # entropy of the batch's mean prediction, so the merged model cannot lower it by sending every
+    # image to one class) or "entropy" (prediction entropy alone, the paper's surrogate)
+    unsupervised_loss: str = "im"
     seed: int = 0
 
 
@@ -188,14 +194,36 @@ def _batch_iters(suite, obj: Objective, cfg: CoefConfig, epoch: int):
     return out
 
 
-def _task_losses(model: BlockScaledModel, suite, obj: Objective, merged, batches) -> dict[int, torch.Tensor]:
+def unsupervised_loss(logits: torch.Tensor, kind: str = "im") -> torch.Tensor:
+    """The label-free loss of a batch of logits [N, C].
+
+    ``"entropy"``: the mean prediction entropy, (1/N) Σ_i H(p_i), the paper's surrogate (after
+    AdaMerging). Its minimum is reached by any confident prediction, including sending every image
+    to one class.
+
+    ``"im"``: information maximisation, (1/N) Σ_i H(p_i) − H(p̄) with p̄ = (1/N) Σ_i p_i, the mean
+    prediction of the batch. The second term rewards spreading the batch over the classes, so the
+    minimum (−log C for N ≥ C) needs confident *and* diverse predictions.
+    """
+    if kind not in UNSUPERVISED_LOSSES:
+        raise ValueError(f"unsupervised_loss must be one of {UNSUPERVISED_LOSSES}, got {kind!r}")
+    logp = logits.float().log_softmax(-1)
+    p = logp.exp()
+    loss = -(p * logp).sum(-1).mean()
+    if kind == "im":
+        mean_p = p.mean(0)
+        loss = loss + (mean_p * mean_p.clamp_min(1e-30).log()).sum()
+    return loss
+
+
+def _task_losses(model: BlockScaledModel, suite, obj: Objective, merged, batches,
+                 unsup: str = "im") -> dict[int, torch.Tensor]:
     losses = {}
     for t, it in batches.items():
         images, labels = next(it)
         logits = model.logits(merged, suite.heads[t], images)
         if obj.kind == "unsupervised":
-            p = logits.softmax(-1)
-            losses[t] = -(p * logits.log_softmax(-1)).sum(-1).mean()
+            losses[t] = unsupervised_loss(logits, unsup)
         else:
             losses[t] = F.cross_entropy(logits, labels)
     return losses
@@ -222,6 +250,8 @@ def learn_coefs(model: BlockScaledModel, suite, ev, obj: Objective, cfg: CoefCon
     Returns:
         A record with the chosen epoch, Λ*, and per-epoch validation (and test) accuracies.
     """
+    if cfg.unsupervised_loss not in UNSUPERVISED_LOSSES:
+        raise ValueError(f"unsupervised_loss must be one of {UNSUPERVISED_LOSSES}, got {cfg.unsupervised_loss!r}")
     eval_tasks = [obj.target, obj.control] if obj.kind == "negation" else list(obj.tasks)
 
     def evaluate(theta):
@@ -246,7 +276,7 @@ def learn_coefs(model: BlockScaledModel, suite, ev, obj: Objective, cfg: CoefCon
             total = 0.0
             for _ in range(cfg.steps_per_epoch):
                 merged = model.merged()
-                losses = _task_losses(model, suite, obj, merged, batches)
+                losses = _task_losses(model, suite, obj, merged, batches, cfg.unsupervised_loss)
                 opt.zero_grad(set_to_none=True)
                 if obj.kind == "mgda":
                     grads = [torch.autograd.grad(losses[t], model.coefs, retain_graph=(i + 1 < len(losses)))[0]
@@ -405,6 +435,8 @@ def run_dvbasi(cfg: DVBasiConfig, resume: bool = False, log: Callable[[str], Non
         raise ValueError(f"init_merge must be one of {INIT_MERGES}, got {cfg.init_merge!r}")
     if cfg.objective not in ("supervised", "unsupervised", "mgda"):
         raise ValueError("objective must be supervised, unsupervised or mgda (negation has its own option)")
+    if cfg.coef.unsupervised_loss not in UNSUPERVISED_LOSSES:
+        raise ValueError(f"unsupervised_loss must be one of {UNSUPERVISED_LOSSES}, got {cfg.coef.unsupervised_loss!r}")
     for a in cfg.ablations:
         if a not in ("isotropic", "random"):
             raise ValueError(f"unknown ablation {a!r}: choose isotropic or random")

@@ -277,3 +277,73 @@ def test_unsupervised_objective_can_adapt_on_the_unlabeled_test_images(suite):
     assert rows_in(images, train_images)
     with pytest.raises(ValueError, match="unlabeled_split"):
         _batch_iters(suite, obj, CoefConfig(unlabeled_split="val"), 1)
+
+
+# ----------------------------------------------------------------------------------- unsupervised losses
+
+def test_unsupervised_losses_on_known_batches():
+    from fastmerge.dvbasi import unsupervised_loss
+
+    C = 4
+    # one confident class per image, all images in class 0 (collapse) or one image per class (diverse)
+    collapsed = torch.full((C, C), -30.0)
+    collapsed[:, 0] = 30.0
+    diverse = torch.full((C, C), -30.0)
+    diverse.fill_diagonal_(30.0)
+    for logits in (collapsed, diverse):   # entropy alone cannot tell them apart
+        assert float(unsupervised_loss(logits, "entropy")) == pytest.approx(0.0, abs=1e-6)
+    assert float(unsupervised_loss(collapsed, "im")) == pytest.approx(0.0, abs=1e-6)
+    assert float(unsupervised_loss(diverse, "im")) == pytest.approx(-torch.log(torch.tensor(4.0)).item(), abs=1e-6)
+    # uniform predictions: entropy log C, and the mean prediction is uniform too, so im is 0
+    flat = torch.zeros(3, C)
+    assert float(unsupervised_loss(flat, "entropy")) == pytest.approx(float(torch.log(torch.tensor(4.0))), abs=1e-6)
+    assert float(unsupervised_loss(flat, "im")) == pytest.approx(0.0, abs=1e-6)
+    # a general batch against the formula written out, in float64, from bf16 logits too
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(7, 5, generator=g) * 3
+    p = logits.double().softmax(-1)
+    h = -(p * p.log()).sum(-1).mean()
+    pm = p.mean(0)
+    assert float(unsupervised_loss(logits, "entropy")) == pytest.approx(float(h), rel=1e-5)
+    assert float(unsupervised_loss(logits, "im")) == pytest.approx(float(h + (pm * pm.log()).sum()), rel=1e-5, abs=1e-6)
+    assert unsupervised_loss(logits.bfloat16(), "im").dtype == torch.float32
+    with pytest.raises(ValueError, match="unsupervised_loss"):
+        unsupervised_loss(logits, "kl")
+
+
+def test_im_gradient_pulls_a_collapsed_batch_apart():
+    from fastmerge.dvbasi import unsupervised_loss
+
+    # every image leans to class 0 with a second-best class that differs per image
+    logits = torch.tensor([[3.0, 1.0, 0.0], [3.0, 0.0, 1.0], [3.0, 1.0, 0.0]], requires_grad=True)
+    unsupervised_loss(logits, "entropy").backward()
+    g_ent = logits.grad.clone()
+    logits.grad = None
+    unsupervised_loss(logits, "im").backward()
+    g_im = logits.grad
+    # descent on entropy raises the class-0 logit of every image (more collapse); im lowers it
+    assert (g_ent[:, 0] < 0).all() and (g_im[:, 0] > 0).all()
+
+
+def test_unsupervised_loss_option_reaches_the_training_and_is_checked(suite, tmp_path):
+    ev = Evaluator(suite)
+    theta_prev = _perturbed(suite, 0.05, 5)
+    obj = Objective("unsupervised", [0, 1])
+    out = {}
+    for kind in ("im", "entropy"):
+        cfg = CoefConfig(epochs=1, patience=1, steps_per_epoch=2, batch_size=8, unsupervised_loss=kind)
+        model = BlockScaledModel(suite.encoder, suite.layout, theta_prev, [theta_prev - suite.theta0],
+                                 suite.layout.block_offsets("tensor"), init=0.1)
+        rec = learn_coefs(model, suite, ev, obj, cfg, progress=False)
+        out[kind] = (model.coefs.detach().clone(), rec["epochs"][1]["loss"])
+    assert not torch.equal(out["im"][0], out["entropy"][0])
+    assert out["im"][1] < out["entropy"][1]     # im = entropy − H(mean) ≤ entropy on the same batches
+    bad = CoefConfig(epochs=1, steps_per_epoch=1, batch_size=8, unsupervised_loss="kl")
+    model = BlockScaledModel(suite.encoder, suite.layout, theta_prev, [theta_prev - suite.theta0],
+                             suite.layout.block_offsets("tensor"))
+    with pytest.raises(ValueError, match="unsupervised_loss"):
+        learn_coefs(model, suite, ev, obj, bad, progress=False)
+    with pytest.raises(ValueError, match="unsupervised_loss"):
+        run_dvbasi(DVBasiConfig(out=str(tmp_path / "x"), coef=bad, progress=False), log=lambda _m: None)
+    r = subprocess.run([sys.executable, "-m", "fastmerge", "dvbasi", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--unsupervised-loss" in r.stdout
