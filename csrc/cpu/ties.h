@@ -471,8 +471,10 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
     // positions; after the chunk, `flush` recomputes the few marked entries from the chunk, still
     // in cache, and hands them on.
     constexpr int64_t kLoc = kChunk + 2 * W;
-    constexpr int64_t kMasks = kChunk / W + 1;
-    std::vector<uint32_t> loc_mask(size_t(T) * kMasks);
+    constexpr int64_t kBitWords = kChunk / 64 + 1;  // per task: one bit per position of the chunk
+    std::vector<uint64_t> loc_bits(size_t(T) * kBitWords);
+    std::vector<int64_t> lbelow(T);
+    bool kbad_all = false;
     int64_t loc_nv = 0;
     std::vector<int32_t> loc_cancel(kLoc);
     int64_t loc_nc = 0;
@@ -484,7 +486,8 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
       const bool hw = P.has_w;
       const TiesTaskPar<acc_t>* tp = tpar.data();
       I* lc = lcnt.data();
-      uint32_t* lm = loc_mask.data();
+      int64_t* lb = lbelow.data();
+      uint64_t* lbits = loc_bits.data();
       int32_t* lcan = loc_cancel.data();
       int64_t nc = 0;
       const F zero = F{}, one = F{} + acc_t(1), lamv = F{} + P.lam;
@@ -494,6 +497,17 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
       const I valid = TAIL ? I(iota < ilane(nvalid)) : I{} - 1;
       F chk = zero;
       I msumv = I{};
+      if constexpr (W < 8) {  // the masks are OR-ed into the bitsets below
+        for (int t = 0; t < Tl; ++t)
+          if (tp[t].brk) std::fill_n(lbits + t * kBitWords, (nvec + 63) / 64, uint64_t(0));
+      }
+#if defined(CPU_CAPABILITY_AVX512)
+      constexpr bool kmask = std::is_same_v<acc_t, float> && W == 16;
+      __mmask16 kbad = 0;
+      const __mmask16 kvalid = TAIL ? __mmask16((1u << nvalid) - 1u) : __mmask16(0xFFFF);
+#else
+      constexpr bool kmask = false;
+#endif
       for (int64_t j = 0; j < nvec; j += W) {
         if (!TAIL && pf_pos >= 0 && ((pf_pos + j) * int64_t(sizeof(in_t))) % 64 == 0) {
           for (int t = 0; t <= Tl; ++t)
@@ -502,38 +516,91 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
         const F bv = simd_load<F>(bp + j);
         F sum = zero, pp = zero, nn = zero;
         I cp = I{}, cn = I{};
-        for (int t = 0; t < Tl; ++t) {
-          const TiesTaskPar<acc_t>& q = tp[t];
-          F tau = simd_load<F>(xv[t] + j) - bv;
-          if (hw) tau = tau * q.w;
-          chk = chk + (tau - tau);
-          const F ab = (F)((I)tau & absm);
-          if (q.brk) {
-            I lt = ab < q.lo;
-            I in = (ab <= q.hi) & ~lt;
-            if constexpr (TAIL) {
-              lt &= valid;
-              in &= valid;
+        if constexpr (kmask) {
+#if defined(CPU_CAPABILITY_AVX512)
+          // The same arithmetic with the comparisons kept in mask registers: masked adds and
+          // compares instead of lane masks moved into vectors. In max mode the negative side
+          // keeps its smallest entry, whose negation is the vector loop's largest magnitude.
+          const __m512 b = (__m512)bv, z = _mm512_setzero_ps();
+          const __m512i absk = (__m512i)absm, onei = _mm512_set1_epi32(1);
+          __m512 sk = z, pk = z, nk = z;
+          __m512i cpk = _mm512_setzero_si512(), cnk = cpk;
+          for (int t = 0; t < Tl; ++t) {
+            const TiesTaskPar<acc_t>& q = tp[t];
+            __m512 tau = _mm512_sub_ps(_mm512_loadu_ps(xv[t] + j), b);
+            if (hw) tau = _mm512_mul_ps(tau, _mm512_set1_ps(q.w));
+            kbad |= _mm512_fpclass_ps_mask(tau, 0x99);  // NaN or infinity
+            const __m512 ab = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(tau), absk));
+            if (q.brk) {
+              const __mmask16 klt = _mm512_mask_cmp_ps_mask(kvalid, ab, _mm512_set1_ps(q.lo), _CMP_LT_OQ);
+              const __mmask16 kin = _mm512_mask_cmp_ps_mask(kvalid & __mmask16(~klt), ab, _mm512_set1_ps(q.hi),
+                                                             _CMP_LE_OQ);
+              lb[t] += __builtin_popcount(unsigned(klt));
+              const uint16_t m16 = uint16_t(kin);
+              std::memcpy(reinterpret_cast<char*>(lbits + t * kBitWords) + j / 8, &m16, sizeof(m16));
             }
-            lc[t] -= lt;
-            lm[t * kMasks + j / W] = lane_mask<W>(in);
+            if constexpr (!WRITE) continue;
+            const __mmask16 kk = _mm512_mask_cmp_ps_mask(kvalid, ab, _mm512_set1_ps(q.c), _CMP_GE_OQ);
+            sk = _mm512_mask_add_ps(sk, kk, sk, tau);
+            const __mmask16 kp = _mm512_mask_cmp_ps_mask(kk, tau, z, _CMP_GT_OQ);
+            const __mmask16 kn = _mm512_mask_cmp_ps_mask(kk, tau, z, _CMP_LT_OQ);
+            if constexpr (MODE == kMergeMax) {
+              pk = _mm512_mask_max_ps(pk, kp, pk, tau);
+              nk = _mm512_mask_min_ps(nk, kn, nk, tau);
+            } else {
+              pk = _mm512_mask_add_ps(pk, kp, pk, tau);
+              nk = _mm512_mask_add_ps(nk, kn, nk, tau);
+            }
+            cpk = _mm512_mask_add_epi32(cpk, kp, cpk, onei);
+            cnk = _mm512_mask_add_epi32(cnk, kn, cnk, onei);
           }
-          if constexpr (!WRITE) continue;
-          I keep = ab >= q.c;
-          if constexpr (TAIL) keep &= valid;
-          const F trv = (F)((I)tau & keep);  // trimmed entry (+0 when dropped)
-          sum = sum + trv;
-          const I ps = trv > zero, ng = trv < zero;
-          if constexpr (MODE == kMergeMax) {
-            const F a1 = (F)((I)trv & ps), a2 = (F)((I)(zero - trv) & ng);
-            pp = pp > a1 ? pp : a1;
-            nn = nn > a2 ? nn : a2;
-          } else {
-            pp = pp + (F)((I)trv & ps);
-            nn = nn + (F)((I)trv & ng);
+          sum = (F)sk;
+          pp = (F)pk;
+          nn = MODE == kMergeMax ? (F)_mm512_sub_ps(z, nk) : (F)nk;
+          cp = (I)cpk;
+          cn = (I)cnk;
+#endif
+        } else {
+          for (int t = 0; t < Tl; ++t) {
+            const TiesTaskPar<acc_t>& q = tp[t];
+            F tau = simd_load<F>(xv[t] + j) - bv;
+            if (hw) tau = tau * q.w;
+            chk = chk + (tau - tau);
+            const F ab = (F)((I)tau & absm);
+            if (q.brk) {
+              I lt = ab < q.lo;
+              I in = (ab <= q.hi) & ~lt;
+              if constexpr (TAIL) {
+                lt &= valid;
+                in &= valid;
+              }
+              lc[t] -= lt;
+              const uint32_t m = lane_mask<W>(in);
+              uint64_t* bw = lbits + t * kBitWords;
+              if constexpr (W >= 8) {
+                const auto mw = static_cast<std::conditional_t<W == 16, uint16_t, uint8_t>>(m);
+                std::memcpy(reinterpret_cast<char*>(bw) + j / 8, &mw, sizeof(mw));
+              } else {
+                bw[j / 64] |= uint64_t(m) << (j % 64);
+              }
+            }
+            if constexpr (!WRITE) continue;
+            I keep = ab >= q.c;
+            if constexpr (TAIL) keep &= valid;
+            const F trv = (F)((I)tau & keep);  // trimmed entry (+0 when dropped)
+            sum = sum + trv;
+            const I ps = trv > zero, ng = trv < zero;
+            if constexpr (MODE == kMergeMax) {
+              const F a1 = (F)((I)trv & ps), a2 = (F)((I)(zero - trv) & ng);
+              pp = pp > a1 ? pp : a1;
+              nn = nn > a2 ? nn : a2;
+            } else {
+              pp = pp + (F)((I)trv & ps);
+              nn = nn + (F)((I)trv & ng);
+            }
+            cp -= ps;
+            cn -= ng;
           }
-          cp -= ps;
-          cn -= ng;
         }
         if constexpr (WRITE) {
           const I gp = sum > zero, gn = sum < zero;
@@ -565,6 +632,9 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
       loc_nc = nc;
       loc_nv = nvec / W;
       chk_all = chk_all + chk;
+#if defined(CPU_CAPABILITY_AVX512)
+      kbad_all = kbad_all || kbad != 0;
+#endif
       for (int l = 0; l < W; ++l) msum_all += int64_t(msumv[l]);
     };
     // Hands on what one chunk (or tail vector) left in the local arrays.
@@ -574,13 +644,16 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
         const TiesTaskPar<acc_t>& q = tpar[t];
         if (!q.brk) continue;
         const int64_t p = t * S + s;
-        const uint32_t* mk = loc_mask.data() + t * kMasks;
+        const uint64_t* bw = loc_bits.data() + t * kBitWords;
         const acc_t* xt = xv[t];
         CandBuf<acc_t>& cb = R.cand[p];
         int64_t* h = q.hist ? R.hist.data() + q.hoff : nullptr;
-        for (int64_t v = 0; v < loc_nv; ++v) {
-          for (uint32_t m = mk[v]; m; m &= m - 1) {
-            const int64_t idx = v * W + __builtin_ctz(m);
+        const int64_t nbits = loc_nv * W;
+        for (int64_t wi = 0; wi * 64 < nbits; ++wi) {
+          uint64_t m = bw[wi];
+          if (nbits - wi * 64 < 64) m &= (uint64_t(1) << (nbits - wi * 64)) - 1;  // bits of earlier chunks
+          for (; m; m &= m - 1) {
+            const int64_t idx = wi * 64 + __builtin_ctzll(m);
             acc_t tau = xt[idx] - bp[idx];  // exactly the vector loop's arithmetic
             if (P.has_w) tau = tau * q.w;
             const acc_t ab = std::fabs(tau);  // +0 for -0, like the vector loop's mask
@@ -635,6 +708,7 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
         tpar[t] = {P.lo[p], P.hi[p], P.c[p], P.w[t], int(P.active[p] != 0), int(P.active[p] == 2),
                    P.lok[p], P.hshift[p], P.hoff[p]};
         lcnt[t] = I{};
+        lbelow[t] = 0;
       }
       for (int64_t i = items[it].begin; i < items[it].end; i += kChunk) {
         const int64_t n = std::min(kChunk, items[it].end - i);
@@ -663,13 +737,14 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
         if constexpr (WRITE) store_chunk(out + i, ob, n);
       }
       for (int t = 0; t < T; ++t) {
-        int64_t c = 0;
+        int64_t c = lbelow[t];
         for (int l = 0; l < W; ++l) c += int64_t(lcnt[t][l]);
         R.below[t * S + s] += c;
       }
     }
     if constexpr (WRITE) stream_fence();
     R.msum += msum_all;
+    if (kbad_all) R.bad = true;
     for (int l = 0; l < W; ++l)
       if (chk_all[l] != acc_t(0)) R.bad = true;
   });
