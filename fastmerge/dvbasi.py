@@ -203,7 +203,9 @@ def unsupervised_loss(logits: torch.Tensor, kind: str = "im") -> torch.Tensor:
 
     ``"im"``: information maximisation, (1/N) Σ_i H(p_i) − H(p̄) with p̄ = (1/N) Σ_i p_i, the mean
     prediction of the batch. The second term rewards spreading the batch over the classes, so the
-    minimum (−log C for N ≥ C) needs confident *and* diverse predictions.
+    minimum (−log C for N ≥ C) needs confident *and* diverse predictions. That term assumes a
+    random batch of a task covers its classes about evenly; on a strongly imbalanced split it
+    pulls toward the wrong class mix.
     """
     if kind not in UNSUPERVISED_LOSSES:
         raise ValueError(f"unsupervised_loss must be one of {UNSUPERVISED_LOSSES}, got {kind!r}")
