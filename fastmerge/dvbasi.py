@@ -16,8 +16,8 @@ tensor by default, or one per row (``blocks="row"``), or one for everything (iso
 Objectives: supervised cross-entropy summed over the tasks; unsupervised, on unlabeled training
 images (or, with ``unlabeled_split="test"``, on the unlabeled test images: test-time adaptation as
 in AdaMerging), either information maximisation (prediction entropy minus the entropy of the
-batch's mean prediction, the default) or the paper's prediction entropy alone; MGDA (the min-norm convex combination of the per-task gradients with
-respect to Λ, solved exactly); task negation (ascent on a target task, descent on a control task,
+batch's mean prediction, the default) or the paper's prediction entropy alone; MGDA (the min-norm
+convex combination of the per-task gradients with respect to Λ, solved exactly); task negation (ascent on a target task, descent on a control task,
 keeping at least 95 % of the starting model's control accuracy). Model selection always uses
 validation data; test accuracies are only reported.
 """
@@ -194,6 +194,12 @@ def _batch_iters(suite, obj: Objective, cfg: CoefConfig, epoch: int):
     return out
 
 
+def check_unsupervised_loss(kind: str) -> None:
+    """Raise ``ValueError`` unless ``kind`` is one of :data:`UNSUPERVISED_LOSSES`."""
+    if kind not in UNSUPERVISED_LOSSES:
+        raise ValueError(f"unsupervised_loss must be one of {UNSUPERVISED_LOSSES}, got {kind!r}")
+
+
 def unsupervised_loss(logits: torch.Tensor, kind: str = "im") -> torch.Tensor:
     """The label-free loss of a batch of logits [N, C].
 
@@ -207,8 +213,7 @@ def unsupervised_loss(logits: torch.Tensor, kind: str = "im") -> torch.Tensor:
     random batch of a task covers its classes about evenly; on a strongly imbalanced split it
     pulls toward the wrong class mix.
     """
-    if kind not in UNSUPERVISED_LOSSES:
-        raise ValueError(f"unsupervised_loss must be one of {UNSUPERVISED_LOSSES}, got {kind!r}")
+    check_unsupervised_loss(kind)
     logp = logits.float().log_softmax(-1)
     p = logp.exp()
     loss = -(p * logp).sum(-1).mean()
@@ -219,7 +224,7 @@ def unsupervised_loss(logits: torch.Tensor, kind: str = "im") -> torch.Tensor:
 
 
 def _task_losses(model: BlockScaledModel, suite, obj: Objective, merged, batches,
-                 unsup: str = "im") -> dict[int, torch.Tensor]:
+                 unsup: str) -> dict[int, torch.Tensor]:
     losses = {}
     for t, it in batches.items():
         images, labels = next(it)
@@ -252,8 +257,7 @@ def learn_coefs(model: BlockScaledModel, suite, ev, obj: Objective, cfg: CoefCon
     Returns:
         A record with the chosen epoch, Λ*, and per-epoch validation (and test) accuracies.
     """
-    if cfg.unsupervised_loss not in UNSUPERVISED_LOSSES:
-        raise ValueError(f"unsupervised_loss must be one of {UNSUPERVISED_LOSSES}, got {cfg.unsupervised_loss!r}")
+    check_unsupervised_loss(cfg.unsupervised_loss)
     eval_tasks = [obj.target, obj.control] if obj.kind == "negation" else list(obj.tasks)
 
     def evaluate(theta):
@@ -437,8 +441,7 @@ def run_dvbasi(cfg: DVBasiConfig, resume: bool = False, log: Callable[[str], Non
         raise ValueError(f"init_merge must be one of {INIT_MERGES}, got {cfg.init_merge!r}")
     if cfg.objective not in ("supervised", "unsupervised", "mgda"):
         raise ValueError("objective must be supervised, unsupervised or mgda (negation has its own option)")
-    if cfg.coef.unsupervised_loss not in UNSUPERVISED_LOSSES:
-        raise ValueError(f"unsupervised_loss must be one of {UNSUPERVISED_LOSSES}, got {cfg.coef.unsupervised_loss!r}")
+    check_unsupervised_loss(cfg.coef.unsupervised_loss)
     for a in cfg.ablations:
         if a not in ("isotropic", "random"):
             raise ValueError(f"unknown ablation {a!r}: choose isotropic or random")

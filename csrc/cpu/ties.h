@@ -475,7 +475,7 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
     std::vector<uint64_t> loc_bits(size_t(T) * kBitWords);
     std::vector<int64_t> lbelow(T);
     bool kbad_all = false;
-    int64_t loc_nv = 0;
+    int64_t loc_n = 0;  // positions the masks of the last run cover
     std::vector<int32_t> loc_cancel(kLoc);
     int64_t loc_nc = 0;
 
@@ -630,7 +630,7 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
         }
       }
       loc_nc = nc;
-      loc_nv = nvec / W;
+      loc_n = nvec;
       chk_all = chk_all + chk;
 #if defined(CPU_CAPABILITY_AVX512)
       kbad_all = kbad_all || kbad != 0;
@@ -648,10 +648,9 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
         const acc_t* xt = xv[t];
         CandBuf<acc_t>& cb = R.cand[p];
         int64_t* h = q.hist ? R.hist.data() + q.hoff : nullptr;
-        const int64_t nbits = loc_nv * W;
-        for (int64_t wi = 0; wi * 64 < nbits; ++wi) {
+        for (int64_t wi = 0; wi * 64 < loc_n; ++wi) {
           uint64_t m = bw[wi];
-          if (nbits - wi * 64 < 64) m &= (uint64_t(1) << (nbits - wi * 64)) - 1;  // bits of earlier chunks
+          if (loc_n - wi * 64 < 64) m &= (uint64_t(1) << (loc_n - wi * 64)) - 1;  // bits of earlier chunks
           for (; m; m &= m - 1) {
             const int64_t idx = wi * 64 + __builtin_ctzll(m);
             acc_t tau = xt[idx] - bp[idx];  // exactly the vector loop's arithmetic
