@@ -142,6 +142,35 @@ def test_nonfinite_found_in_large_inputs_and_in_16_bit(data):
         fastmerge.task_vector_cosine(b16, t16)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_ties_pass_finds_nonfinite_anywhere(bad):
+    # A problem of 100_003 entries takes the sampled-bracket path, so the streaming merge pass has
+    # to find the value (in a full vector, at a chunk edge and in the last, partial vector).
+    text = "nan" if math.isnan(bad) else ("inf" if bad > 0 else "-inf")
+    for pos in (5, 511, 512, 70_000, 100_002):
+        for t in (0, 3):
+            base, thetas = make_tasks(100_003, 4, seed=pos + t)
+            thetas[t][pos] = bad
+            with pytest.raises(ValueError, match=rf"thetas\[{t}\] contains a non-finite value \({text}\) at index {pos}"):
+                fastmerge.merge_ties(base, thetas)
+
+
+def test_ties_overflow_of_finite_inputs():
+    # theta - base overflowing is an error; a sum of finite kept entries that overflows is not: the
+    # reference gives the same infinity.
+    base, thetas = torch.zeros(100_003), [torch.zeros(100_003) for _ in range(3)]
+    base[7], thetas[1][7] = -3e38, 3e38
+    with pytest.raises(ValueError, match="overflowed to infinity"):
+        fastmerge.merge_ties(base, thetas)
+    base = torch.zeros(100_003)
+    for t in range(3):
+        thetas[t].normal_(0, 1e-3)
+        thetas[t][9] = 3e38
+    got = fastmerge.merge_ties(base, thetas, merge="sum")
+    want = fastmerge.merge_ties(base, thetas, merge="sum", backend="reference")
+    assert math.isinf(got[9].item()) and torch.equal(got, want)
+
+
 def test_single_tensor_must_be_stacked():
     with pytest.raises(ValueError, match=r"must be \[T, d\]"):
         fastmerge.uniform_average(torch.ones(5))

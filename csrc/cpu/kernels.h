@@ -40,7 +40,7 @@ constexpr int64_t kItem = 1 << 16;   // elements per work item (fixed: results n
 constexpr int64_t kGrain = 1 << 15;  // parallel grain of the purely elementwise ops
 constexpr int64_t kPrefetch = 2 * kChunk;  // software prefetch distance, in elements
 constexpr int64_t kSChunk = 512;  // streaming ops: elements per input and step
-constexpr int64_t kGChunk = 256;  // Gram: positions per tile pass (T x kGChunk doubles stay in L1)
+constexpr int64_t kGChunk = 512;  // Gram: positions per chunk (every input's chunk stays in L1 over the tile passes)
 
 template <typename T>
 struct AccOf {
@@ -409,7 +409,9 @@ struct LineFeed {
   }
   void step() {
     if (s < ns) {
-      __builtin_prefetch(streams[s] + at, 0, 0);
+      // prefetcht1: on the Zen 4 host of the README, the non-temporal hint (and prefetcht0) left
+      // the Gram and block_scale backward passes 20-30 % slower
+      __builtin_prefetch(streams[s] + at, 0, 2);
       at += 64;
       if (at >= stop) {
         at = begin;
@@ -434,6 +436,62 @@ inline std::vector<const char*> feed_streams(const Src& base, const Src* others,
   return v;
 }
 
+// One task vector entry as a double: tau = theta - base rounded in acc_t (as the reference does in
+// the input's precision), then widened exactly.
+template <bool exact, typename acc_t>
+inline typename SimdVec<double>::F gram_tau(const acc_t* x, const acc_t* b) {
+  using F = typename SimdVec<double>::F;
+  if constexpr (exact) {
+    return widen(simd_load<HalfF>(x) - simd_load<HalfF>(b));
+  } else {
+    return simd_load<F>(x) - simd_load<F>(b);
+  }
+}
+
+// The 4 x 4 tile (ra, rb) of task pairs over nvec positions (a multiple of W) of one chunk: 16 vector
+// accumulators in registers (plain vector types: at::vec arrays end up on the stack). The task
+// vector entries are formed from the chunk's inputs as they are needed (a subtraction and a
+// widening per operand) rather than stored to a buffer first: the buffer's stores and reloads cost
+// more than the conversions, which overlap with the multiply-adds.
+template <bool exact, bool DIAG, typename acc_t>
+inline void gram_tile(typename SimdVec<double>::F* acc, const acc_t* bp, const acc_t* const* ra, const acc_t* const* rb,
+                      int64_t nvec, LineFeed& feed) {
+  using F = typename SimdVec<double>::F;
+  constexpr int W = SimdVec<double>::W;
+  F c00 = acc[0], c01 = acc[1], c02 = acc[2], c03 = acc[3], c10 = acc[4], c11 = acc[5], c12 = acc[6], c13 = acc[7],
+    c20 = acc[8], c21 = acc[9], c22 = acc[10], c23 = acc[11], c30 = acc[12], c31 = acc[13], c32 = acc[14],
+    c33 = acc[15];
+  const acc_t *x0 = ra[0], *x1 = ra[1], *x2 = ra[2], *x3 = ra[3];
+  const acc_t *y0 = rb[0], *y1 = rb[1], *y2 = rb[2], *y3 = rb[3];
+  LineFeed f = feed;
+  for (int64_t j = 0; j < nvec; j += W) {
+    f.tick();
+    const F a0 = gram_tau<exact>(x0 + j, bp + j), a1 = gram_tau<exact>(x1 + j, bp + j);
+    const F a2 = gram_tau<exact>(x2 + j, bp + j), a3 = gram_tau<exact>(x3 + j, bp + j);
+    if constexpr (DIAG) {  // only the 10 upper pairs
+      c00 = madd<exact>(c00, a0, a0); c01 = madd<exact>(c01, a0, a1);
+      c02 = madd<exact>(c02, a0, a2); c03 = madd<exact>(c03, a0, a3);
+      c11 = madd<exact>(c11, a1, a1); c12 = madd<exact>(c12, a1, a2);
+      c13 = madd<exact>(c13, a1, a3); c22 = madd<exact>(c22, a2, a2);
+      c23 = madd<exact>(c23, a2, a3); c33 = madd<exact>(c33, a3, a3);
+    } else {
+      const F b0 = gram_tau<exact>(y0 + j, bp + j), b1 = gram_tau<exact>(y1 + j, bp + j);
+      const F b2 = gram_tau<exact>(y2 + j, bp + j), b3 = gram_tau<exact>(y3 + j, bp + j);
+      c00 = madd<exact>(c00, a0, b0); c01 = madd<exact>(c01, a0, b1);
+      c02 = madd<exact>(c02, a0, b2); c03 = madd<exact>(c03, a0, b3);
+      c10 = madd<exact>(c10, a1, b0); c11 = madd<exact>(c11, a1, b1);
+      c12 = madd<exact>(c12, a1, b2); c13 = madd<exact>(c13, a1, b3);
+      c20 = madd<exact>(c20, a2, b0); c21 = madd<exact>(c21, a2, b1);
+      c22 = madd<exact>(c22, a2, b2); c23 = madd<exact>(c23, a2, b3);
+      c30 = madd<exact>(c30, a3, b0); c31 = madd<exact>(c31, a3, b1);
+      c32 = madd<exact>(c32, a3, b2); c33 = madd<exact>(c33, a3, b3);
+    }
+  }
+  feed = f;
+  acc[0] = c00; acc[1] = c01; acc[2] = c02; acc[3] = c03; acc[4] = c10; acc[5] = c11; acc[6] = c12; acc[7] = c13;
+  acc[8] = c20; acc[9] = c21; acc[10] = c22; acc[11] = c23; acc[12] = c30; acc[13] = c31; acc[14] = c32; acc[15] = c33;
+}
+
 template <typename in_t>
 bool gram_impl(const GramArgs& a) {
   using acc_t = typename AccOf<in_t>::type;
@@ -447,84 +505,56 @@ bool gram_impl(const GramArgs& a) {
   const int64_t P2 = int64_t(T) * T;
   std::vector<double> part(items.size() * P2, 0.0);
   at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t ib, int64_t ie) {
+    // chunk buffers for inputs that are strided or not in acc_t; the last partial vector of a
+    // chunk goes through zero-padded copies (a zero entry adds nothing to any dot product)
     alignas(64) acc_t bbuf[kGChunk];
-    alignas(64) acc_t buf[kGChunk];
-    std::vector<double> tau(size_t(T) * kGChunk + 8);  // kGChunk doubles per task: L1 resident
+    alignas(64) acc_t tailb[W];
+    std::vector<acc_t> xbufs(size_t(T) * kGChunk), tailx(size_t(T) * W);
+    std::vector<const acc_t*> xs(T), txs(T);
     // 16 vector accumulators per 4 x 4 tile, kept over a whole work item and reduced once at its end
     std::vector<F> accs(size_t(nt) * nt * 16);
     const std::vector<const char*> streams = feed_streams(a.base, a.thetas, T);
     LineFeed feed{streams.data(), streams.size(), streams.size(), int64_t(sizeof(in_t))};
+    // All tiles over nvec positions of the chunk whose inputs are bp and x[0..T).
+    auto tiles = [&](const acc_t* bp, const acc_t* const* x, int64_t nvec) {
+      for (int ra = 0; ra < nt; ++ra) {
+        for (int rb = ra; rb < nt; ++rb) {
+          // a block of fewer than 4 tasks repeats its last one; those accumulators are not read
+          const acc_t* rows[8];
+          for (int u = 0; u < 4; ++u) {
+            rows[u] = x[std::min(4 * ra + u, T - 1)];
+            rows[4 + u] = x[std::min(4 * rb + u, T - 1)];
+          }
+          F* acc = accs.data() + size_t(ra * nt + rb) * 16;
+          if (ra == rb && 4 * ra + 4 <= T) {
+            gram_tile<exact, true>(acc, bp, rows, rows + 4, nvec, feed);
+          } else {
+            gram_tile<exact, false>(acc, bp, rows, rows + 4, nvec, feed);
+          }
+        }
+      }
+    };
     for (int64_t it = ib; it < ie; ++it) {
       const int64_t end = items[it].end;
       std::fill(accs.begin(), accs.end(), F{});
       for (int64_t i = items[it].begin; i < end; i += kGChunk) {
         const int64_t n = std::min(kGChunk, end - i);
-        const int64_t nv = n / W * W, nvec = (n + W - 1) / W * W;
+        const int64_t nv = n / W * W;
         feed.drain();
         // items are contiguous, so the feed runs on into the next one
-        feed.start(i + kPrefetch, std::min(kGChunk, a.n - i - kPrefetch), (T + nt * (nt + 1) / 2) * (nvec / W));
+        feed.start(i + kPrefetch, std::min(kGChunk, a.n - i - kPrefetch), (nt * (nt + 1) / 2) * (nv / W));
         const acc_t* bp = load_chunk<in_t>(a.base, i, n, bbuf);
-        for (int t = 0; t < T; ++t) {  // tau_t = theta_t - base, rounded in acc_t, then widened
-          const acc_t* x = load_chunk<in_t>(a.thetas[t], i, n, buf);
-          double* d = tau.data() + size_t(t) * kGChunk;
-          for (int64_t j = 0; j < nv; j += W) {
-            feed.tick();
-            if constexpr (exact) {
-              simd_store(d + j, widen(simd_load<HalfF>(x + j) - simd_load<HalfF>(bp + j)));
-            } else {
-              simd_store(d + j, simd_load<F>(x + j) - simd_load<F>(bp + j));
-            }
+        for (int t = 0; t < T; ++t) xs[t] = load_chunk<in_t>(a.thetas[t], i, n, xbufs.data() + size_t(t) * kGChunk);
+        tiles(bp, xs.data(), nv);
+        if (nv < n) {
+          const int64_t m = n - nv;
+          for (int l = 0; l < W; ++l) tailb[l] = l < m ? bp[nv + l] : acc_t(0);
+          for (int t = 0; t < T; ++t) {
+            acc_t* d = tailx.data() + size_t(t) * W;
+            for (int l = 0; l < W; ++l) d[l] = l < m ? xs[t][nv + l] : acc_t(0);
+            txs[t] = d;
           }
-          for (int64_t j = nv; j < n; ++j) d[j] = double(acc_t(x[j] - bp[j]));
-          for (int64_t j = n; j < nvec; ++j) d[j] = 0.0;
-        }
-        // 4 x 4 tiles of task pairs: 8 loads feed 16 multiply-adds.
-        for (int ra = 0; ra < nt; ++ra) {
-          for (int rb = ra; rb < nt; ++rb) {
-            const int ta0 = 4 * ra, tb0 = 4 * rb;
-            const int na = std::min(4, T - ta0), nb = std::min(4, T - tb0);
-            F* acc = accs.data() + size_t(ra * nt + rb) * 16;
-            // accumulators in registers (plain vector types: at::vec arrays end up on the stack)
-            F c00 = acc[0], c01 = acc[1], c02 = acc[2], c03 = acc[3], c10 = acc[4], c11 = acc[5], c12 = acc[6],
-              c13 = acc[7], c20 = acc[8], c21 = acc[9], c22 = acc[10], c23 = acc[11], c30 = acc[12], c31 = acc[13],
-              c32 = acc[14], c33 = acc[15];
-            const double* rows[8];
-            for (int u = 0; u < 4; ++u) {
-              rows[u] = tau.data() + size_t(ta0 + std::min(u, na - 1)) * kGChunk;
-              rows[4 + u] = tau.data() + size_t(tb0 + std::min(u, nb - 1)) * kGChunk;
-            }
-            if (ra == rb && na == 4) {  // a diagonal tile: only its 10 upper pairs
-              for (int64_t j = 0; j < nvec; j += W) {
-                feed.tick();
-                const F a0 = simd_load<F>(rows[0] + j), a1 = simd_load<F>(rows[1] + j);
-                const F a2 = simd_load<F>(rows[2] + j), a3 = simd_load<F>(rows[3] + j);
-                c00 = madd<exact>(c00, a0, a0); c01 = madd<exact>(c01, a0, a1);
-                c02 = madd<exact>(c02, a0, a2); c03 = madd<exact>(c03, a0, a3);
-                c11 = madd<exact>(c11, a1, a1); c12 = madd<exact>(c12, a1, a2);
-                c13 = madd<exact>(c13, a1, a3); c22 = madd<exact>(c22, a2, a2);
-                c23 = madd<exact>(c23, a2, a3); c33 = madd<exact>(c33, a3, a3);
-              }
-            } else {
-              for (int64_t j = 0; j < nvec; j += W) {
-                feed.tick();
-                const F a0 = simd_load<F>(rows[0] + j), a1 = simd_load<F>(rows[1] + j);
-                const F a2 = simd_load<F>(rows[2] + j), a3 = simd_load<F>(rows[3] + j);
-                const F b0 = simd_load<F>(rows[4] + j), b1 = simd_load<F>(rows[5] + j);
-                const F b2 = simd_load<F>(rows[6] + j), b3 = simd_load<F>(rows[7] + j);
-                c00 = madd<exact>(c00, a0, b0); c01 = madd<exact>(c01, a0, b1);
-                c02 = madd<exact>(c02, a0, b2); c03 = madd<exact>(c03, a0, b3);
-                c10 = madd<exact>(c10, a1, b0); c11 = madd<exact>(c11, a1, b1);
-                c12 = madd<exact>(c12, a1, b2); c13 = madd<exact>(c13, a1, b3);
-                c20 = madd<exact>(c20, a2, b0); c21 = madd<exact>(c21, a2, b1);
-                c22 = madd<exact>(c22, a2, b2); c23 = madd<exact>(c23, a2, b3);
-                c30 = madd<exact>(c30, a3, b0); c31 = madd<exact>(c31, a3, b1);
-                c32 = madd<exact>(c32, a3, b2); c33 = madd<exact>(c33, a3, b3);
-              }
-            }
-            acc[0] = c00; acc[1] = c01; acc[2] = c02; acc[3] = c03; acc[4] = c10; acc[5] = c11; acc[6] = c12;
-            acc[7] = c13; acc[8] = c20; acc[9] = c21; acc[10] = c22; acc[11] = c23; acc[12] = c30; acc[13] = c31;
-            acc[14] = c32; acc[15] = c33;
-          }
+          tiles(tailb, txs.data(), W);
         }
       }
       feed.drain();
