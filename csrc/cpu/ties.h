@@ -219,7 +219,7 @@ inline int64_t ties_run_start(int64_t r, int64_t runs, int64_t n, int64_t L) {  
 // Half-width of a measured bracket, in standard errors of the sampled rank. A Gaussian tail bound
 // puts every side of every bracketed problem at a miss probability of at most 1e-3 / (2 x problems),
 // so that a call misses (and pays a second pass) about once in a thousand; the 1.3 covers the error
-// of the measured spread (32 groups). Within [5, 8]: 5.7 for one to eight problems, 6.8 for 384.
+// of the measured spread (32 groups). Within [5, 8]: 5.1 for one problem, 5.7 for eight, 6.8 for 384.
 inline double bracket_z(int64_t nbracketed) {
   const double p = 1e-3 / (2.0 * double(std::max<int64_t>(1, nbracketed)));
   const double z = 1.3 * std::sqrt(2.0 * std::log(1.0 / p));
