@@ -427,6 +427,20 @@ struct LineFeed {
   }
 };
 
+// The last m (< W) positions of a chunk, from offset `from`, of the base and of T inputs, copied
+// zero-padded to one vector each (tb; T consecutive vectors from tx, listed in txs): the tail of a
+// vector loop runs as one more full vector.
+template <int W, typename acc_t>
+inline void pad_tails(const acc_t* bp, const acc_t* const* xs, int T, int64_t from, int64_t m, acc_t* tb,
+                      acc_t* tx, const acc_t** txs) {
+  for (int l = 0; l < W; ++l) tb[l] = l < m ? bp[from + l] : acc_t(0);
+  for (int t = 0; t < T; ++t) {
+    acc_t* d = tx + size_t(t) * W;
+    for (int l = 0; l < W; ++l) d[l] = l < m ? xs[t][from + l] : acc_t(0);
+    txs[t] = d;
+  }
+}
+
 // The contiguous inputs among base and the T others, for a LineFeed.
 inline std::vector<const char*> feed_streams(const Src& base, const Src* others, int T) {
   std::vector<const char*> v;
@@ -448,21 +462,21 @@ inline typename SimdVec<double>::F gram_tau(const acc_t* x, const acc_t* b) {
   }
 }
 
-// The 4 x 4 tile (ra, rb) of task pairs over nvec positions (a multiple of W) of one chunk: 16 vector
+// The 4 x 4 tile of task pairs xa x xb over nvec positions (a multiple of W) of one chunk: 16 vector
 // accumulators in registers (plain vector types: at::vec arrays end up on the stack). The task
 // vector entries are formed from the chunk's inputs as they are needed (a subtraction and a
 // widening per operand) rather than stored to a buffer first: the buffer's stores and reloads cost
 // more than the conversions, which overlap with the multiply-adds.
 template <bool exact, bool DIAG, typename acc_t>
-inline void gram_tile(typename SimdVec<double>::F* acc, const acc_t* bp, const acc_t* const* ra, const acc_t* const* rb,
+inline void gram_tile(typename SimdVec<double>::F* acc, const acc_t* bp, const acc_t* const* xa, const acc_t* const* xb,
                       int64_t nvec, LineFeed& feed) {
   using F = typename SimdVec<double>::F;
   constexpr int W = SimdVec<double>::W;
   F c00 = acc[0], c01 = acc[1], c02 = acc[2], c03 = acc[3], c10 = acc[4], c11 = acc[5], c12 = acc[6], c13 = acc[7],
     c20 = acc[8], c21 = acc[9], c22 = acc[10], c23 = acc[11], c30 = acc[12], c31 = acc[13], c32 = acc[14],
     c33 = acc[15];
-  const acc_t *x0 = ra[0], *x1 = ra[1], *x2 = ra[2], *x3 = ra[3];
-  const acc_t *y0 = rb[0], *y1 = rb[1], *y2 = rb[2], *y3 = rb[3];
+  const acc_t *x0 = xa[0], *x1 = xa[1], *x2 = xa[2], *x3 = xa[3];
+  const acc_t *y0 = xb[0], *y1 = xb[1], *y2 = xb[2], *y3 = xb[3];
   LineFeed f = feed;
   for (int64_t j = 0; j < nvec; j += W) {
     f.tick();
@@ -547,13 +561,7 @@ bool gram_impl(const GramArgs& a) {
         for (int t = 0; t < T; ++t) xs[t] = load_chunk<in_t>(a.thetas[t], i, n, xbufs.data() + size_t(t) * kGChunk);
         tiles(bp, xs.data(), nv);
         if (nv < n) {
-          const int64_t m = n - nv;
-          for (int l = 0; l < W; ++l) tailb[l] = l < m ? bp[nv + l] : acc_t(0);
-          for (int t = 0; t < T; ++t) {
-            acc_t* d = tailx.data() + size_t(t) * W;
-            for (int l = 0; l < W; ++l) d[l] = l < m ? xs[t][nv + l] : acc_t(0);
-            txs[t] = d;
-          }
+          pad_tails<W>(bp, xs.data(), T, nv, n - nv, tailb, tailx.data(), txs.data());
           tiles(tailb, txs.data(), W);
         }
       }
@@ -642,14 +650,12 @@ inline void dot_group(const acc_t* g, const acc_t* const* xs, int64_t n, typenam
     for (int k = 0; k < K; ++k) s[k] = madd<exact>(s[k], gd, load_as_double(x[k] + j));
   }
   if (nv < n) {
-    alignas(64) acc_t tg[W], tx[K][W];
-    for (int l = 0; l < W; ++l) tg[l] = nv + l < n ? g[nv + l] : acc_t(0);
+    alignas(64) acc_t tg[W], tx[K * W];
+    const acc_t* txs[K];
+    pad_tails<W>(g, x, K, nv, n - nv, tg, tx, txs);
     const D gd = load_as_double(tg);
 #pragma GCC unroll 8
-    for (int k = 0; k < K; ++k) {
-      for (int l = 0; l < W; ++l) tx[k][l] = nv + l < n ? x[k][nv + l] : acc_t(0);
-      s[k] = madd<exact>(s[k], gd, load_as_double(tx[k]));
-    }
+    for (int k = 0; k < K; ++k) s[k] = madd<exact>(s[k], gd, load_as_double(txs[k]));
   }
 #pragma GCC unroll 8
   for (int k = 0; k < K; ++k) acc[k] = s[k];

@@ -733,12 +733,7 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
         flush(bp, xs.data(), i, dst);
         if (nv < n) {
           const int m = int(n - nv);
-          for (int l = 0; l < W; ++l) tailb[l] = l < m ? bp[nv + l] : acc_t(0);
-          for (int t = 0; t < T; ++t) {
-            acc_t* d = tailx.data() + size_t(t) * W;
-            for (int l = 0; l < W; ++l) d[l] = l < m ? xs[t][nv + l] : acc_t(0);
-            txs[t] = d;
-          }
+          pad_tails<W>(bp, xs.data(), T, nv, m, tailb, tailx.data(), txs.data());
           dispatch.template operator()<true>(tailb, txs.data(), i + nv, W, m, tailo, -1);
           flush(tailb, txs.data(), i + nv, tailo);
           if constexpr (WRITE)
