@@ -17,8 +17,9 @@ Objectives: supervised cross-entropy summed over the tasks; unsupervised, on unl
 images (or, with ``unlabeled_split="test"``, on the unlabeled test images: test-time adaptation as
 in AdaMerging), either information maximisation (prediction entropy minus the entropy of the
 batch's mean prediction, the default) or the paper's prediction entropy alone; MGDA (the min-norm
-convex combination of the per-task gradients with respect to Λ, solved exactly); task negation (ascent on a target task, descent on a control task,
-keeping at least 95 % of the starting model's control accuracy). Model selection always uses
+convex combination of the per-task gradients with respect to Λ, solved exactly); task negation
+(ascent on a target task, descent on a control task, keeping at least 95 % of the starting model's
+control accuracy). Model selection always uses
 validation data; test accuracies are only reported.
 """
 
