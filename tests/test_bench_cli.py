@@ -82,3 +82,68 @@ def test_bench_quick_json(tmp_path):
         assert op in proc.stdout
     assert "GB/s" in proc.stdout and "peak extra" in proc.stdout
     assert "(1/" in proc.stderr  # progress lines
+
+
+def test_time_calls_warms_up_until_settled():
+    from fastmerge.benchmarks import runner
+
+    calls = []
+    left = [3]
+
+    def settle():
+        left[0] -= 1
+        return left[0] >= 0
+
+    times, _, _ = runner.time_calls(lambda: calls.append(1), 2, lambda w: 4, settle)
+    assert len(times) == 4
+    assert len(calls) == 2 + 3 + 4  # 2 warm-up calls, 3 more while unsettled, 4 timed
+    calls.clear()
+    runner.time_calls(lambda: calls.append(1), 1, lambda w: 1, lambda: True)
+    assert len(calls) == 1 + runner.MAX_SETTLE_CALLS + 1
+
+
+_SETTLE_SCRIPT = r"""
+import torch, fastmerge
+from fastmerge.benchmarks import runner
+base = torch.randn(8 << 20)
+thetas = [base + 1, base - 1]
+# not a streaming op: its warm-up call did not move the tuner, so warm-up stops there
+s = runner.PrefetchSettle()
+n = [0]
+def cos():
+    n[0] += 1
+    return fastmerge.task_vector_cosine(base, thetas)
+runner.time_calls(cos, 1, lambda w: 1, s)
+assert n[0] == 2, n[0]  # one warm-up call, one timed
+assert fastmerge.cpu_prefetch_state()["chosen"] == "tuning"
+# a streaming op (96 MiB read and written per call) warms up until the tuner has chosen
+runner.time_calls(lambda: fastmerge.task_arithmetic(base, thetas), 1, lambda w: 1, runner.PrefetchSettle())
+st = fastmerge.cpu_prefetch_state()
+assert st["chosen"] in ("on", "off"), st
+print("ok", st["runs_on"], st["runs_off"])
+"""
+
+
+def test_bench_waits_for_the_prefetch_choice():
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "FASTMERGE_CPU_PREFETCH"}
+    r = subprocess.run([sys.executable, "-c", _SETTLE_SCRIPT], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("ok")
+
+
+@pytest.mark.parametrize("nbytes", [8, 64, 8 * 1000003, 1 << 22])
+def test_stream_read_reads_every_word_whatever_the_streams(nbytes):
+    import numpy as np
+    import torch
+
+    from fastmerge import _C
+
+    x = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
+    want = np.bitwise_xor.reduce(x.numpy().view(np.uint64))
+    for streams in (1, 2, 9, 64):
+        got = _C.stream_read(x, streams)
+        assert np.uint64(got & (2**64 - 1)) == want, streams
+    with pytest.raises(ValueError, match="streams"):
+        _C.stream_read(x, 0)

@@ -136,10 +136,11 @@ def test_block_scale_threads_bit_identical():
     assert torch.equal(b1, block_scale_backward_op(grad, vecs, coefs, off, "cpu"))
 
 
-@pytest.mark.parametrize("T", [8, 9, 13])
+@pytest.mark.parametrize("T", [5, 8, 9, 12, 13])
 @pytest.mark.parametrize("d", [7, 2053, 131_101])
 def test_many_tasks_gram_and_backward(T, d):
-    # more tasks than one register tile / group, tails, several work items, strided inputs
+    # more tasks than one register tile / group (paired tiles, partial blocks), tails, several work
+    # items, strided inputs
     base, vecs = make_tasks(d, T, seed=d + T)
     G = fastmerge.task_vector_cosine(base, vecs, gram=True, backend="cpu")
     torch.testing.assert_close(G, ref.task_vector_cosine(base, vecs, gram=True), rtol=1e-12, atol=1e-300)

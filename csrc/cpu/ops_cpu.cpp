@@ -430,17 +430,25 @@ py::dict ties_last_stats() {
 
 // STREAM-like probes of the memory bandwidth, threaded like the kernels: a read of every word
 // (XOR-folded so nothing can be skipped) and a copy.
-int64_t stream_read(const at::Tensor& x) {
+// Reads every byte of x and folds it to a value (so the reads cannot be dropped). Each thread's
+// range is read as `streams` equal parts in lockstep, a cache line of each in turn: one stream is
+// the classic STREAM read, several interleaved streams are how the merge kernels read their T + 1
+// inputs (and on some processors they draw more bandwidth than one).
+int64_t stream_read(const at::Tensor& x, int64_t streams) {
   TORCH_CHECK_VALUE(x.is_contiguous() && x.device().is_cpu(), "stream_read needs a contiguous CPU tensor");
+  TORCH_CHECK_VALUE(streams >= 1 && streams <= 64, "stream_read: streams must be in [1, 64], got ", streams);
   const uint64_t* p = static_cast<const uint64_t*>(x.data_ptr());
   const int64_t n = int64_t(x.nbytes() / 8);
   std::atomic<uint64_t> folded{0};
   at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
     uint64_t acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t i = b;
-    for (; i + 8 <= e; i += 8)
-      for (int l = 0; l < 8; ++l) acc[l] ^= p[i + l];
-    for (; i < e; ++i) acc[0] ^= p[i];
+    const int64_t len = (e - b) / streams / 8 * 8;  // words per stream, whole cache lines
+    for (int64_t i = 0; i < len; i += 8)
+      for (int64_t s = 0; s < streams; ++s) {
+        const uint64_t* q = p + b + s * len + i;
+        for (int l = 0; l < 8; ++l) acc[l] ^= q[l];
+      }
+    for (int64_t i = b + streams * len; i < e; ++i) acc[0] ^= p[i];
     uint64_t f = 0;
     for (int l = 0; l < 8; ++l) f ^= acc[l];
     folded ^= f;
@@ -500,7 +508,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("cand_budget") = 0, py::arg("hist_budget") = 0);
   m.def("empty_cache", &C::empty_cache, "Free the cached output blocks; returns the bytes freed");
   m.def("ties_last_stats", &C::ties_last_stats, "Diagnostics of the last merge_ties call on this thread");
-  m.def("stream_read", &C::stream_read, "Read every byte of a buffer (bandwidth probe)");
+  m.def("stream_read", &C::stream_read, "Read every byte of a buffer as `streams` interleaved streams per thread (bandwidth probe)",
+        py::arg("x"), py::arg("streams") = 1);
   m.def("stream_copy", &C::stream_copy, "Copy src into dst (bandwidth probe)");
   m.def("prefetch_state", &C::prefetch_state, "Software-prefetch choice of the streaming ops and its timings");
   m.def("cpu_capability", &C::capability, "Instruction set of the kernels in use");
