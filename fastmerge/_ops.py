@@ -179,7 +179,7 @@ def _ties_strategy() -> int:
 
 def _ties_scratch() -> tuple[int, int]:
     """CPU TIES scratch budgets per thread, from ``FASTMERGE_TIES_SCRATCH=CANDIDATES,BINS``
-    (0 or unset: the built-in 2^20 each). Small budgets force the histogram narrowing passes."""
+    (0 or unset: the built-in 2^23 candidates and 2^16 bins). Small budgets force the histogram narrowing passes."""
     raw = os.environ.get("FASTMERGE_TIES_SCRATCH", "").strip()
     if not raw:
         return 0, 0
