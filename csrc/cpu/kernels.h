@@ -462,6 +462,17 @@ inline typename SimdVec<double>::F gram_tau(const acc_t* x, const acc_t* b) {
   }
 }
 
+// The 10 upper pairs of a diagonal tile: c_uv += a_u * a_v for u <= v.
+template <bool exact, typename F>
+inline void gram_diag_madds(F& c00, F& c01, F& c02, F& c03, F& c11, F& c12, F& c13, F& c22, F& c23, F& c33,
+                            const F& a0, const F& a1, const F& a2, const F& a3) {
+  c00 = madd<exact>(c00, a0, a0); c01 = madd<exact>(c01, a0, a1);
+  c02 = madd<exact>(c02, a0, a2); c03 = madd<exact>(c03, a0, a3);
+  c11 = madd<exact>(c11, a1, a1); c12 = madd<exact>(c12, a1, a2);
+  c13 = madd<exact>(c13, a1, a3); c22 = madd<exact>(c22, a2, a2);
+  c23 = madd<exact>(c23, a2, a3); c33 = madd<exact>(c33, a3, a3);
+}
+
 // The 4 x 4 tile of task pairs xa x xb over nvec positions (a multiple of W) of one chunk: 16 vector
 // accumulators in registers (plain vector types: at::vec arrays end up on the stack). The task
 // vector entries are formed from the chunk's inputs as they are needed (a subtraction and a
@@ -483,11 +494,7 @@ inline void gram_tile(typename SimdVec<double>::F* acc, const acc_t* bp, const a
     const F a0 = gram_tau<exact>(x0 + j, bp + j), a1 = gram_tau<exact>(x1 + j, bp + j);
     const F a2 = gram_tau<exact>(x2 + j, bp + j), a3 = gram_tau<exact>(x3 + j, bp + j);
     if constexpr (DIAG) {  // only the 10 upper pairs
-      c00 = madd<exact>(c00, a0, a0); c01 = madd<exact>(c01, a0, a1);
-      c02 = madd<exact>(c02, a0, a2); c03 = madd<exact>(c03, a0, a3);
-      c11 = madd<exact>(c11, a1, a1); c12 = madd<exact>(c12, a1, a2);
-      c13 = madd<exact>(c13, a1, a3); c22 = madd<exact>(c22, a2, a2);
-      c23 = madd<exact>(c23, a2, a3); c33 = madd<exact>(c33, a3, a3);
+      gram_diag_madds<exact>(c00, c01, c02, c03, c11, c12, c13, c22, c23, c33, a0, a1, a2, a3);
     } else {
       const F b0 = gram_tau<exact>(y0 + j, bp + j), b1 = gram_tau<exact>(y1 + j, bp + j);
       const F b2 = gram_tau<exact>(y2 + j, bp + j), b3 = gram_tau<exact>(y3 + j, bp + j);
@@ -534,11 +541,7 @@ inline void gram_tile_pair(typename SimdVec<double>::F* dacc, typename SimdVec<d
     f.tick();
     const F a0 = gram_tau<exact>(x0 + j, bp + j), a1 = gram_tau<exact>(x1 + j, bp + j);
     const F a2 = gram_tau<exact>(x2 + j, bp + j), a3 = gram_tau<exact>(x3 + j, bp + j);
-    d00 = madd<exact>(d00, a0, a0); d01 = madd<exact>(d01, a0, a1);
-    d02 = madd<exact>(d02, a0, a2); d03 = madd<exact>(d03, a0, a3);
-    d11 = madd<exact>(d11, a1, a1); d12 = madd<exact>(d12, a1, a2);
-    d13 = madd<exact>(d13, a1, a3); d22 = madd<exact>(d22, a2, a2);
-    d23 = madd<exact>(d23, a2, a3); d33 = madd<exact>(d33, a3, a3);
+    gram_diag_madds<exact>(d00, d01, d02, d03, d11, d12, d13, d22, d23, d33, a0, a1, a2, a3);
     F b = gram_tau<exact>(y0 + j, bp + j);
     c00 = madd<exact>(c00, a0, b); c10 = madd<exact>(c10, a1, b);
     c20 = madd<exact>(c20, a2, b); c30 = madd<exact>(c30, a3, b);
