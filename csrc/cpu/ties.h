@@ -98,8 +98,8 @@ inline acc_t from_key(typename BitsOf<acc_t>::type u) {
 }
 
 // Values of the given (ascending) 0-indexed ranks among the non-negative values v (reordered and
-// shrunk in place): radix rounds of a 2^kSelBits-bin histogram over the key range, then a sort of
-// what is left.
+// shrunk in place): radix rounds of a 2^kSelBits-bin histogram over the key range, then
+// selections among what is left.
 template <typename acc_t>
 void select_ranks(std::vector<acc_t>& v, int64_t* ranks, int nr, acc_t* res) {
   using bits_t = typename BitsOf<acc_t>::type;
@@ -117,8 +117,16 @@ void select_ranks(std::vector<acc_t>& v, int64_t* ranks, int nr, acc_t* res) {
   while (true) {
     const size_t m = v.size();
     if (m <= 4096) {
-      std::sort(v.begin(), v.end());
-      for (int r = 0; r < nr; ++r) res[r] = v[size_t(ranks[r])];
+      // selections in rank order, each over what lies above the one before (linear, not a sort)
+      auto from = v.begin();
+      for (int r = 0; r < nr; ++r) {
+        const auto it = v.begin() + ranks[r];
+        if (it >= from) {
+          std::nth_element(from, it, v.end());
+          from = it + 1;
+        }
+        res[r] = *it;
+      }
       return;
     }
     if (kmin == kmax) {
