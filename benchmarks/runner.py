@@ -286,16 +286,20 @@ def time_calls(fn, warmup: int, reps_for, settle=None) -> tuple[list[float], lis
     time the calls; returns (times, per-call returns if dicts, last warm-up time)."""
     gc.collect()
     warm = None
-    extra = 0
-    done = 0
-    while done < warmup or (settle is not None and extra < MAX_SETTLE_CALLS and settle()):
-        if done >= warmup:
-            extra += 1
+
+    def call():
+        nonlocal warm
         t0 = time.perf_counter()
         r = fn()
         warm = time.perf_counter() - t0
         del r
-        done += 1
+
+    for _ in range(warmup):
+        call()
+    for _ in range(MAX_SETTLE_CALLS if settle is not None else 0):
+        if not settle():
+            break
+        call()
     reps = reps_for(warm)
     times, extras = [], []
     was = gc.isenabled()

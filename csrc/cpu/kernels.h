@@ -473,67 +473,45 @@ inline void gram_diag_madds(F& c00, F& c01, F& c02, F& c03, F& c11, F& c12, F& c
   c23 = madd<exact>(c23, a2, a3); c33 = madd<exact>(c33, a3, a3);
 }
 
-// The 4 x 4 tile of task pairs xa x xb over nvec positions (a multiple of W) of one chunk: 16 vector
-// accumulators in registers (plain vector types: at::vec arrays end up on the stack). The task
-// vector entries are formed from the chunk's inputs as they are needed (a subtraction and a
-// widening per operand) rather than stored to a buffer first: the buffer's stores and reloads cost
-// more than the conversions, which overlap with the multiply-adds.
-template <bool exact, bool DIAG, typename acc_t>
-inline void gram_tile(typename SimdVec<double>::F* acc, const acc_t* bp, const acc_t* const* xa, const acc_t* const* xb,
-                      int64_t nvec, LineFeed& feed) {
-  using F = typename SimdVec<double>::F;
-  constexpr int W = SimdVec<double>::W;
-  F c00 = acc[0], c01 = acc[1], c02 = acc[2], c03 = acc[3], c10 = acc[4], c11 = acc[5], c12 = acc[6], c13 = acc[7],
-    c20 = acc[8], c21 = acc[9], c22 = acc[10], c23 = acc[11], c30 = acc[12], c31 = acc[13], c32 = acc[14],
-    c33 = acc[15];
-  const acc_t *x0 = xa[0], *x1 = xa[1], *x2 = xa[2], *x3 = xa[3];
-  const acc_t *y0 = xb[0], *y1 = xb[1], *y2 = xb[2], *y3 = xb[3];
-  LineFeed f = feed;
-  for (int64_t j = 0; j < nvec; j += W) {
-    f.tick();
-    const F a0 = gram_tau<exact>(x0 + j, bp + j), a1 = gram_tau<exact>(x1 + j, bp + j);
-    const F a2 = gram_tau<exact>(x2 + j, bp + j), a3 = gram_tau<exact>(x3 + j, bp + j);
-    if constexpr (DIAG) {  // only the 10 upper pairs
-      gram_diag_madds<exact>(c00, c01, c02, c03, c11, c12, c13, c22, c23, c33, a0, a1, a2, a3);
-    } else {
-      const F b0 = gram_tau<exact>(y0 + j, bp + j), b1 = gram_tau<exact>(y1 + j, bp + j);
-      const F b2 = gram_tau<exact>(y2 + j, bp + j), b3 = gram_tau<exact>(y3 + j, bp + j);
-      c00 = madd<exact>(c00, a0, b0); c01 = madd<exact>(c01, a0, b1);
-      c02 = madd<exact>(c02, a0, b2); c03 = madd<exact>(c03, a0, b3);
-      c10 = madd<exact>(c10, a1, b0); c11 = madd<exact>(c11, a1, b1);
-      c12 = madd<exact>(c12, a1, b2); c13 = madd<exact>(c13, a1, b3);
-      c20 = madd<exact>(c20, a2, b0); c21 = madd<exact>(c21, a2, b1);
-      c22 = madd<exact>(c22, a2, b2); c23 = madd<exact>(c23, a2, b3);
-      c30 = madd<exact>(c30, a3, b0); c31 = madd<exact>(c31, a3, b1);
-      c32 = madd<exact>(c32, a3, b2); c33 = madd<exact>(c33, a3, b3);
-    }
-  }
-  feed = f;
-  acc[0] = c00; acc[1] = c01; acc[2] = c02; acc[3] = c03; acc[4] = c10; acc[5] = c11; acc[6] = c12; acc[7] = c13;
-  acc[8] = c20; acc[9] = c21; acc[10] = c22; acc[11] = c23; acc[12] = c30; acc[13] = c31; acc[14] = c32; acc[15] = c33;
-}
-
-// With 32 vector registers (AVX-512): row block xa against itself (its 10 upper pairs, into dacc)
-// and against the column block xb (16 pairs, into oacc) in one loop. The four row operands are
-// formed once for both tiles, and each column operand is used by its four multiply-adds as soon as
-// it is formed: 26 accumulators and 5 operands stay in registers, and a T = 8 Gram forms 12 task
-// vector entries per position instead of the 16 of three separate tiles. Every accumulator sees
-// the same products in the same order as in gram_tile, so the results are bit for bit the same.
+// What one tile loop accumulates: the diagonal tile of row block xa (its 10 upper pairs), the
+// off-diagonal tile xa x xb (16 pairs), or both in one loop. The pair needs 26 accumulators and
+// 5 operands in registers, so it is used only with AVX-512's 32: the four row operands are then
+// formed once for both tiles, and a T = 8 Gram forms 12 task vector entries per position instead
+// of the 16 of three separate tiles.
+enum GramTileKind { kGramDiag, kGramOff, kGramPair };
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr bool kGramPairTiles = true;
 #else
 constexpr bool kGramPairTiles = false;
 #endif
-template <bool exact, typename acc_t>
-inline void gram_tile_pair(typename SimdVec<double>::F* dacc, typename SimdVec<double>::F* oacc, const acc_t* bp,
-                           const acc_t* const* xa, const acc_t* const* xb, int64_t nvec, LineFeed& feed) {
+
+// One tile loop over nvec positions (a multiple of W) of one chunk. Diagonal accumulators live in
+// acc (the 4 x 4 layout's upper slots), off-diagonal ones in acc (kGramOff) or acc2 (kGramPair);
+// they are plain vector locals so that they stay in registers (at::vec arrays end up on the
+// stack). The task vector entries are formed from the chunk's inputs as they are needed (a
+// subtraction and a widening per operand) rather than stored to a buffer first: the buffer's
+// stores and reloads cost more than the conversions, which overlap with the multiply-adds. Each
+// column operand is used by its four multiply-adds as soon as it is formed. Every accumulator sees
+// the same products in the same order whatever the kind, so pairing changes no bit of the result.
+template <bool exact, int KIND, typename acc_t>
+inline void gram_tile(typename SimdVec<double>::F* acc, typename SimdVec<double>::F* acc2, const acc_t* bp,
+                      const acc_t* const* xa, const acc_t* const* xb, int64_t nvec, LineFeed& feed) {
   using F = typename SimdVec<double>::F;
   constexpr int W = SimdVec<double>::W;
-  F d00 = dacc[0], d01 = dacc[1], d02 = dacc[2], d03 = dacc[3], d11 = dacc[5], d12 = dacc[6], d13 = dacc[7],
+  constexpr bool kDiag = KIND != kGramOff, kOff = KIND != kGramDiag;
+  F* dacc = acc;
+  F* oacc = KIND == kGramPair ? acc2 : acc;
+  F d00{}, d01{}, d02{}, d03{}, d11{}, d12{}, d13{}, d22{}, d23{}, d33{};
+  F c00{}, c01{}, c02{}, c03{}, c10{}, c11{}, c12{}, c13{}, c20{}, c21{}, c22{}, c23{}, c30{}, c31{}, c32{}, c33{};
+  if constexpr (kDiag) {
+    d00 = dacc[0], d01 = dacc[1], d02 = dacc[2], d03 = dacc[3], d11 = dacc[5], d12 = dacc[6], d13 = dacc[7];
     d22 = dacc[10], d23 = dacc[11], d33 = dacc[15];
-  F c00 = oacc[0], c01 = oacc[1], c02 = oacc[2], c03 = oacc[3], c10 = oacc[4], c11 = oacc[5], c12 = oacc[6],
-    c13 = oacc[7], c20 = oacc[8], c21 = oacc[9], c22 = oacc[10], c23 = oacc[11], c30 = oacc[12], c31 = oacc[13],
-    c32 = oacc[14], c33 = oacc[15];
+  }
+  if constexpr (kOff) {
+    c00 = oacc[0], c01 = oacc[1], c02 = oacc[2], c03 = oacc[3], c10 = oacc[4], c11 = oacc[5], c12 = oacc[6];
+    c13 = oacc[7], c20 = oacc[8], c21 = oacc[9], c22 = oacc[10], c23 = oacc[11], c30 = oacc[12];
+    c31 = oacc[13], c32 = oacc[14], c33 = oacc[15];
+  }
   const acc_t *x0 = xa[0], *x1 = xa[1], *x2 = xa[2], *x3 = xa[3];
   const acc_t *y0 = xb[0], *y1 = xb[1], *y2 = xb[2], *y3 = xb[3];
   LineFeed f = feed;
@@ -541,26 +519,32 @@ inline void gram_tile_pair(typename SimdVec<double>::F* dacc, typename SimdVec<d
     f.tick();
     const F a0 = gram_tau<exact>(x0 + j, bp + j), a1 = gram_tau<exact>(x1 + j, bp + j);
     const F a2 = gram_tau<exact>(x2 + j, bp + j), a3 = gram_tau<exact>(x3 + j, bp + j);
-    gram_diag_madds<exact>(d00, d01, d02, d03, d11, d12, d13, d22, d23, d33, a0, a1, a2, a3);
-    F b = gram_tau<exact>(y0 + j, bp + j);
-    c00 = madd<exact>(c00, a0, b); c10 = madd<exact>(c10, a1, b);
-    c20 = madd<exact>(c20, a2, b); c30 = madd<exact>(c30, a3, b);
-    b = gram_tau<exact>(y1 + j, bp + j);
-    c01 = madd<exact>(c01, a0, b); c11 = madd<exact>(c11, a1, b);
-    c21 = madd<exact>(c21, a2, b); c31 = madd<exact>(c31, a3, b);
-    b = gram_tau<exact>(y2 + j, bp + j);
-    c02 = madd<exact>(c02, a0, b); c12 = madd<exact>(c12, a1, b);
-    c22 = madd<exact>(c22, a2, b); c32 = madd<exact>(c32, a3, b);
-    b = gram_tau<exact>(y3 + j, bp + j);
-    c03 = madd<exact>(c03, a0, b); c13 = madd<exact>(c13, a1, b);
-    c23 = madd<exact>(c23, a2, b); c33 = madd<exact>(c33, a3, b);
+    if constexpr (kDiag) gram_diag_madds<exact>(d00, d01, d02, d03, d11, d12, d13, d22, d23, d33, a0, a1, a2, a3);
+    if constexpr (kOff) {
+      F b = gram_tau<exact>(y0 + j, bp + j);
+      c00 = madd<exact>(c00, a0, b); c10 = madd<exact>(c10, a1, b);
+      c20 = madd<exact>(c20, a2, b); c30 = madd<exact>(c30, a3, b);
+      b = gram_tau<exact>(y1 + j, bp + j);
+      c01 = madd<exact>(c01, a0, b); c11 = madd<exact>(c11, a1, b);
+      c21 = madd<exact>(c21, a2, b); c31 = madd<exact>(c31, a3, b);
+      b = gram_tau<exact>(y2 + j, bp + j);
+      c02 = madd<exact>(c02, a0, b); c12 = madd<exact>(c12, a1, b);
+      c22 = madd<exact>(c22, a2, b); c32 = madd<exact>(c32, a3, b);
+      b = gram_tau<exact>(y3 + j, bp + j);
+      c03 = madd<exact>(c03, a0, b); c13 = madd<exact>(c13, a1, b);
+      c23 = madd<exact>(c23, a2, b); c33 = madd<exact>(c33, a3, b);
+    }
   }
   feed = f;
-  dacc[0] = d00; dacc[1] = d01; dacc[2] = d02; dacc[3] = d03; dacc[5] = d11; dacc[6] = d12; dacc[7] = d13;
-  dacc[10] = d22; dacc[11] = d23; dacc[15] = d33;
-  oacc[0] = c00; oacc[1] = c01; oacc[2] = c02; oacc[3] = c03; oacc[4] = c10; oacc[5] = c11; oacc[6] = c12;
-  oacc[7] = c13; oacc[8] = c20; oacc[9] = c21; oacc[10] = c22; oacc[11] = c23; oacc[12] = c30; oacc[13] = c31;
-  oacc[14] = c32; oacc[15] = c33;
+  if constexpr (kDiag) {
+    dacc[0] = d00; dacc[1] = d01; dacc[2] = d02; dacc[3] = d03; dacc[5] = d11; dacc[6] = d12; dacc[7] = d13;
+    dacc[10] = d22; dacc[11] = d23; dacc[15] = d33;
+  }
+  if constexpr (kOff) {
+    oacc[0] = c00; oacc[1] = c01; oacc[2] = c02; oacc[3] = c03; oacc[4] = c10; oacc[5] = c11; oacc[6] = c12;
+    oacc[7] = c13; oacc[8] = c20; oacc[9] = c21; oacc[10] = c22; oacc[11] = c23; oacc[12] = c30; oacc[13] = c31;
+    oacc[14] = c32; oacc[15] = c33;
+  }
 }
 
 template <typename in_t>
@@ -603,12 +587,12 @@ bool gram_impl(const GramArgs& a) {
           F* acc = accs.data() + size_t(ra * nt + rb) * 16;
           if (rb == ra && paired(ra)) {
             for (int u = 0; u < 4; ++u) rows[4 + u] = x[std::min(4 * (ra + 1) + u, T - 1)];
-            gram_tile_pair<exact>(acc, acc + 16, bp, rows, rows + 4, nvec, feed);
+            gram_tile<exact, kGramPair>(acc, acc + 16, bp, rows, rows + 4, nvec, feed);
             ++rb;
           } else if (ra == rb && 4 * ra + 4 <= T) {
-            gram_tile<exact, true>(acc, bp, rows, rows + 4, nvec, feed);
+            gram_tile<exact, kGramDiag>(acc, nullptr, bp, rows, rows + 4, nvec, feed);
           } else {
-            gram_tile<exact, false>(acc, bp, rows, rows + 4, nvec, feed);
+            gram_tile<exact, kGramOff>(acc, nullptr, bp, rows, rows + 4, nvec, feed);
           }
         }
       }

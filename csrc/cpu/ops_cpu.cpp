@@ -429,11 +429,10 @@ py::dict ties_last_stats() {
 }
 
 // STREAM-like probes of the memory bandwidth, threaded like the kernels: a read of every word
-// (XOR-folded so nothing can be skipped) and a copy.
-// Reads every byte of x and folds it to a value (so the reads cannot be dropped). Each thread's
-// range is read as `streams` equal parts in lockstep, a cache line of each in turn: one stream is
-// the classic STREAM read, several interleaved streams are how the merge kernels read their T + 1
-// inputs (and on some processors they draw more bandwidth than one).
+// (XOR-folded so nothing can be skipped) and a copy. The read takes each thread's range as
+// `streams` equal parts in lockstep, a cache line of each in turn: one stream is the classic
+// STREAM read, several interleaved streams are how the merge kernels read their T + 1 inputs (and
+// on some processors they draw more bandwidth than one).
 int64_t stream_read(const at::Tensor& x, int64_t streams) {
   TORCH_CHECK_VALUE(x.is_contiguous() && x.device().is_cpu(), "stream_read needs a contiguous CPU tensor");
   TORCH_CHECK_VALUE(streams >= 1 && streams <= 64, "stream_read: streams must be in [1, 64], got ", streams);
