@@ -8,6 +8,10 @@ Environment switches:
   FASTMERGE_CPU_ISA           CPU instruction-set builds to compile, default "default,avx2,avx512" on
                               x86-64 ("default" elsewhere). The right one is picked at run time; no
                               -march=native anywhere.
+  FASTMERGE_CUDA_EMULATOR=0|1 1: also build fastmerge._C_cuda_emu, the CUDA kernels compiled by the host
+                              compiler for a CPU emulator of the CUDA execution model (no toolkit
+                              needed), which runs them on CPU tensors under FASTMERGE_CUDA_EMULATE=1.
+                              For testing the CUDA kernels without a GPU; default 0.
   MAX_JOBS                    parallel compile jobs.
 """
 
@@ -189,6 +193,9 @@ def ext_modules_and_cmdclass():
     exts = [ext]
     if build_cuda:
         exts.append(cuda_extension())
+    if emulator_wanted():
+        log("CUDA emulator: building fastmerge._C_cuda_emu (the CUDA kernels for the CPU emulator)")
+        exts.append(cuda_emulator_extension())
     return exts, {"build_ext": Build.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
@@ -220,6 +227,31 @@ def cuda_extension():
             "cxx": ["-O3", "-std=c++20", "-ffp-contract=off", f"-DFASTMERGE_CUDA_ARCHS={','.join(archs)}"],
             "nvcc": nvcc_flags,
         },
+    )
+
+
+def emulator_wanted() -> bool:
+    mode = os.environ.get("FASTMERGE_CUDA_EMULATOR", "0").strip().lower()
+    if mode not in ("0", "1"):
+        raise SystemExit(f"FASTMERGE_CUDA_EMULATOR must be 0 or 1, got {mode!r}")
+    return mode == "1"
+
+
+def cuda_emulator_extension():
+    """fastmerge._C_cuda_emu: the sources of csrc/cuda built by the host compiler with
+    FASTMERGE_CUDA_EMULATION (csrc/cuda_emu/*.cpp include them), registered for the CPU key."""
+    from torch.utils.cpp_extension import CppExtension
+
+    emu_dir = os.path.join(CSRC, "cuda_emu")
+    sources = sorted(os.path.relpath(os.path.join(emu_dir, f), ROOT) for f in os.listdir(emu_dir) if f.endswith(".cpp"))
+    # -O1: these objects serve the tests, and the emulator's cost is its fiber switches, not the math.
+    flags = ["-O1", "-std=c++20", "-ffp-contract=off", "-fno-strict-aliasing", "-DFASTMERGE_CUDA_EMULATION",
+             "-DFASTMERGE_CUDA_ARCHS=emulated"]
+    return CppExtension(
+        name="fastmerge._C_cuda_emu",
+        sources=sources,
+        include_dirs=[os.path.join(CSRC, "include"), os.path.join(CSRC, "cuda")],
+        extra_compile_args={"cxx": flags},
     )
 
 

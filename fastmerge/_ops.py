@@ -9,7 +9,9 @@ reshape) and a concrete ``backend`` string, resolved before the op is called:
   ``TRITON_INTERPRET=1`` was set before the first import of triton, which is how they are tested
   without a GPU);
 - ``cuda``: the CUDA C++ kernels of ``fastmerge._C_cuda``, registered for the CUDA dispatch key as
-  ``torch.ops.fastmerge_cuda.<name>`` (CUDA tensors).
+  ``torch.ops.fastmerge_cuda.<name>`` (CUDA tensors; instead CPU tensors when
+  ``FASTMERGE_CUDA_EMULATE=1`` was set before fastmerge was imported: the same kernels then run in
+  a CPU emulator of the CUDA execution model, which is how they are tested without a GPU).
 
 Default: CPU tensors use ``cpu``, CUDA tensors ``triton`` (``cuda`` when Triton cannot be imported).
 When the kernels a default needs are missing, the ``reference`` backend runs instead, with one
@@ -68,6 +70,15 @@ def cuda_extension():
     except ImportError:  # pragma: no cover - a source tree without the CUDA loader
         return None
     return _cuda if _cuda.AVAILABLE else None
+
+
+def cuda_device_type() -> str:
+    """The device type the ``cuda`` backend takes: "cuda", or "cpu" under FASTMERGE_CUDA_EMULATE=1."""
+    try:
+        from . import _cuda
+    except ImportError:  # pragma: no cover - a source tree without the CUDA loader
+        return "cuda"
+    return _cuda.device_type()
 _MERGE_CODES = {"mean": 0, "sum": 1, "max": 2}
 _warned: set[str] = set()
 
@@ -93,8 +104,8 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
     elif dev.type == "cuda":
         if triton_kernels() is not None:
             out.append("triton")
-        if cuda_extension() is not None:
-            out.append("cuda")
+    if cuda_extension() is not None and dev.type == cuda_device_type():
+        out.append("cuda")
     return out
 
 
@@ -112,7 +123,7 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
         if device.type == "cuda":
             if triton_kernels() is not None:
                 return "triton"
-            if cuda_extension() is not None:
+            if cuda_extension() is not None and cuda_device_type() == "cuda":
                 return "cuda"
             _warn_once("nogpu", f"fastmerge: neither the Triton kernels ({_KERNELS_ERROR}) nor the CUDA extension "
                                 "could be loaded; running the PyTorch reference ops on CUDA tensors instead")
@@ -134,19 +145,23 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
         if triton_kernels() is None:
             raise RuntimeError(f"backend='triton' is unavailable: importing the Triton kernels failed ({_KERNELS_ERROR})")
     if name == "cuda":
-        if device.type != "cuda":
+        from . import _cuda
+
+        if device.type != cuda_device_type():
+            if _cuda.EMULATED:
+                raise ValueError(f"backend='cuda' runs in the CPU emulator (FASTMERGE_CUDA_EMULATE=1) and needs CPU "
+                                 f"tensors there, got tensors on {device}")
             raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
         if cuda_extension() is None:
-            from . import _cuda
-
-            raise RuntimeError("backend='cuda' is unavailable: the CUDA extension was not built or does not load "
-                               f"({_cuda.ERROR or 'not built'}); build it with a CUDA toolkit: FASTMERGE_CUDA=1 "
-                               "pip install --no-build-isolation -e .")
+            what = "the CUDA emulator extension" if _cuda.EMULATED else "the CUDA extension"
+            raise RuntimeError(f"backend='cuda' is unavailable: {what} was not built or does not load "
+                               f"({_cuda.ERROR or 'not built'}); {_cuda.BUILD_HINT}")
     return name
 
 
 def _cuda_op(name: str, named, *args, overflow_msg: Optional[str] = None):
-    """Run ``torch.ops.fastmerge_cuda.<name>`` and raise the ValueError for a NaN/Inf it noted.
+    """Run the CUDA op ``<name>`` (``torch.ops.fastmerge_cuda``, or ``fastmerge_cuda_emu`` when emulated)
+    and raise the ValueError for a NaN/Inf it noted.
 
     The CUDA ops do not raise on non-finite data: they note it (per thread) and return. The note is
     cleared first, so a stale one from a direct call cannot leak into this call.
@@ -154,7 +169,7 @@ def _cuda_op(name: str, named, *args, overflow_msg: Optional[str] = None):
     from . import _cuda
 
     _cuda.take_nonfinite()
-    result = getattr(torch.ops.fastmerge_cuda, name)(*args)
+    result = getattr(_cuda.ops(), name)(*args)
     if _cuda.take_nonfinite():
         V.raise_if_nonfinite(named)
         raise ValueError(overflow_msg or "a non-finite value appeared in the computation (finite inputs)")

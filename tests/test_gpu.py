@@ -1,8 +1,10 @@
 """Both GPU backends (triton, cuda) against the reference on CUDA tensors.
 
-Skipped where no CUDA device is present. The same awkward cases as the CPU suite, plus sizes large
-enough for the production paths (sampled TIES brackets, many work items) and one op over more than
-2^31 elements (int64 indexing).
+Skipped where no CUDA device is present, except under ``FASTMERGE_CUDA_EMULATE=1``: the ``cuda``
+backend's kernels then run on CPU tensors in the CPU emulator of the CUDA execution model, through
+the same cases (the largest ones scaled down: the emulator runs every CUDA thread as a fiber).
+The same awkward cases as the CPU suite, plus sizes large enough for the production paths (sampled
+TIES brackets, many work items) and one op over more than 2^31 elements (int64 indexing).
 """
 
 from __future__ import annotations
@@ -11,16 +13,23 @@ import pytest
 import torch
 
 import fastmerge
+from fastmerge import _cuda
 from fastmerge import reference as ref
 from conftest import make_tasks, strided
 
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+EMULATED = _cuda.EMULATED
+DEV = _cuda.device_type() if EMULATED else "cuda"
+ENABLED = torch.cuda.is_available() or (EMULATED and _cuda.AVAILABLE)
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(
+    not ENABLED, reason="needs a CUDA device (or FASTMERGE_CUDA_EMULATE=1 with the emulator built)")]
 
 SIZES = [1, 2, 3, 7, 127, 257, 1021, 65537, 1_000_003]
 MODES = ["mean", "sum", "max"]
 
 
 def backends():
+    if EMULATED:
+        return ["cuda"]
     if not torch.cuda.is_available():
         return ["triton", "cuda"]
     return [b for b in ("triton", "cuda") if b in fastmerge.available_backends("cuda")]
@@ -29,20 +38,30 @@ def backends():
 BACKENDS = backends()
 
 
-def bits(x):
-    return x.reshape(-1).view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+def big(n: int) -> int:
+    """A large test size, divided by 5 in the emulator (which runs each CUDA thread as a fiber)."""
+    return n // 5 if EMULATED else n
 
 
-def cuda(xs):
-    return [x.cuda() for x in xs]
+def on_dev(xs):
+    return [x.to(DEV) for x in xs]
 
 
+needs_gpu = pytest.mark.skipif(EMULATED, reason="about the GPU installation or memory, not run in the emulator")
+
+
+@needs_gpu
 def test_both_gpu_backends_are_available():
     assert fastmerge.available_backends("cuda") == ["reference", "triton", "cuda"]
 
 
+@needs_gpu
 def test_default_backend_for_cuda_tensors_is_triton():
     assert fastmerge._ops.resolve_backend(None, torch.device("cuda")) == "triton"
+
+
+def bits(x):
+    return x.reshape(-1).view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
 
 
 @pytest.mark.parametrize("be", BACKENDS)
@@ -52,19 +71,19 @@ def test_default_backend_for_cuda_tensors_is_triton():
 def test_streaming_ops(be, d, dtype, tol):
     base, th = make_tasks(d, 5, dtype=dtype, seed=d % 97)
     w = [1.0, 0.5, 2.0, 0.0, 3.0]
-    out = fastmerge.uniform_average(cuda(th), weights=w, backend=be).cpu()
+    out = fastmerge.uniform_average(on_dev(th), weights=w, backend=be).cpu()
     torch.testing.assert_close(out, ref.uniform_average(th, w), rtol=tol, atol=tol)
     lam = [0.3, -0.2, 1.0, 0.5, 0.7]
-    out = fastmerge.task_arithmetic(base.cuda(), cuda(th), lam, backend=be).cpu()
+    out = fastmerge.task_arithmetic(base.to(DEV), on_dev(th), lam, backend=be).cpu()
     torch.testing.assert_close(out, ref.task_arithmetic(base, th, lam), rtol=tol, atol=tol)
-    G = fastmerge.task_vector_cosine(base.cuda(), cuda(th), gram=True, backend=be).cpu()
+    G = fastmerge.task_vector_cosine(base.to(DEV), on_dev(th), gram=True, backend=be).cpu()
     torch.testing.assert_close(G, ref.task_vector_cosine(base, th, gram=True), rtol=1e-9, atol=1e-12)
     blocks = sorted({0, d, d // 3, d // 3, (2 * d) // 3, max(0, d - 1)})
     coefs = torch.randn(5, len(blocks) - 1, dtype=torch.float32)
-    out = fastmerge.block_scale(base.cuda(), cuda(th), coefs.cuda(), blocks=blocks, backend=be).cpu()
+    out = fastmerge.block_scale(base.to(DEV), on_dev(th), coefs.to(DEV), blocks=blocks, backend=be).cpu()
     torch.testing.assert_close(out, ref.block_scale(base, th, coefs, blocks), rtol=tol, atol=tol)
     g = torch.randn(d).to(dtype)
-    gc = fastmerge._ops.block_scale_backward_op(g.cuda(), cuda(th), coefs.cuda(), torch.tensor(blocks), be).cpu()
+    gc = fastmerge._ops.block_scale_backward_op(g.to(DEV), on_dev(th), coefs.to(DEV), torch.tensor(blocks), be).cpu()
     torch.testing.assert_close(gc, ref.block_scale_backward(g, th, coefs.double(), blocks)[1],
                                rtol=1e-9, atol=1e-12)
 
@@ -74,7 +93,7 @@ def test_streaming_ops(be, d, dtype, tol):
 @pytest.mark.parametrize("merge", MODES)
 def test_ties_bit_exact(be, d, merge):
     base, th = make_tasks(d, 4, seed=d % 89)
-    out = fastmerge.merge_ties(base.cuda(), cuda(th), density=0.2, merge=merge, backend=be).cpu()
+    out = fastmerge.merge_ties(base.to(DEV), on_dev(th), density=0.2, merge=merge, backend=be).cpu()
     assert torch.equal(bits(out), bits(ref.merge_ties(base, th, density=0.2, merge=merge)))
 
 
@@ -82,20 +101,20 @@ def test_ties_bit_exact(be, d, merge):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("density", [1.0, 0.2, 0.01, 1e-7])
 def test_ties_large_dtypes_densities(be, dtype, density):
-    d = 1_000_003  # above the sample size: the bracket, candidate and fix-up paths run
+    d = big(1_000_003)  # above the Triton sample size: the bracket, candidate and fix-up paths run
     base, th = make_tasks(d, 8, dtype=dtype, seed=3)
     kw = dict(density=density, lam=1.3, weights=[1, 2, 1, 0.5, 1, 1, 3, 1])
-    out = fastmerge.merge_ties(base.cuda(), cuda(th), backend=be, **kw).cpu()
+    out = fastmerge.merge_ties(base.to(DEV), on_dev(th), backend=be, **kw).cpu()
     assert torch.equal(bits(out), bits(ref.merge_ties(base, th, **kw)))
 
 
 @pytest.mark.parametrize("be", BACKENDS)
 def test_ties_scope_tensor_and_awkward_inputs(be):
-    d = 2_000_003
+    d = big(2_000_003)
     base, th = make_tasks(d, 3, seed=5)
-    layout = [0, 1, 1, 100, 65636, 65637, 1_000_000, d]
+    layout = [0, 1, 1, 100, 65636, 65637, d // 2, d]
     for merge in MODES:
-        out = fastmerge.merge_ties(base.cuda(), cuda(th), density=0.3, merge=merge, scope="tensor", layout=layout,
+        out = fastmerge.merge_ties(base.to(DEV), on_dev(th), density=0.3, merge=merge, scope="tensor", layout=layout,
                                    backend=be).cpu()
         assert torch.equal(bits(out), bits(ref.merge_ties(base, th, density=0.3, merge=merge, scope="tensor",
                                                           layout=layout)))
@@ -105,49 +124,96 @@ def test_ties_scope_tensor_and_awkward_inputs(be):
     z = torch.zeros(d)
     z[::7] = -0.0
     for merge in MODES:
-        out = fastmerge.merge_ties(z.cuda(), [a.cuda(), b.cuda(), z.cuda()], density=0.4, merge=merge,
+        out = fastmerge.merge_ties(z.to(DEV), [a.to(DEV), b.to(DEV), z.to(DEV)], density=0.4, merge=merge,
                                    backend=be).cpu()
         assert torch.equal(bits(out), bits(ref.merge_ties(z, [a, b, z], density=0.4, merge=merge)))
     # non-contiguous and stacked inputs
     base, th = make_tasks(100_003, 3, seed=6)
-    out = fastmerge.merge_ties(strided(base).cuda()[::1], torch.stack(th).cuda(), density=0.2, backend=be).cpu()
+    out = fastmerge.merge_ties(strided(base).to(DEV)[::1], torch.stack(th).to(DEV), density=0.2, backend=be).cpu()
     assert torch.equal(bits(out), bits(ref.merge_ties(base, th, density=0.2)))
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("T", [1, 2, 9, 22, 23, 64, 100])
+def test_gram_task_counts(be, T):
+    # T <= 21: several threads share a pair (lane sums); T >= 22: one thread per pair, and for T = 100
+    # the shared-memory tile is narrower than the block. Two 16384-entry chunks and a partial one.
+    d = 2 * 16384 + 7
+    base, th = make_tasks(d, T, seed=T)
+    G = fastmerge.task_vector_cosine(base.to(DEV), on_dev(th), gram=True, backend=be).cpu()
+    torch.testing.assert_close(G, ref.task_vector_cosine(base, th, gram=True), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("T", [33, 40])
+def test_ties_many_tasks(be, T):
+    # more tasks than a thread keeps in registers: the trimmed values live in global scratch
+    d = 20_011
+    base, th = make_tasks(d, T, seed=T)
+    th[1][:500] = base[:500] + (th[0][:500] - base[:500]) * -1  # exact cancellations with task 0
+    for t in range(2, T):
+        th[t][:500] = base[:500]
+    for merge in MODES:
+        for scope, layout in (("global", None), ("tensor", [0, 17, 5000, d])):
+            kw = dict(density=0.3, merge=merge, scope=scope, layout=layout)
+            out = fastmerge.merge_ties(base.to(DEV), on_dev(th), backend=be, **kw).cpu()
+            assert torch.equal(bits(out), bits(ref.merge_ties(base, th, **kw)))
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("d,ncancel", [(1000, 700), (300_001, 270_000)])
+def test_ties_cancelled_sums_listed_or_rerun(be, d, ncancel):
+    # The first `ncancel` trimmed sums cancel exactly, so their elected sign is the majority sign of
+    # the other entries (negative here). 700 positions are listed and rewritten; 270,000 overflow the
+    # CUDA list (2^18 positions) and the merge pass runs again with the majority known.
+    a = torch.randint(1, 5, (d,)).float()
+    a[ncancel + (d - ncancel) // 4:] *= -1
+    b = torch.where(torch.arange(d) < ncancel, -a, a)
+    base = torch.zeros(d)
+    for merge in MODES:
+        out = fastmerge.merge_ties(base.to(DEV), [a.to(DEV), b.to(DEV)], density=1.0, merge=merge,
+                                   backend=be).cpu()
+        expect = ref.merge_ties(base, [a, b], density=1.0, merge=merge)
+        assert torch.equal(bits(out), bits(expect))
+        assert (expect[:ncancel] * a[:ncancel] < 0).sum() > 0  # the majority sign was needed
 
 
 @pytest.mark.parametrize("be", BACKENDS)
 def test_nonfinite_named(be):
     base, th = make_tasks(100_000, 3, seed=0)
     th[1][77_777] = float("nan")
-    for call in (lambda: fastmerge.merge_ties(base.cuda(), cuda(th), backend=be),
-                 lambda: fastmerge.task_arithmetic(base.cuda(), cuda(th), 0.3, backend=be),
-                 lambda: fastmerge.task_vector_cosine(base.cuda(), cuda(th), backend=be)):
+    for call in (lambda: fastmerge.merge_ties(base.to(DEV), on_dev(th), backend=be),
+                 lambda: fastmerge.task_arithmetic(base.to(DEV), on_dev(th), 0.3, backend=be),
+                 lambda: fastmerge.task_vector_cosine(base.to(DEV), on_dev(th), backend=be)):
         with pytest.raises(ValueError, match=r"thetas\[1\] contains a non-finite value \(nan\) at index 77777"):
             call()
 
 
 @pytest.mark.parametrize("be", BACKENDS)
 def test_deterministic(be):
-    base, th = make_tasks(5_000_000, 8, seed=1)
-    b, t = base.cuda(), cuda(th)
+    d = big(5_000_000)
+    base, th = make_tasks(d, 8, seed=1)
+    b, t = base.to(DEV), on_dev(th)
     for f in (lambda: fastmerge.task_vector_cosine(b, t, gram=True, backend=be),
               lambda: fastmerge.merge_ties(b, t, backend=be),
-              lambda: fastmerge._ops.block_scale_backward_op(b, t, torch.ones(8, 2, device="cuda"),
-                                                             torch.tensor([0, 1_234_567, 5_000_000]), be)):
+              lambda: fastmerge._ops.block_scale_backward_op(b, t, torch.ones(8, 2, device=DEV),
+                                                             torch.tensor([0, big(1_234_567), d]), be)):
         assert torch.equal(bits(f()), bits(f()))
 
 
 @pytest.mark.parametrize("be", BACKENDS)
 def test_block_scale_autograd(be):
     base, th = make_tasks(10_007, 3, dtype=torch.float64, seed=2)
-    coefs = torch.randn(3, 4, dtype=torch.float64, device="cuda", requires_grad=True)
+    coefs = torch.randn(3, 4, dtype=torch.float64, device=DEV, requires_grad=True)
     blocks = [0, 10, 5000, 5001, 10_007]
-    y = fastmerge.block_scale(base.cuda(), cuda(th), coefs, blocks=blocks, backend=be)
+    y = fastmerge.block_scale(base.to(DEV), on_dev(th), coefs, blocks=blocks, backend=be)
     g = torch.randn_like(y)
     y.backward(g)
     expect = ref.block_scale_backward(g.cpu(), th, coefs.detach().cpu(), blocks)[1]
     torch.testing.assert_close(coefs.grad.cpu(), expect, rtol=1e-12, atol=1e-12)
 
 
+@needs_gpu
 @pytest.mark.parametrize("be", BACKENDS)
 def test_more_than_2_pow_31_elements(be):
     d = (1 << 31) + 1000
@@ -156,10 +222,10 @@ def test_more_than_2_pow_31_elements(be):
         pytest.skip("not enough GPU memory for a > 2^31-element case")
 
     def pattern(p):  # fp16 small integers i % p: every result is exact and cheap to predict
-        return torch.arange(p, dtype=torch.float16, device="cuda").repeat(d // p + 1)[:d]
+        return torch.arange(p, dtype=torch.float16, device=DEV).repeat(d // p + 1)[:d]
 
     def idx(sl):
-        return torch.arange(sl.start, sl.stop, device="cuda", dtype=torch.int64)
+        return torch.arange(sl.start, sl.stop, device=DEV, dtype=torch.int64)
 
     x0, x1 = pattern(7), pattern(5)
     out = fastmerge.uniform_average([x0, x1], weights=[1.0, 1.0], backend=be)
@@ -168,7 +234,7 @@ def test_more_than_2_pow_31_elements(be):
         assert torch.equal(out[sl].float(), ((i % 7) + (i % 5)).float() / 2)
     del out
     blocks = [0, (1 << 31) - 5, d]
-    coefs = torch.tensor([[1.0, 2.0]], device="cuda")
+    coefs = torch.tensor([[1.0, 2.0]], device=DEV)
     y = fastmerge.block_scale(x0, [x1], coefs, blocks=blocks, backend=be)
     sl = slice(d - 3000, d)
     i = idx(sl)

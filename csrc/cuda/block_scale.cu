@@ -92,14 +92,14 @@ Prepared prepare(const at::Tensor& first, const char* first_name, const std::vec
 
 at::Tensor block_scale(const at::Tensor& base, const std::vector<at::Tensor>& vectors, const at::Tensor& coefs,
                        const at::Tensor& offsets) {
-  c10::cuda::CUDAGuard guard(base.device());
+  DeviceGuard guard(base.device());
   Prepared p = prepare(base, "base", vectors, coefs, offsets);
   TORCH_CHECK_VALUE(coefs.device() == base.device(), "mismatched devices: coefs is on ", coefs.device(),
                     " but base is on ", base.device());
   const auto cst = coefs.scalar_type();
   TORCH_CHECK_TYPE(cst == at::kFloat || cst == at::kBFloat16 || cst == at::kHalf || cst == at::kDouble,
                    "coefs has dtype ", cst, "; expected one of float32, bfloat16, float16, float64");
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
   const int64_t T = int64_t(vectors.size()), B = int64_t(p.off.size()) - 1, n = base.numel();
   // coefs[t].to(acc_t), as the reference rounds them: a dtype conversion of the small [T, B] table.
   const auto acc_type = base.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -110,10 +110,10 @@ at::Tensor block_scale(const at::Tensor& base, const std::vector<at::Tensor>& ve
   if (p.items.count > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "fastmerge_cuda_block_scale", [&] {
       using acc_t = typename AccOf<scalar_t>::type;
-      block_scale_fwd_kernel<scalar_t><<<grid_for(p.items.count), kThreads, 0, stream>>>(
+      FM_LAUNCH(grid_for(p.items.count), kThreads, 0, stream, block_scale_fwd_kernel<scalar_t>)(
           src_of(base), src_ptr(table), int(T), c.data_ptr<acc_t>(), B, p.items_dev.data_ptr<int64_t>(),
           p.items.count, out.data_ptr<scalar_t>(), flag.data_ptr<int>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      FM_LAUNCH_CHECK();
     });
   }
   const bool coefs_finite = at::isfinite(coefs).all().item<bool>();
@@ -123,9 +123,9 @@ at::Tensor block_scale(const at::Tensor& base, const std::vector<at::Tensor>& ve
 
 at::Tensor block_scale_backward(const at::Tensor& grad, const std::vector<at::Tensor>& vectors,
                                 const at::Tensor& coefs, const at::Tensor& offsets) {
-  c10::cuda::CUDAGuard guard(grad.device());
+  DeviceGuard guard(grad.device());
   Prepared p = prepare(grad, "grad", vectors, coefs, offsets);
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
   const int64_t T = int64_t(vectors.size()), B = int64_t(p.off.size()) - 1;
   at::Tensor gc = at::empty({T, B}, grad.options().dtype(at::kDouble));
   if (T * B == 0) return gc;
@@ -136,12 +136,11 @@ at::Tensor block_scale_backward(const at::Tensor& grad, const std::vector<at::Te
   if (p.items.count > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fastmerge_cuda_block_scale_bwd",
                                     [&] {
-                                      block_scale_bwd_kernel<scalar_t>
-                                          <<<grid_for(p.items.count), kThreads, 0, stream>>>(
+                                      FM_LAUNCH(grid_for(p.items.count), kThreads, 0, stream, block_scale_bwd_kernel<scalar_t>)(
                                               src_of(grad), src_ptr(table), int(T),
                                               p.items_dev.data_ptr<int64_t>(), p.items.count,
                                               part.data_ptr<double>(), flag.data_ptr<int>());
-                                      C10_CUDA_KERNEL_LAUNCH_CHECK();
+                                      FM_LAUNCH_CHECK();
                                     });
   }
   // gc[t, b] = Σ over block b's items, in item order (an empty block sums nothing: 0).

@@ -32,11 +32,11 @@ __global__ void ordered_sums_kernel(const double* __restrict__ part, int64_t str
 }  // namespace
 
 void ordered_sums(const double* part, int64_t stride, const int64_t* row_begin_dev, int64_t ngroups, int64_t ncol,
-                  double* out, cudaStream_t stream) {
+                  double* out, Stream stream) {
   const int64_t nout = ngroups * ncol;
   if (nout == 0) return;
-  ordered_sums_kernel<<<grid_for(nout), kThreads, 0, stream>>>(part, stride, row_begin_dev, ngroups, ncol, out);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  FM_LAUNCH(grid_for(nout), kThreads, 0, stream, ordered_sums_kernel)(part, stride, row_begin_dev, ngroups, ncol, out);
+  FM_LAUNCH_CHECK();
 }
 
 }  // namespace cuda

@@ -69,8 +69,8 @@ at::Tensor uniform_average(const std::vector<at::Tensor>& thetas, const std::vec
   }
   TORCH_CHECK_VALUE(wtotal > 0, "weights sum to zero");
   const at::Tensor& x0 = thetas[0];
-  c10::cuda::CUDAGuard guard(x0.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  DeviceGuard guard(x0.device());
+  const Stream stream = current_stream();
   const int64_t n = x0.numel();
   at::Tensor out = at::empty({n}, x0.options().memory_format(at::MemoryFormat::Contiguous));
   if (n == 0) return out;
@@ -78,9 +78,9 @@ at::Tensor uniform_average(const std::vector<at::Tensor>& thetas, const std::vec
   at::Tensor w = to_device_f64(weights, x0.device());
   at::Tensor flag = new_flag(x0.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "fastmerge_cuda_uniform_average", [&] {
-    average_kernel<scalar_t><<<elementwise_grid(n), kThreads, 0, stream>>>(
+    FM_LAUNCH(elementwise_grid(n), kThreads, 0, stream, average_kernel<scalar_t>)(
         src_ptr(table), w.data_ptr<double>(), int(T), n, out.data_ptr<scalar_t>(), flag.data_ptr<int>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FM_LAUNCH_CHECK();
   });
   if (flag_set(flag)) note_nonfinite();
   return out;
@@ -94,8 +94,8 @@ at::Tensor task_arithmetic(const at::Tensor& base, const std::vector<at::Tensor>
   TORCH_CHECK_VALUE(int64_t(lam.size()) == T, "lam has ", lam.size(), " entries but there are ", T, " tasks");
   for (int64_t t = 0; t < T; ++t)
     TORCH_CHECK_VALUE(std::isfinite(lam[t]), "lam[", t, "] is not finite (", lam[t], ")");
-  c10::cuda::CUDAGuard guard(base.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  DeviceGuard guard(base.device());
+  const Stream stream = current_stream();
   const int64_t n = base.numel();
   at::Tensor out = at::empty({n}, base.options().memory_format(at::MemoryFormat::Contiguous));
   if (n == 0) return out;
@@ -103,10 +103,10 @@ at::Tensor task_arithmetic(const at::Tensor& base, const std::vector<at::Tensor>
   at::Tensor l = to_device_f64(lam, base.device());
   at::Tensor flag = new_flag(base.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "fastmerge_cuda_task_arithmetic", [&] {
-    task_arith_kernel<scalar_t><<<elementwise_grid(n), kThreads, 0, stream>>>(
+    FM_LAUNCH(elementwise_grid(n), kThreads, 0, stream, task_arith_kernel<scalar_t>)(
         src_of(base), src_ptr(table), l.data_ptr<double>(), int(T), n, out.data_ptr<scalar_t>(),
         flag.data_ptr<int>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FM_LAUNCH_CHECK();
   });
   if (flag_set(flag)) note_nonfinite();
   return out;

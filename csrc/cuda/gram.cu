@@ -23,8 +23,7 @@ __global__ void gram_partial_kernel(Src base, const Src* __restrict__ thetas, in
                                     int tile, const int* __restrict__ pairs, int64_t npairs,
                                     double* __restrict__ part, int* flag) {
   using acc_t = typename AccOf<in_t>::type;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* sh = reinterpret_cast<acc_t*>(smem_raw);  // [T][tile]
+  FM_DYNAMIC_SHARED(acc_t, sh);  // [T][tile]
   __shared__ double red[kThreads];
   // Threads per pair; fixed by T alone, so the summation order never depends on the device.
   const int lanes = npairs >= kThreads ? 1 : int(kThreads / npairs);
@@ -96,8 +95,8 @@ at::Tensor gram(const at::Tensor& base, const std::vector<at::Tensor>& thetas) {
   // The tile holds τ of all T tasks for `tile` entries; it depends only on T and the dtype.
   const int64_t tile = std::min<int64_t>(kThreads, kGramTileBytes / (T * elem));
   TORCH_CHECK_VALUE(tile >= 1, "gram: at most ", kGramTileBytes / elem, " tasks are supported, got ", T);
-  c10::cuda::CUDAGuard guard(base.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  DeviceGuard guard(base.device());
+  const Stream stream = current_stream();
   const auto dev = base.device();
   const int64_t n = base.numel();
   at::Tensor G = at::zeros({T, T}, base.options().dtype(at::kDouble));
@@ -125,16 +124,16 @@ at::Tensor gram(const at::Tensor& base, const std::vector<at::Tensor>& thetas) {
   at::Tensor flag = new_flag(dev);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "fastmerge_cuda_gram", [&] {
     const size_t smem = size_t(T * tile * elem);
-    gram_partial_kernel<scalar_t><<<grid_for(nchunks), kThreads, smem, stream>>>(
+    FM_LAUNCH(grid_for(nchunks), kThreads, smem, stream, gram_partial_kernel<scalar_t>)(
         src_of(base), src_ptr(table), int(T), n, nchunks, int(tile), pairs_ptr, npairs, part.data_ptr<double>(),
         flag.data_ptr<int>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FM_LAUNCH_CHECK();
   });
   ordered_sums(part.data_ptr<double>(), npairs, rows.data_ptr<int64_t>(), 1, npairs, sums.data_ptr<double>(),
                stream);
-  fill_symmetric<<<grid_for((npairs + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+  FM_LAUNCH(grid_for((npairs + kThreads - 1) / kThreads), kThreads, 0, stream, fill_symmetric)(
       sums.data_ptr<double>(), pairs_ptr, npairs, int(T), G.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  FM_LAUNCH_CHECK();
   if (flag_set(flag)) note_nonfinite();
   return G;
 }

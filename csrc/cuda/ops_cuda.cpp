@@ -1,5 +1,9 @@
 // Registers the CUDA kernels as torch.ops.fastmerge_cuda.<name>, for the CUDA dispatch key only
 // (a call with CPU tensors finds no kernel and raises). Loaded by `import fastmerge._C_cuda`.
+//
+// Built with FASTMERGE_CUDA_EMULATION (fastmerge._C_cuda_emu), the same kernels run in the CPU
+// emulator of emu.h and register as torch.ops.fastmerge_cuda_emu.<name> for the CPU key instead:
+// "device" memory is then CPU memory.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -20,9 +24,15 @@ namespace {
 template <typename T>
 at::Tensor upload(const std::vector<T>& v, at::ScalarType st, const at::Device& dev) {
   const int64_t n = std::max<int64_t>(1, int64_t(v.size()));  // never a zero-size allocation
+#ifdef FASTMERGE_CUDA_EMULATION
+  at::Tensor host = at::empty({n}, at::TensorOptions().dtype(st).device(dev));
+  if (!v.empty()) std::memcpy(host.data_ptr(), v.data(), v.size() * sizeof(T));
+  return host;
+#else
   at::Tensor host = at::empty({n}, at::TensorOptions().dtype(st).pinned_memory(true));
   if (!v.empty()) std::memcpy(host.data_ptr(), v.data(), v.size() * sizeof(T));
   return host.to(dev, /*non_blocking=*/true);
+#endif
 }
 
 }  // namespace
@@ -43,7 +53,11 @@ at::Tensor src_table(const std::vector<at::Tensor>& xs, const at::Device& dev) {
 
 void check_input(const at::Tensor& x, const std::string& name) {
   TORCH_CHECK_VALUE(x.dim() == 1, name, " must be 1-D here (the Python layer flattens), got ", x.dim(), "-D");
+#ifdef FASTMERGE_CUDA_EMULATION
+  TORCH_CHECK_VALUE(x.is_cpu(), name, " must be a CPU tensor for the emulated cuda backend, got ", x.device());
+#else
   TORCH_CHECK_VALUE(x.is_cuda(), name, " must be a CUDA tensor for the cuda backend, got ", x.device());
+#endif
   const auto st = x.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf || st == at::kDouble, name,
                    " has dtype ", st, "; expected one of float32, bfloat16, float16, float64");
@@ -103,7 +117,9 @@ Items make_items(const std::vector<int64_t>& offsets, int64_t chunk) {
 }  // namespace cuda
 }  // namespace fastmerge
 
-TORCH_LIBRARY(fastmerge_cuda, m) {
+namespace {
+
+void define_ops(torch::Library& m) {
   m.def("uniform_average(Tensor[] thetas, float[] weights) -> Tensor");
   m.def("task_arithmetic(Tensor base, Tensor[] thetas, float[] lam) -> Tensor");
   m.def("gram(Tensor base, Tensor[] thetas) -> Tensor");
@@ -114,7 +130,7 @@ TORCH_LIBRARY(fastmerge_cuda, m) {
       "float[]? weights, int strategy) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(fastmerge_cuda, CUDA, m) {
+void impl_ops(torch::Library& m) {
   namespace C = fastmerge::cuda;
   m.impl("uniform_average", &C::uniform_average);
   m.impl("task_arithmetic", &C::task_arithmetic);
@@ -123,6 +139,16 @@ TORCH_LIBRARY_IMPL(fastmerge_cuda, CUDA, m) {
   m.impl("block_scale_backward", &C::block_scale_backward);
   m.impl("merge_ties", &C::merge_ties);
 }
+
+}  // namespace
+
+#ifdef FASTMERGE_CUDA_EMULATION
+TORCH_LIBRARY(fastmerge_cuda_emu, m) { define_ops(m); }
+TORCH_LIBRARY_IMPL(fastmerge_cuda_emu, CPU, m) { impl_ops(m); }
+#else
+TORCH_LIBRARY(fastmerge_cuda, m) { define_ops(m); }
+TORCH_LIBRARY_IMPL(fastmerge_cuda, CUDA, m) { impl_ops(m); }
+#endif
 
 // setup.py passes -DFASTMERGE_CUDA_ARCHS=80,90 (no quotes, so no shell quoting in the build files).
 #define FM_STR_ARGS(...) #__VA_ARGS__
@@ -142,7 +168,11 @@ std::string built_archs() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef FASTMERGE_CUDA_EMULATION
+  m.doc() = "fastmerge CUDA kernels in the CPU emulator; the ops live in torch.ops.fastmerge_cuda_emu";
+#else
   m.doc() = "fastmerge CUDA kernels; the ops live in torch.ops.fastmerge_cuda (registered on import)";
+#endif
   m.def("built_archs", &built_archs, "CUDA architectures this extension was compiled for, e.g. \"80;90\"");
   m.def("take_nonfinite", &fastmerge::cuda::take_nonfinite,
         "Whether the last op on this thread met a NaN/Inf (and clear that note)");

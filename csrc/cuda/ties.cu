@@ -198,8 +198,8 @@ at::Tensor merge_ties(const at::Tensor& base, const std::vector<at::Tensor>& the
       TORCH_CHECK_VALUE((*weights)[size_t(t)] > 0 && std::isfinite((*weights)[size_t(t)]), "weights[", t,
                         "] must be > 0, got ", (*weights)[size_t(t)]);
   }
-  c10::cuda::CUDAGuard guard(base.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  DeviceGuard guard(base.device());
+  const Stream stream = current_stream();
   const auto dev = base.device();
   at::Tensor out = at::empty({n}, base.options());
   if (n == 0) return out;
@@ -239,34 +239,34 @@ at::Tensor merge_ties(const at::Tensor& base, const std::vector<at::Tensor>& the
       at::Tensor hist = at::zeros({P, kRadixBins}, base.options().dtype(at::kLong));
       auto* h = reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>());
       for (int pass = 0; pass < radix_passes<acc_t>(); ++pass) {
-        ties_hist_kernel<scalar_t><<<grid_for(items.count), kThreads, 0, stream>>>(
+        FM_LAUNCH(grid_for(items.count), kThreads, 0, stream, ties_hist_kernel<scalar_t>)(
             src_of(base), src_ptr(table), w, int(T), S, items_dev.data_ptr<int64_t>(), items.count,
             active_dev.data_ptr<int64_t>(), prefix.data_ptr<int64_t>(), pass, h);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        ties_select_kernel<acc_t><<<grid_for((P + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+        FM_LAUNCH_CHECK();
+        FM_LAUNCH(grid_for((P + kThreads - 1) / kThreads), kThreads, 0, stream, ties_select_kernel<acc_t>)(
             P, S, active_dev.data_ptr<int64_t>(), pass, h, prefix.data_ptr<int64_t>(), rank.data_ptr<int64_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        FM_LAUNCH_CHECK();
       }
     }
-    ties_thresholds_kernel<acc_t><<<grid_for((P + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+    FM_LAUNCH(grid_for((P + kThreads - 1) / kThreads), kThreads, 0, stream, ties_thresholds_kernel<acc_t>)(
         P, S, active_dev.data_ptr<int64_t>(), prefix.data_ptr<int64_t>(), thr.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    FM_LAUNCH_CHECK();
 
     at::Tensor scratch;
     if (!local) scratch = at::empty({merge_grid * kThreads * T}, thr.options());
     acc_t* scr = local ? nullptr : scratch.data_ptr<acc_t>();
     auto launch_merge = [&](bool majority_known) {
       if (local)
-        ties_merge_kernel<scalar_t, true><<<merge_grid, kThreads, 0, stream>>>(
+        FM_LAUNCH(merge_grid, kThreads, 0, stream, ties_merge_kernel<scalar_t, true>)(
             src_of(base), src_ptr(table), w, int(T), S, items_dev.data_ptr<int64_t>(), items.count,
             thr.data_ptr<acc_t>(), lam, int(mode), out.data_ptr<scalar_t>(), scr, majority_known, tally, count,
             cancelled.data_ptr<int64_t>(), kCancelCap, flag);
       else
-        ties_merge_kernel<scalar_t, false><<<merge_grid, kThreads, 0, stream>>>(
+        FM_LAUNCH(merge_grid, kThreads, 0, stream, ties_merge_kernel<scalar_t, false>)(
             src_of(base), src_ptr(table), w, int(T), S, items_dev.data_ptr<int64_t>(), items.count,
             thr.data_ptr<acc_t>(), lam, int(mode), out.data_ptr<scalar_t>(), scr, majority_known, tally, count,
             cancelled.data_ptr<int64_t>(), kCancelCap, flag);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      FM_LAUNCH_CHECK();
     };
     launch_merge(false);
 
@@ -282,14 +282,14 @@ at::Tensor merge_ties(const at::Tensor& base, const std::vector<at::Tensor>& the
     } else if (ncancel > 0) {
       const int64_t g = local ? grid_for((ncancel + kThreads - 1) / kThreads) : std::min(merge_grid, grid_for((ncancel + kThreads - 1) / kThreads));
       if (local)
-        ties_fixup_kernel<scalar_t, true><<<g, kThreads, 0, stream>>>(
+        FM_LAUNCH(g, kThreads, 0, stream, ties_fixup_kernel<scalar_t, true>)(
             src_of(base), src_ptr(table), w, int(T), S, thr.data_ptr<acc_t>(), lam, int(mode),
             out.data_ptr<scalar_t>(), scr, tally, cancelled.data_ptr<int64_t>(), ncancel);
       else
-        ties_fixup_kernel<scalar_t, false><<<g, kThreads, 0, stream>>>(
+        FM_LAUNCH(g, kThreads, 0, stream, ties_fixup_kernel<scalar_t, false>)(
             src_of(base), src_ptr(table), w, int(T), S, thr.data_ptr<acc_t>(), lam, int(mode),
             out.data_ptr<scalar_t>(), scr, tally, cancelled.data_ptr<int64_t>(), ncancel);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      FM_LAUNCH_CHECK();
     }
   });
   return out;

@@ -1,0 +1,79 @@
+"""The CPU emulator of the CUDA execution model (fastmerge._C_cuda_emu, FASTMERGE_CUDA_EMULATE=1).
+
+tests/test_gpu.py runs the CUDA kernels through it; this file checks the emulated installation
+itself and that no kernel result depends on the order in which blocks and threads run: under
+FASTMERGE_CUDA_EMULATE_ORDER=reverse the emulator runs the blocks, and the threads between two
+barriers, last to first, which changes the result of a race or of an order-dependent reduction.
+Skipped unless fastmerge was imported with FASTMERGE_CUDA_EMULATE=1 and the emulator is built.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastmerge
+from fastmerge import _cuda
+from fastmerge import reference as ref
+from conftest import make_tasks, strided
+
+pytestmark = pytest.mark.skipif(not (_cuda.EMULATED and _cuda.AVAILABLE),
+                                reason="needs FASTMERGE_CUDA_EMULATE=1 and the emulator (FASTMERGE_CUDA_EMULATOR=1 build)")
+
+
+def bits(x):
+    return x.reshape(-1).view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+
+
+def test_emulated_installation():
+    assert _cuda.built_archs() == "emulated"
+    assert "cuda" in fastmerge.available_backends("cpu")
+    assert fastmerge._ops.resolve_backend(None, torch.device("cpu")) == "cpu"  # never chosen by default
+    for name in ("uniform_average", "task_arithmetic", "gram", "block_scale", "block_scale_backward", "merge_ties"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmerge_cuda_emu::{name}", "CPU")
+
+
+def test_cuda_backend_refuses_other_devices():
+    x = torch.zeros(4, device="meta")
+    with pytest.raises(ValueError, match="runs in the CPU emulator"):
+        fastmerge.task_arithmetic(x, [x], 0.5, backend="cuda")
+
+
+def test_kernel_checks_name_the_input():
+    base, th = make_tasks(10, 2)
+    with pytest.raises(ValueError, match=r"mismatched shapes: thetas\[1\] has 9 elements"):
+        _cuda.ops().merge_ties(base, [th[0], th[1][:9]], 0.2, 1.0, 0, torch.tensor([0, 10]), None, 0)
+
+
+def _all_ops(d: int, T: int):
+    base, th = make_tasks(d, T, seed=11)
+    th[1][: d // 4] = 2 * base[: d // 4] - th[0][: d // 4]  # exact TIES cancellations with task 0
+    coefs = torch.randn(T, 3, dtype=torch.float64)
+    blocks = [0, 5, d // 2, d]
+    g = torch.randn(d)
+    layout = [0, 1, 9000, d]
+    return {
+        "average": lambda: fastmerge.uniform_average(th, weights=list(range(1, T + 1)), backend="cuda"),
+        "task_arithmetic": lambda: fastmerge.task_arithmetic(strided(base), th, 0.3, backend="cuda"),
+        "gram": lambda: fastmerge.task_vector_cosine(base, th, gram=True, backend="cuda"),
+        "gram_many_tasks": lambda: fastmerge.task_vector_cosine(base, th * 4, gram=True, backend="cuda"),
+        "block_scale": lambda: fastmerge.block_scale(base, th, coefs.float(), blocks=blocks, backend="cuda"),
+        "block_scale_backward": lambda: fastmerge._ops.block_scale_backward_op(g, th, coefs, torch.tensor(blocks),
+                                                                               "cuda"),
+        "ties": lambda: fastmerge.merge_ties(base, th, density=0.2, backend="cuda"),
+        "ties_tensor": lambda: fastmerge.merge_ties(base, th, density=0.3, merge="max", scope="tensor", layout=layout,
+                                                    backend="cuda"),
+        "ties_many_tasks": lambda: fastmerge.merge_ties(base, th * 5, density=0.1, backend="cuda"),
+    }
+
+
+def test_results_do_not_depend_on_block_or_thread_order(monkeypatch):
+    d, T = 40_009, 7
+    calls = _all_ops(d, T)
+    forward = {k: f() for k, f in calls.items()}
+    monkeypatch.setenv("FASTMERGE_CUDA_EMULATE_ORDER", "reverse")
+    for k, f in calls.items():
+        assert torch.equal(bits(f()), bits(forward[k])), k
+    base, th = make_tasks(d, T, seed=11)
+    th[1][: d // 4] = 2 * base[: d // 4] - th[0][: d // 4]
+    assert torch.equal(bits(forward["ties"]), bits(ref.merge_ties(base, th, density=0.2)))
