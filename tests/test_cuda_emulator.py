@@ -77,3 +77,23 @@ def test_results_do_not_depend_on_block_or_thread_order(monkeypatch):
     base, th = make_tasks(d, T, seed=11)
     th[1][: d // 4] = 2 * base[: d // 4] - th[0][: d // 4]
     assert torch.equal(bits(forward["ties"]), bits(ref.merge_ties(base, th, density=0.2)))
+
+
+def test_emulator_shuffles_barriers_and_errors(monkeypatch):
+    selftest = _cuda.ops().emulator_selftest
+    expect = []
+    for block in range(2):
+        warps = [sum(block * 1000 + w * 32 + lane for lane in range(32)) for w in range(8)]
+        expect += warps + [sum(warps)]
+    assert selftest(0).tolist() == expect
+    monkeypatch.setenv("FASTMERGE_CUDA_EMULATE_ORDER", "reverse")
+    assert selftest(0).tolist() == expect
+    monkeypatch.delenv("FASTMERGE_CUDA_EMULATE_ORDER")
+    with pytest.raises(RuntimeError, match="deadlocked in block 0: 255 threads wait at __syncthreads"):
+        selftest(1)
+    with pytest.raises(RuntimeError, match="full-warp mask only"):
+        selftest(2)
+    assert torch.isnan(selftest(3)).all()  # dynamic shared memory that no thread wrote
+    with pytest.raises(RuntimeError, match="invalid block size 1025"):
+        selftest(4)
+    assert selftest(0).tolist() == expect  # a failed launch leaves the emulator usable

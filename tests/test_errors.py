@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import fastmerge
+from fastmerge import _cuda
 from conftest import make_tasks
 
-BACKENDS = ["cpu", "reference"]
+# the CUDA kernels join in where they run on CPU tensors, in the emulator (FASTMERGE_CUDA_EMULATE=1)
+BACKENDS = ["cpu", "reference"] + (["cuda"] if _cuda.EMULATED and _cuda.AVAILABLE else [])
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <stdexcept>
@@ -71,6 +72,7 @@ struct Runtime {
   Fiber* cur = nullptr;
   Index block, grid_dim, block_dim;
   const std::function<void()>* body = nullptr;
+  std::exception_ptr error;  // the first exception a thread of the running block threw
 };
 
 inline Runtime& rt() {
@@ -85,7 +87,11 @@ inline bool reverse_order() {
 
 inline void fiber_entry() {
   Runtime& r = rt();
-  (*r.body)();
+  try {
+    (*r.body)();
+  } catch (...) {  // an exception must not unwind past the fiber's first frame: hand it to the launch
+    if (!r.error) r.error = std::current_exception();
+  }
   r.cur->wait = Wait::kDone;
   swapcontext(&r.cur->ctx, &r.main);  // never resumed
 }
@@ -124,6 +130,11 @@ inline void run_block(int nthreads, bool reverse) {
       if (f.wait != Wait::kRun) continue;
       r.cur = &f;
       swapcontext(&r.main, &f.ctx);
+    }
+    if (r.error) {  // the other threads of the block are abandoned where they wait
+      std::exception_ptr e = r.error;
+      r.error = nullptr;
+      std::rethrow_exception(e);
     }
     int done = 0, at_block = 0;
     bool opened = false;

@@ -1,0 +1,90 @@
+// Small kernels that check the emulator itself (emu.h), registered as
+// torch.ops.fastmerge_cuda_emu.emulator_selftest(case) in the emulator build only:
+//   0: warp-shuffle sums, then a shared-memory block sum behind __syncthreads, over 2 blocks of 256
+//      threads: returns [2 * 9] int64 (8 warp sums and the block sum, per block);
+//   1: one thread waits at a warp shuffle while the rest of its block waits at __syncthreads (the
+//      emulator must report a deadlock);
+//   2: a shuffle with a partial mask (unsupported: the exception must reach the caller);
+//   3: returns the 64 floats of dynamic shared memory that no thread wrote (NaN bytes);
+//   4: a kernel launched with a block of 1025 threads (too many).
+#include <torch/library.h>
+
+#include "common.cuh"
+
+namespace fastmerge {
+namespace cuda {
+namespace {
+
+__global__ void sums_kernel(int64_t* out) {
+  __shared__ int64_t warp_sums[kThreads / 32];
+  int64_t v = int64_t(blockIdx.x) * 1000 + threadIdx.x;
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int64_t total = 0;
+    for (int w = 0; w < kThreads / 32; ++w) {
+      out[blockIdx.x * 9 + w] = warp_sums[w];
+      total += warp_sums[w];
+    }
+    out[blockIdx.x * 9 + 8] = total;
+  }
+}
+
+__global__ void deadlock_kernel(int* out) {
+  int v = int(threadIdx.x);
+  if (threadIdx.x == 5)
+    v = __shfl_down_sync(0xffffffffu, v, 1);
+  else
+    __syncthreads();
+  out[threadIdx.x] = v;
+}
+
+__global__ void partial_mask_kernel(int* out) { out[threadIdx.x] = __shfl_down_sync(0xffffu, int(threadIdx.x), 1); }
+
+__global__ void unwritten_shared_kernel(float* out) {
+  FM_DYNAMIC_SHARED(float, sh);
+  out[threadIdx.x] = sh[threadIdx.x];
+}
+
+at::Tensor emulator_selftest(int64_t which) {
+  const Stream stream = current_stream();
+  const auto i64 = at::TensorOptions().dtype(at::kLong);
+  switch (which) {
+    case 0: {
+      at::Tensor out = at::zeros({2 * 9}, i64);
+      FM_LAUNCH(2, kThreads, 0, stream, sums_kernel)(out.data_ptr<int64_t>());
+      return out;
+    }
+    case 1: {
+      at::Tensor out = at::zeros({kThreads}, at::TensorOptions().dtype(at::kInt));
+      FM_LAUNCH(1, kThreads, 0, stream, deadlock_kernel)(out.data_ptr<int>());
+      return out;
+    }
+    case 2: {
+      at::Tensor out = at::zeros({32}, at::TensorOptions().dtype(at::kInt));
+      FM_LAUNCH(1, 32, 0, stream, partial_mask_kernel)(out.data_ptr<int>());
+      return out;
+    }
+    case 3: {
+      at::Tensor out = at::zeros({64}, at::TensorOptions().dtype(at::kFloat));
+      FM_LAUNCH(1, 64, 64 * sizeof(float), stream, unwritten_shared_kernel)(out.data_ptr<float>());
+      return out;
+    }
+    case 4: {
+      at::Tensor out = at::zeros({2048}, at::TensorOptions().dtype(at::kInt));
+      FM_LAUNCH(1, 1025, 0, stream, deadlock_kernel)(out.data_ptr<int>());
+      return out;
+    }
+  }
+  TORCH_CHECK_VALUE(false, "emulator_selftest: unknown case ", which);
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fastmerge
+
+// No tensor arguments, so a catch-all kernel (no dispatch key to choose one by).
+TORCH_LIBRARY_FRAGMENT(fastmerge_cuda_emu, m) {
+  m.def("emulator_selftest(int which) -> Tensor", &fastmerge::cuda::emulator_selftest);
+}
