@@ -219,9 +219,13 @@ def cuda_extension():
                   "-Xcompiler=-ffp-contract=off", *gencode]
     log(f"CUDA kernels: {len(sources) - 1} .cu files + ops_cuda.cpp for sm_{', sm_'.join(archs)} "
         f"(+ PTX compute_{archs[-1]}), nvcc --threads={threads}, -fmad=false")
+    inc_dir = os.path.join(CSRC, "include", "fastmerge")
+    depends = [os.path.join(cuda_dir, f) for f in sorted(os.listdir(cuda_dir)) if f.endswith((".cuh", ".h"))]
+    depends += [os.path.join(inc_dir, f) for f in sorted(os.listdir(inc_dir))]
     return CUDAExtension(
         name="fastmerge._C_cuda",
         sources=sources,
+        depends=[os.path.relpath(p, ROOT) for p in depends],  # headers: editing one rebuilds
         include_dirs=[os.path.join(CSRC, "include"), cuda_dir],
         extra_compile_args={
             "cxx": ["-O3", "-std=c++20", "-ffp-contract=off", f"-DFASTMERGE_CUDA_ARCHS={','.join(archs)}"],
@@ -247,9 +251,16 @@ def cuda_emulator_extension():
     # -O1: these objects serve the tests, and the emulator's cost is its fiber switches, not the math.
     flags = ["-O1", "-std=c++20", "-ffp-contract=off", "-fno-strict-aliasing", "-DFASTMERGE_CUDA_EMULATION",
              "-DFASTMERGE_CUDA_ARCHS=emulated"]
+    # The .cu files and headers are included by the build units: list them, so that editing one
+    # rebuilds the extension.
+    cuda_dir = os.path.join(CSRC, "cuda")
+    inc_dir = os.path.join(CSRC, "include", "fastmerge")
+    depends = [os.path.join(cuda_dir, f) for f in sorted(os.listdir(cuda_dir)) if f.endswith((".cu", ".cuh", ".h", ".cpp"))]
+    depends += [os.path.join(inc_dir, f) for f in sorted(os.listdir(inc_dir))]
     return CppExtension(
         name="fastmerge._C_cuda_emu",
         sources=sources,
+        depends=[os.path.relpath(p, ROOT) for p in depends],
         include_dirs=[os.path.join(CSRC, "include"), os.path.join(CSRC, "cuda")],
         extra_compile_args={"cxx": flags},
     )

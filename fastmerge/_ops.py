@@ -125,8 +125,10 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
                 return "triton"
             if cuda_extension() is not None and cuda_device_type() == "cuda":
                 return "cuda"
+            cuda_why = ("is emulated on CPU tensors (FASTMERGE_CUDA_EMULATE=1)" if cuda_device_type() == "cpu"
+                        else "could be loaded")
             _warn_once("nogpu", f"fastmerge: neither the Triton kernels ({_KERNELS_ERROR}) nor the CUDA extension "
-                                "could be loaded; running the PyTorch reference ops on CUDA tensors instead")
+                                f"{cuda_why}; running the PyTorch reference ops on CUDA tensors instead")
             return "reference"
         _warn_once("nodev", f"fastmerge: no kernels for {device.type} tensors; running the PyTorch reference ops")
         return "reference"

@@ -43,7 +43,7 @@ template <typename in_t>
 __global__ void block_scale_bwd_kernel(Src grad, const Src* __restrict__ vectors, int T,
                                        const int64_t* __restrict__ items, int64_t nitems,
                                        double* __restrict__ part /* [nitems][T] */, int* flag) {
-  __shared__ double sh[kThreads];
+  FM_SHARED(double, sh, kThreads);
   bool bad = false;
   for (int64_t it = blockIdx.x; it < nitems; it += gridDim.x) {
     const int64_t i0 = items[3 * it + 1], i1 = items[3 * it + 2];

@@ -11,7 +11,7 @@ namespace {
 __global__ void ordered_sums_kernel(const double* __restrict__ part, int64_t stride,
                                     const int64_t* __restrict__ row_begin, int64_t ngroups, int64_t ncol,
                                     double* __restrict__ out) {
-  __shared__ double sh[kThreads];
+  FM_SHARED(double, sh, kThreads);
   const int64_t nout = ngroups * ncol;
   for (int64_t o = blockIdx.x; o < nout; o += gridDim.x) {
     const int64_t col = o / ngroups, g = o % ngroups;

@@ -38,6 +38,10 @@ using std::min;
 #define FM_LAUNCH(grid, block, smem, stream, ...) ::fastmerge::emu::launcher(grid, block, smem, stream, &__VA_ARGS__)
 #define FM_LAUNCH_CHECK() ((void)0)
 #define FM_DYNAMIC_SHARED(type, name) type* name = reinterpret_cast<type*>(::fastmerge::emu::dynamic_shared())
+// FM_SHARED(type, name, n): a block's shared array of n elements.
+#define FM_SHARED(type, name, n)                           \
+  static thread_local ::fastmerge::emu::SharedSlot name##_slot; \
+  type* name = name##_slot.get<type>(n)
 #else
 using Stream = cudaStream_t;
 using DeviceGuard = c10::cuda::CUDAGuard;
@@ -47,6 +51,7 @@ inline Stream current_stream() { return c10::cuda::getCurrentCUDAStream().stream
 #define FM_DYNAMIC_SHARED(type, name) \
   extern __shared__ __align__(16) unsigned char name##_raw[]; \
   type* name = reinterpret_cast<type*>(name##_raw)
+#define FM_SHARED(type, name, n) __shared__ type name[n]
 #endif
 
 constexpr int kThreads = 256;  // threads per block of every kernel here (the reductions rely on it)

@@ -24,7 +24,7 @@ __global__ void gram_partial_kernel(Src base, const Src* __restrict__ thetas, in
                                     double* __restrict__ part, int* flag) {
   using acc_t = typename AccOf<in_t>::type;
   FM_DYNAMIC_SHARED(acc_t, sh);  // [T][tile]
-  __shared__ double red[kThreads];
+  FM_SHARED(double, red, kThreads);
   // Threads per pair; fixed by T alone, so the summation order never depends on the device.
   const int lanes = npairs >= kThreads ? 1 : int(kThreads / npairs);
   bool bad = false;

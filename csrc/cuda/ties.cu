@@ -50,7 +50,7 @@ __global__ void ties_hist_kernel(Src base, const Src* __restrict__ thetas, const
                                  int pass, unsigned long long* __restrict__ hist) {
   using acc_t = typename AccOf<in_t>::type;
   using Key = MagKey<acc_t>;
-  __shared__ unsigned int sh[kRadixBins];
+  FM_SHARED(unsigned int, sh, kRadixBins);
   for (int64_t it = blockIdx.x; it < nitems; it += gridDim.x) {
     const int64_t seg = items[3 * it], i0 = items[3 * it + 1], i1 = items[3 * it + 2];
     if (!seg_active[seg]) continue;  // uniform over the block

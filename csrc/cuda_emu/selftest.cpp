@@ -6,7 +6,12 @@
 //      emulator must report a deadlock);
 //   2: a shuffle with a partial mask (unsupported: the exception must reach the caller);
 //   3: returns the 64 floats of dynamic shared memory that no thread wrote (NaN bytes);
-//   4: a kernel launched with a block of 1025 threads (too many).
+//   4: a kernel launched with a block of 1025 threads (too many);
+//   5: thread 7 returns early while the others wait at __syncthreads (reported);
+//   6: odd and even threads wait at two different __syncthreads calls (reported);
+//   7: a shuffle reads a lane that has returned (reported);
+//   8: block 0 fills a static shared array, block 1 reads it: returns block 1's view (NaN bytes);
+//   9: a launch asking for 64 KiB of dynamic shared memory (more than the default 48 KiB).
 #include <torch/library.h>
 
 #include "common.cuh"
@@ -16,7 +21,7 @@ namespace cuda {
 namespace {
 
 __global__ void sums_kernel(int64_t* out) {
-  __shared__ int64_t warp_sums[kThreads / 32];
+  FM_SHARED(int64_t, warp_sums, kThreads / 32);
   int64_t v = int64_t(blockIdx.x) * 1000 + threadIdx.x;
   for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
   if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = v;
@@ -47,6 +52,33 @@ __global__ void unwritten_shared_kernel(float* out) {
   out[threadIdx.x] = sh[threadIdx.x];
 }
 
+__global__ void early_return_kernel(int* out) {
+  if (threadIdx.x == 7) return;
+  __syncthreads();
+  out[threadIdx.x] = 1;
+}
+
+__global__ void split_barrier_kernel(int* out) {
+  if (threadIdx.x % 2 == 0) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+  out[threadIdx.x] = 1;
+}
+
+__global__ void returned_lane_kernel(int* out) {
+  if (threadIdx.x >= 16) return;
+  out[threadIdx.x] = __shfl_down_sync(0xffffffffu, int(threadIdx.x), 8);
+}
+
+__global__ void shared_per_block_kernel(float* out) {
+  FM_SHARED(float, sh, 64);
+  if (blockIdx.x == 0) sh[threadIdx.x] = 1.0f;
+  __syncthreads();
+  if (blockIdx.x == 1) out[threadIdx.x] = sh[threadIdx.x];
+}
+
 at::Tensor emulator_selftest(int64_t which) {
   const Stream stream = current_stream();
   const auto i64 = at::TensorOptions().dtype(at::kLong);
@@ -74,6 +106,25 @@ at::Tensor emulator_selftest(int64_t which) {
     case 4: {
       at::Tensor out = at::zeros({2048}, at::TensorOptions().dtype(at::kInt));
       FM_LAUNCH(1, 1025, 0, stream, deadlock_kernel)(out.data_ptr<int>());
+      return out;
+    }
+    case 5:
+    case 6:
+    case 7: {
+      at::Tensor out = at::zeros({kThreads}, at::TensorOptions().dtype(at::kInt));
+      if (which == 5) FM_LAUNCH(1, kThreads, 0, stream, early_return_kernel)(out.data_ptr<int>());
+      if (which == 6) FM_LAUNCH(1, kThreads, 0, stream, split_barrier_kernel)(out.data_ptr<int>());
+      if (which == 7) FM_LAUNCH(1, 32, 0, stream, returned_lane_kernel)(out.data_ptr<int>());
+      return out;
+    }
+    case 8: {
+      at::Tensor out = at::zeros({64}, at::TensorOptions().dtype(at::kFloat));
+      FM_LAUNCH(2, 64, 0, stream, shared_per_block_kernel)(out.data_ptr<float>());
+      return out;
+    }
+    case 9: {
+      at::Tensor out = at::zeros({64}, at::TensorOptions().dtype(at::kFloat));
+      FM_LAUNCH(1, 64, 64 << 10, stream, unwritten_shared_kernel)(out.data_ptr<float>());
       return out;
     }
   }
