@@ -81,52 +81,22 @@ __global__ void shared_per_block_kernel(float* out) {
 
 at::Tensor emulator_selftest(int64_t which) {
   const Stream stream = current_stream();
-  const auto i64 = at::TensorOptions().dtype(at::kLong);
+  at::Tensor sums = at::zeros({2 * 9}, at::TensorOptions().dtype(at::kLong));
+  at::Tensor ints = at::zeros({kThreads}, at::TensorOptions().dtype(at::kInt));
+  at::Tensor floats = at::zeros({64}, at::TensorOptions().dtype(at::kFloat));
+  int* pi = ints.data_ptr<int>();
+  float* pf = floats.data_ptr<float>();
   switch (which) {
-    case 0: {
-      at::Tensor out = at::zeros({2 * 9}, i64);
-      FM_LAUNCH(2, kThreads, 0, stream, sums_kernel)(out.data_ptr<int64_t>());
-      return out;
-    }
-    case 1: {
-      at::Tensor out = at::zeros({kThreads}, at::TensorOptions().dtype(at::kInt));
-      FM_LAUNCH(1, kThreads, 0, stream, deadlock_kernel)(out.data_ptr<int>());
-      return out;
-    }
-    case 2: {
-      at::Tensor out = at::zeros({32}, at::TensorOptions().dtype(at::kInt));
-      FM_LAUNCH(1, 32, 0, stream, partial_mask_kernel)(out.data_ptr<int>());
-      return out;
-    }
-    case 3: {
-      at::Tensor out = at::zeros({64}, at::TensorOptions().dtype(at::kFloat));
-      FM_LAUNCH(1, 64, 64 * sizeof(float), stream, unwritten_shared_kernel)(out.data_ptr<float>());
-      return out;
-    }
-    case 4: {
-      at::Tensor out = at::zeros({2048}, at::TensorOptions().dtype(at::kInt));
-      FM_LAUNCH(1, 1025, 0, stream, deadlock_kernel)(out.data_ptr<int>());
-      return out;
-    }
-    case 5:
-    case 6:
-    case 7: {
-      at::Tensor out = at::zeros({kThreads}, at::TensorOptions().dtype(at::kInt));
-      if (which == 5) FM_LAUNCH(1, kThreads, 0, stream, early_return_kernel)(out.data_ptr<int>());
-      if (which == 6) FM_LAUNCH(1, kThreads, 0, stream, split_barrier_kernel)(out.data_ptr<int>());
-      if (which == 7) FM_LAUNCH(1, 32, 0, stream, returned_lane_kernel)(out.data_ptr<int>());
-      return out;
-    }
-    case 8: {
-      at::Tensor out = at::zeros({64}, at::TensorOptions().dtype(at::kFloat));
-      FM_LAUNCH(2, 64, 0, stream, shared_per_block_kernel)(out.data_ptr<float>());
-      return out;
-    }
-    case 9: {
-      at::Tensor out = at::zeros({64}, at::TensorOptions().dtype(at::kFloat));
-      FM_LAUNCH(1, 64, 64 << 10, stream, unwritten_shared_kernel)(out.data_ptr<float>());
-      return out;
-    }
+    case 0: FM_LAUNCH(2, kThreads, 0, stream, sums_kernel)(sums.data_ptr<int64_t>()); return sums;
+    case 1: FM_LAUNCH(1, kThreads, 0, stream, deadlock_kernel)(pi); return ints;
+    case 2: FM_LAUNCH(1, 32, 0, stream, partial_mask_kernel)(pi); return ints;
+    case 3: FM_LAUNCH(1, 64, 64 * sizeof(float), stream, unwritten_shared_kernel)(pf); return floats;
+    case 4: FM_LAUNCH(1, 1025, 0, stream, deadlock_kernel)(pi); return ints;
+    case 5: FM_LAUNCH(1, kThreads, 0, stream, early_return_kernel)(pi); return ints;
+    case 6: FM_LAUNCH(1, kThreads, 0, stream, split_barrier_kernel)(pi); return ints;
+    case 7: FM_LAUNCH(1, 32, 0, stream, returned_lane_kernel)(pi); return ints;
+    case 8: FM_LAUNCH(2, 64, 0, stream, shared_per_block_kernel)(pf); return floats;
+    case 9: FM_LAUNCH(1, 64, 64 << 10, stream, unwritten_shared_kernel)(pf); return floats;
   }
   TORCH_CHECK_VALUE(false, "emulator_selftest: unknown case ", which);
 }
