@@ -79,6 +79,8 @@ def cuda_device_type() -> str:
     except ImportError:  # pragma: no cover - a source tree without the CUDA loader
         return "cuda"
     return _cuda.device_type()
+
+
 _MERGE_CODES = {"mean": 0, "sum": 1, "max": 2}
 _warned: set[str] = set()
 
@@ -125,10 +127,10 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
                 return "triton"
             if cuda_extension() is not None and cuda_device_type() == "cuda":
                 return "cuda"
-            cuda_why = ("is emulated on CPU tensors (FASTMERGE_CUDA_EMULATE=1)" if cuda_device_type() == "cpu"
-                        else "could be loaded")
-            _warn_once("nogpu", f"fastmerge: neither the Triton kernels ({_KERNELS_ERROR}) nor the CUDA extension "
-                                f"{cuda_why}; running the PyTorch reference ops on CUDA tensors instead")
+            why = (f"the Triton kernels could not be loaded ({_KERNELS_ERROR}) and the cuda backend is emulated on "
+                   "CPU tensors (FASTMERGE_CUDA_EMULATE=1)" if cuda_device_type() == "cpu" else
+                   f"neither the Triton kernels ({_KERNELS_ERROR}) nor the CUDA extension could be loaded")
+            _warn_once("nogpu", f"fastmerge: {why}; running the PyTorch reference ops on CUDA tensors instead")
             return "reference"
         _warn_once("nodev", f"fastmerge: no kernels for {device.type} tensors; running the PyTorch reference ops")
         return "reference"
