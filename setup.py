@@ -219,19 +219,27 @@ def cuda_extension():
                   "-Xcompiler=-ffp-contract=off", *gencode]
     log(f"CUDA kernels: {len(sources) - 1} .cu files + ops_cuda.cpp for sm_{', sm_'.join(archs)} "
         f"(+ PTX compute_{archs[-1]}), nvcc --threads={threads}, -fmad=false")
-    inc_dir = os.path.join(CSRC, "include", "fastmerge")
-    depends = [os.path.join(cuda_dir, f) for f in sorted(os.listdir(cuda_dir)) if f.endswith((".cuh", ".h"))]
-    depends += [os.path.join(inc_dir, f) for f in sorted(os.listdir(inc_dir))]
     return CUDAExtension(
         name="fastmerge._C_cuda",
         sources=sources,
-        depends=[os.path.relpath(p, ROOT) for p in depends],  # headers: editing one rebuilds
+        depends=cuda_depends((".cuh", ".h")),
         include_dirs=[os.path.join(CSRC, "include"), cuda_dir],
         extra_compile_args={
             "cxx": ["-O3", "-std=c++20", "-ffp-contract=off", f"-DFASTMERGE_CUDA_ARCHS={','.join(archs)}"],
             "nvcc": nvcc_flags,
         },
     )
+
+
+def cuda_depends(suffixes: tuple[str, ...]) -> list[str]:
+    """Files of csrc/cuda with these suffixes, and the shared headers: the files a CUDA extension's
+    build units include, so that editing one rebuilds it (setuptools otherwise compares only the
+    listed sources with the built library)."""
+    cuda_dir = os.path.join(CSRC, "cuda")
+    inc_dir = os.path.join(CSRC, "include", "fastmerge")
+    paths = [os.path.join(cuda_dir, f) for f in sorted(os.listdir(cuda_dir)) if f.endswith(suffixes)]
+    paths += [os.path.join(inc_dir, f) for f in sorted(os.listdir(inc_dir))]
+    return [os.path.relpath(p, ROOT) for p in paths]
 
 
 def emulator_wanted() -> bool:
@@ -251,16 +259,10 @@ def cuda_emulator_extension():
     # -O1: these objects serve the tests, and the emulator's cost is its fiber switches, not the math.
     flags = ["-O1", "-std=c++20", "-ffp-contract=off", "-fno-strict-aliasing", "-DFASTMERGE_CUDA_EMULATION",
              "-DFASTMERGE_CUDA_ARCHS=emulated"]
-    # The .cu files and headers are included by the build units: list them, so that editing one
-    # rebuilds the extension.
-    cuda_dir = os.path.join(CSRC, "cuda")
-    inc_dir = os.path.join(CSRC, "include", "fastmerge")
-    depends = [os.path.join(cuda_dir, f) for f in sorted(os.listdir(cuda_dir)) if f.endswith((".cu", ".cuh", ".h", ".cpp"))]
-    depends += [os.path.join(inc_dir, f) for f in sorted(os.listdir(inc_dir))]
     return CppExtension(
         name="fastmerge._C_cuda_emu",
         sources=sources,
-        depends=[os.path.relpath(p, ROOT) for p in depends],
+        depends=cuda_depends((".cu", ".cuh", ".h", ".cpp")),  # the build units include all of csrc/cuda
         include_dirs=[os.path.join(CSRC, "include"), os.path.join(CSRC, "cuda")],
         extra_compile_args={"cxx": flags},
     )

@@ -96,7 +96,6 @@ struct Runtime {
   std::vector<unsigned char> dyn_smem;
   uint64_t block_epoch = 0;    // advances at every block: FM_SHARED arrays are refilled once per block
   size_t static_smem = 0;      // bytes of FM_SHARED arrays in the running block
-  size_t dyn_smem_bytes = 0;   // dynamic shared memory of the running launch
   uint64_t lanes[kMaxThreads];  // values posted by a warp shuffle
   Fiber* cur = nullptr;
   Index block, grid_dim, block_dim;
@@ -133,6 +132,22 @@ inline void wait_at(Wait w, int line) {
   me->line = line;
   swapcontext(&me->ctx, &r.main);
   r.cur = me;
+}
+
+// Opens a barrier: the fibers of [begin, end) that wait at `w` run again. They must all wait at the
+// same call; `who` and `call` name the threads and the barrier in the error.
+inline void release(int begin, int end, Wait w, const std::string& who, const char* call) {
+  Runtime& r = rt();
+  int line = -1;
+  for (int i = begin; i < end; ++i) {
+    Fiber& f = r.fibers[size_t(i)];
+    if (f.wait != w) continue;
+    if (line < 0) line = f.line;
+    if (f.line != line)
+      throw std::runtime_error("emulated CUDA kernel: " + who + " wait at different " + call + " calls (lines " +
+                               std::to_string(line) + " and " + std::to_string(f.line) + ")");
+    f.wait = Wait::kRun;
+  }
 }
 
 // Runs one block to completion: fibers run until they block; then a full warp barrier or the block
@@ -179,33 +194,15 @@ inline void run_block(int nthreads, bool reverse) {
       }
       done += warp_done;
       if (at_warp > 0 && at_warp + warp_done == w1 - w0) {
-        int first = w0;
-        while (r.fibers[size_t(first)].wait != Wait::kWarp) ++first;
-        const int line = r.fibers[size_t(first)].line;
-        for (int i = w0; i < w1; ++i) {
-          Fiber& f = r.fibers[size_t(i)];
-          if (f.wait != Wait::kWarp) continue;
-          if (f.line != line)
-            throw std::runtime_error("emulated CUDA kernel: lanes of warp " + std::to_string(w0 / kWarp) +
-                                     " in block " + std::to_string(r.block.x) + " wait at different shuffles (lines " +
-                                     std::to_string(line) + " and " + std::to_string(f.line) + ")");
-          f.wait = Wait::kRun;
-        }
+        release(w0, w1, Wait::kWarp,
+                "lanes of warp " + std::to_string(w0 / kWarp) + " in block " + std::to_string(r.block.x), "shuffle");
         opened = true;
       }
     }
     if (done == nthreads) return;
     if (opened) continue;
     if (at_block == nthreads) {
-      const int line = r.fibers[0].line;
-      for (int i = 0; i < nthreads; ++i) {
-        Fiber& f = r.fibers[size_t(i)];
-        if (f.line != line)
-          throw std::runtime_error("emulated CUDA kernel: threads of block " + std::to_string(r.block.x) +
-                                   " wait at different __syncthreads() calls (lines " + std::to_string(line) +
-                                   " and " + std::to_string(f.line) + ")");
-        f.wait = Wait::kRun;
-      }
+      release(0, nthreads, Wait::kBlock, "threads of block " + std::to_string(r.block.x), "__syncthreads()");
       continue;
     }
     if (done > 0 && at_block == nthreads - done)
@@ -229,27 +226,24 @@ inline void run_grid(int64_t grid, int64_t block, size_t smem, const std::functi
                              " bytes of dynamic shared memory exceed the 48 KiB a launch gets by default");
   Runtime& r = rt();
   if (r.body != nullptr) throw std::runtime_error("emulated CUDA launch from inside a kernel");
+  struct Running {  // the launch's state is cleared however the launch ends
+    Runtime& r;
+    ~Running() {
+      r.body = nullptr;
+      r.cur = nullptr;
+    }
+  } running{r};
   r.body = &body;
   r.grid_dim = Index{unsigned(grid), 1, 1};
   r.block_dim = Index{unsigned(block), 1, 1};
-  r.dyn_smem.resize(std::max<size_t>(smem, 16));
-  r.dyn_smem_bytes = smem;
   const bool reverse = reverse_order();
-  try {
-    for (int64_t j = 0; j < grid; ++j) {
-      r.block = Index{unsigned(reverse ? grid - 1 - j : j), 0, 0};
-      ++r.block_epoch;
-      r.static_smem = 0;
-      std::fill(r.dyn_smem.begin(), r.dyn_smem.end(), static_cast<unsigned char>(0xff));
-      run_block(int(block), reverse);
-    }
-  } catch (...) {
-    r.body = nullptr;
-    r.cur = nullptr;
-    throw;
+  for (int64_t j = 0; j < grid; ++j) {
+    r.block = Index{unsigned(reverse ? grid - 1 - j : j), 0, 0};
+    ++r.block_epoch;
+    r.static_smem = 0;
+    r.dyn_smem.assign(smem, static_cast<unsigned char>(0xff));
+    run_block(int(block), reverse);
   }
-  r.body = nullptr;
-  r.cur = nullptr;
 }
 
 // FM_LAUNCH(grid, block, smem, stream, kernel)(args...): copies the arguments as a launch does and
@@ -286,9 +280,9 @@ struct SharedSlot {
     if (epoch != r.block_epoch) {
       const size_t bytes = n * sizeof(T);
       r.static_smem += bytes;
-      if (r.static_smem + r.dyn_smem_bytes > kMaxSharedBytes)
+      if (r.static_smem + r.dyn_smem.size() > kMaxSharedBytes)
         throw std::runtime_error("emulated CUDA kernel: " + std::to_string(r.static_smem) + " bytes of static and " +
-                                 std::to_string(r.dyn_smem_bytes) +
+                                 std::to_string(r.dyn_smem.size()) +
                                  " of dynamic shared memory exceed the 48 KiB a launch gets by default");
       words.resize((bytes + sizeof(std::max_align_t) - 1) / sizeof(std::max_align_t) + 1);
       std::memset(words.data(), 0xff, words.size() * sizeof(std::max_align_t));
