@@ -185,7 +185,8 @@ def ext_modules_and_cmdclass():
 
     ext = CppExtension(
         name="fastmerge._C",
-        sources=[os.path.relpath(os.path.join(CSRC, "cpu", "ops_cpu.cpp"), ROOT)],
+        sources=[os.path.relpath(os.path.join(CSRC, "cpu", f), ROOT) for f in ("ops_cpu.cpp", "checkpoint_merge.cpp")],
+        depends=[os.path.relpath(os.path.join(CSRC, "cpu", "checkpoint_merge.h"), ROOT)],
         include_dirs=incs,
         extra_compile_args={"cxx": CXX_FLAGS + defines},
         extra_link_args=["-fopenmp"],

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "checkpoint_merge.h"
 #include "common.h"
 #include "fastmerge/checks.h"
 
@@ -505,6 +506,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("merge_ties", &C::merge_ties, py::arg("base"), py::arg("thetas"), py::arg("density"), py::arg("lam"),
         py::arg("mode"), py::arg("offsets"), py::arg("weights"), py::arg("strategy") = 0,
         py::arg("cand_budget") = 0, py::arg("hist_budget") = 0);
+  m.def("ckpt_select", &C::ckpt_select, py::arg("base"), py::arg("thetas"), py::arg("rank_lo"), py::arg("rank_hi"),
+        py::arg("ties_by_high_index"));
+  m.def("ckpt_merge", &C::ckpt_merge, py::arg("base"), py::arg("thetas"), py::arg("weights"), py::arg("rules"),
+        py::arg("streams"), py::arg("keep_prob"), py::arg("scale"), py::arg("consensus"), py::arg("normalize"),
+        py::arg("lam"), py::arg("guard_small_divisor"), py::arg("out_dtype"));
+  m.def("ckpt_abs_sums", &C::ckpt_abs_sums, py::arg("base"), py::arg("thetas"), py::arg("rules"), py::arg("streams"),
+        py::arg("keep_prob"));
+  m.def("ckpt_key_hist", &C::ckpt_key_hist, py::arg("base"), py::arg("thetas"), py::arg("prefix"));
+  m.def("ckpt_random_bits", &C::ckpt_random_bits, py::arg("key"), py::arg("start"), py::arg("n"));
   m.def("empty_cache", &C::empty_cache, "Free the cached output blocks; returns the bytes freed");
   m.def("ties_last_stats", &C::ties_last_stats, "Diagnostics of the last merge_ties call on this thread");
   m.def("stream_read", &C::stream_read, "Read every byte of a buffer as `streams` interleaved streams per thread (bandwidth probe)",

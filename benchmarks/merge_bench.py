@@ -1,0 +1,261 @@
+"""``fastmerge bench-merge``: time ``fastmerge merge`` (and ``mergekit-yaml`` where installed) on
+generated Llama-shaped checkpoints.
+
+For each dtype and method it runs, each in a fresh process with the input files in the page cache:
+- a plain read of every input file (``readinto`` a reused buffer: the rate a merge can at best reach);
+- ``fastmerge merge`` on the config;
+- ``mergekit-yaml`` on the same config, where it is installed (``--mergekit PATH`` or on PATH).
+
+It reports the wall time of each process, its peak RSS (from ``wait4``), input GB/s, the ratio to the
+plain read, mergekit's time over ours, and the largest difference between the two outputs' tensors.
+Everything goes to a JSON report (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+SIZES = {
+    # name: hidden, layers, intermediate, vocab, heads, kv heads
+    "tiny": (64, 2, 176, 256, 4, 2),
+    "small": (256, 4, 704, 4096, 8, 4),
+    "270m": (1024, 16, 2816, 32000, 16, 8),
+    "1b": (2048, 18, 5632, 32000, 32, 8),
+}
+
+
+def llama_config(size: str, dtype: str) -> dict:
+    h, L, inter, vocab, heads, kv = SIZES[size]
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "num_hidden_layers": L,
+        "intermediate_size": inter, "vocab_size": vocab, "num_attention_heads": heads, "num_key_value_heads": kv,
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+        "tie_word_embeddings": False, "torch_dtype": dtype, "bos_token_id": 1, "eos_token_id": 2,
+    }
+
+
+def llama_shapes(cfg: dict) -> List[tuple]:
+    h, L, inter, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd = h // cfg["num_attention_heads"]
+    kvd = hd * cfg["num_key_value_heads"]
+    out = [("model.embed_tokens.weight", (vocab, h))]
+    for i in range(L):
+        p = f"model.layers.{i}."
+        out += [(p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kvd, h)),
+                (p + "self_attn.v_proj.weight", (kvd, h)), (p + "self_attn.o_proj.weight", (h, h)),
+                (p + "mlp.gate_proj.weight", (inter, h)), (p + "mlp.up_proj.weight", (inter, h)),
+                (p + "mlp.down_proj.weight", (h, inter)), (p + "input_layernorm.weight", (h,)),
+                (p + "post_attention_layernorm.weight", (h,))]
+    out += [("model.norm.weight", (h,)), ("lm_head.weight", (vocab, h))]
+    return out
+
+
+def make_checkpoints(folder: str, size: str = "270m", n_models: int = 4, dtype: str = "float32", seed: int = 0,
+                     shard_size: int = 2 * 1000 ** 3, noise: float = 0.1) -> List[str]:
+    """A base and ``n_models`` fine-tunes (base + noise * N(0, std of the tensor)), as Hugging Face
+    folders of safetensors shards with a Llama config.json. Reused when already generated."""
+    import torch
+
+    from fastmerge.merge.io import OutTensor, ShardWriter
+
+    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    cfg = llama_config(size, dtype)
+    shapes = llama_shapes(cfg)
+    names = ["base"] + [f"ft{i}" for i in range(n_models)]
+    stamp = json.dumps({"size": size, "dtype": dtype, "seed": seed, "noise": noise, "shard": shard_size})
+    folders = []
+    for k, name in enumerate(names):
+        path = os.path.join(folder, name)
+        folders.append(path)
+        marker = os.path.join(path, ".generated")
+        if os.path.exists(marker) and open(marker).read() == stamp:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path)
+        w = ShardWriter(path, [OutTensor(n, tdt, s) for n, s in shapes], shard_size)
+        for j, (n, s) in enumerate(shapes):
+            g = torch.Generator().manual_seed(seed * 1000003 + j)
+            if n.endswith("layernorm.weight") or n == "model.norm.weight":
+                x = torch.ones(s)
+            else:
+                x = torch.randn(s, generator=g) * 0.02
+            if k > 0:
+                gk = torch.Generator().manual_seed(seed * 1000003 + j + 7919 * k)
+                x = x + torch.randn(s, generator=gk) * (0.02 * noise)
+            w.add(n, x.to(tdt))
+        w.finish()
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        with open(marker, "w") as f:
+            f.write(stamp)
+    return folders
+
+
+def write_config(path: str, method: str, folders: List[str], density: float = 0.5) -> str:
+    base, fts = folders[0], folders[1:]
+    lines = [f"merge_method: {method}", f"base_model: {base}" if method != "linear" else "", "models:"]
+    if method == "linear":
+        for f in folders:
+            lines += [f"  - model: {f}", "    parameters:", "      weight: 1.0"]
+    else:
+        for i, f in enumerate(fts):
+            lines += [f"  - model: {f}"]
+            if method == "model_stock":
+                continue
+            lines += ["    parameters:", f"      weight: {1.0 - 0.1 * i:.2f}"]
+            if method in ("ties", "dare_ties", "breadcrumbs_ties", "breadcrumbs"):
+                lines.append(f"      density: {density}")
+    if method != "model_stock":
+        lines += ["parameters:", "  lambda: 1.0" if method != "linear" else "  normalize: true"]
+    with open(path, "w") as fh:
+        fh.write("\n".join(x for x in lines if x) + "\n")
+    return path
+
+
+def input_files(folders: List[str]) -> List[str]:
+    return [os.path.join(f, n) for f in folders for n in sorted(os.listdir(f)) if n.endswith(".safetensors")]
+
+
+def plain_read(files: List[str], block: int = 64 << 20) -> Dict[str, float]:
+    """Read every byte of the files with readinto into one reused buffer; returns bytes and seconds."""
+    buf = bytearray(block)
+    mv = memoryview(buf)
+    total = 0
+    t0 = time.perf_counter()
+    for p in files:
+        with open(p, "rb", buffering=0) as f:
+            while True:
+                n = f.readinto(mv)
+                if not n:
+                    break
+                total += n
+    return {"bytes": total, "seconds": time.perf_counter() - t0}
+
+
+def timed(cmd: List[str], env: Optional[dict] = None) -> Dict[str, object]:
+    """Run a command; wall time, peak RSS (wait4) and exit status."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=env)
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        fo.seek(0)
+        fe.seek(0)
+        out = fo.read().decode(errors="replace")
+        err = fe.read().decode(errors="replace")
+    return {"cmd": " ".join(cmd), "seconds": wall, "peak_rss_bytes": ru.ru_maxrss * 1024, "rc": p.returncode,
+            "stdout_tail": out[-2000:], "stderr_tail": err[-2000:]}
+
+
+def compare_outputs(a: str, b: str) -> Dict[str, object]:
+    """Largest absolute and relative difference between the tensors of two output folders."""
+    import torch
+
+    from fastmerge.merge.io import Checkpoint
+
+    ca, cb = Checkpoint(a, "fastmerge"), Checkpoint(b, "mergekit")
+    try:
+        if set(ca.tensors) != set(cb.tensors):
+            return {"same_names": False, "only_fastmerge": sorted(set(ca.tensors) - set(cb.tensors))[:5],
+                    "only_mergekit": sorted(set(cb.tensors) - set(ca.tensors))[:5]}
+        worst_abs = worst_rel = 0.0
+        allclose = True
+        for n in ca.tensors:
+            x, y = ca.get(n).double(), cb.get(n).double()
+            d = (x - y).abs()
+            worst_abs = max(worst_abs, float(d.max()) if d.numel() else 0.0)
+            rel = d / y.abs().clamp_min(1e-12)
+            worst_rel = max(worst_rel, float(rel.max()) if rel.numel() else 0.0)
+            allclose &= bool(torch.allclose(x, y, rtol=1e-5, atol=1e-8))
+        return {"same_names": True, "max_abs_diff": worst_abs, "max_rel_diff": worst_rel,
+                "allclose_rtol_1e-5": allclose}
+    finally:
+        ca.close()
+        cb.close()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", default="270m", choices=sorted(SIZES), help="model shape (default 270m: ~271M parameters)")
+    p.add_argument("--models", type=int, default=4, help="fine-tunes besides the base (default 4)")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="checkpoint dtypes (default both)")
+    p.add_argument("--methods", nargs="+", default=["ties", "linear", "task_arithmetic"])
+    p.add_argument("--workdir", default="runs/bench-merge", help="where checkpoints and outputs go")
+    p.add_argument("--mergekit", default=None,
+                   help="mergekit-yaml executable (default: the one on PATH; skipped when there is none)")
+    p.add_argument("--no-mergekit", action="store_true", help="do not run mergekit")
+    p.add_argument("--mergekit-dtypes", nargs="+", default=["float32"],
+                   help="dtypes on which mergekit is also run (default float32)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default="fastmerge-bench-merge.json", help="report path")
+    p.add_argument("--keep-outputs", action="store_true", help="keep the merged folders")
+
+
+def run(args: argparse.Namespace) -> int:
+    mk = None if args.no_mergekit else (args.mergekit or shutil.which("mergekit-yaml"))
+    os.makedirs(args.workdir, exist_ok=True)
+    report = {"size": args.size, "models": args.models, "cpu_count": os.cpu_count(), "runs": []}
+    py = sys.executable
+    for dtype in args.dtypes:
+        t0 = time.perf_counter()
+        folders = make_checkpoints(os.path.join(args.workdir, f"{args.size}-{dtype}"), args.size, args.models, dtype)
+        files = input_files(folders)
+        print(f"[{dtype}] checkpoints ready in {time.perf_counter() - t0:.1f} s: {len(folders)} models, "
+              f"{sum(os.path.getsize(f) for f in files) / 1e9:.2f} GB", file=sys.stderr)
+        plain_read(files)  # bring the files into the page cache
+        reads = [plain_read(files) for _ in range(3)]
+        rd = min(reads, key=lambda r: r["seconds"])
+        read_gbps = rd["bytes"] / rd["seconds"] / 1e9
+        print(f"[{dtype}] plain read: {rd['bytes'] / 1e9:.2f} GB in {rd['seconds']:.2f} s = {read_gbps:.2f} GB/s "
+              f"(best of 3)", file=sys.stderr)
+        for method in args.methods:
+            cfg = write_config(os.path.join(args.workdir, f"{method}-{dtype}.yml"), method, folders)
+            out_fm = os.path.join(args.workdir, f"out-fastmerge-{method}-{dtype}")
+            cmd = [py, "-m", "fastmerge", "merge", cfg, out_fm, "--overwrite", "--quiet"]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            plain_read(files)
+            fm = timed(cmd)
+            entry = {"dtype": dtype, "method": method, "input_bytes": rd["bytes"], "plain_read_gbps": read_gbps,
+                     "fastmerge": fm}
+            if fm["rc"] != 0:
+                print(f"[{dtype}] {method}: fastmerge failed: {fm['stderr_tail']}", file=sys.stderr)
+            fm["input_gbps"] = rd["bytes"] / fm["seconds"] / 1e9
+            fm["share_of_plain_read"] = fm["input_gbps"] / read_gbps
+            line = (f"[{dtype}] {method}: fastmerge {fm['seconds']:.2f} s, peak RSS {fm['peak_rss_bytes'] / 1e9:.2f} GB, "
+                    f"{fm['input_gbps']:.2f} GB/s = {100 * fm['share_of_plain_read']:.0f} % of a plain read")
+            if mk and dtype in args.mergekit_dtypes:
+                out_mk = os.path.join(args.workdir, f"out-mergekit-{method}-{dtype}")
+                shutil.rmtree(out_mk, ignore_errors=True)
+                plain_read(files)
+                r = timed([mk, cfg, out_mk, "--no-copy-tokenizer"])
+                entry["mergekit"] = r
+                if r["rc"] == 0:
+                    entry["speedup_over_mergekit"] = r["seconds"] / fm["seconds"]
+                    if fm["rc"] == 0:
+                        entry["agreement"] = compare_outputs(out_fm, out_mk)
+                    line += (f"; mergekit {r['seconds']:.1f} s, peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB: "
+                             f"{entry['speedup_over_mergekit']:.1f}x faster; outputs: {entry.get('agreement')}")
+                else:
+                    line += f"; mergekit failed (rc {r['rc']}): {r['stderr_tail'][-300:]}"
+                if not args.keep_outputs:
+                    shutil.rmtree(out_mk, ignore_errors=True)
+            print(line, file=sys.stderr)
+            if not args.keep_outputs:
+                shutil.rmtree(out_fm, ignore_errors=True)
+            report["runs"].append(entry)
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=2)
+    print(json.dumps([{k: (v if not isinstance(v, dict) else {kk: vv for kk, vv in v.items() if "tail" not in kk})
+                       for k, v in e.items()} for e in report["runs"]], indent=1))
+    print(f"report: {args.json}", file=sys.stderr)
+    return 0

@@ -1,0 +1,476 @@
+// Fused CPU kernels of the checkpoint-merging methods (fastmerge/merge/methods.py): the generalised
+// task-arithmetic family (linear, task arithmetic, TIES, breadcrumbs, DARE) as one pass per tensor,
+// the exact magnitude selection that decides which entries each model keeps, and the counter-based
+// random stream of the random methods. Bound to Python through fastmerge._C (ops_cpu.cpp).
+//
+// Invariants:
+// - a delta is float(theta) - float(base), rounded in float32 as the reference computes it;
+// - a "keep rule" per model decides, from the magnitude key of the delta (its float32 bits with the
+//   sign cleared, which orders like |delta|) and the entry's index, whether the entry survives
+//   sparsification. It is exact: ties at a boundary key are split by index, as a stable sort would;
+// - every reduction that produces a floating value runs over fixed chunks in a fixed order, so the
+//   results do not depend on the thread count.
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "checkpoint_merge.h"
+
+namespace fastmerge {
+namespace cpu {
+namespace {
+
+constexpr int64_t kChunk = 1 << 16;  // fixed reduction chunk (thread-count independent results)
+constexpr int64_t kNoLower = -1;
+constexpr int64_t kNoUpper = int64_t(1) << 32;
+constexpr int64_t kKeepNone = int64_t(1) << 33;
+
+inline float to_f(float x) { return x; }
+inline float to_f(c10::BFloat16 x) { return float(x); }
+inline float to_f(c10::Half x) { return float(x); }
+inline float to_f(double x) { return float(x); }
+
+inline uint32_t key_of(float d) {
+  uint32_t u;
+  std::memcpy(&u, &d, sizeof(u));
+  return u & 0x7fffffffu;
+}
+
+inline uint64_t mix64(uint64_t z) {
+  z ^= z >> 30;
+  z *= 0xBF58476D1CE4E5B9ull;
+  z ^= z >> 27;
+  z *= 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return z;
+}
+
+// 24 random bits of entry i of the stream `key` (see fastmerge/merge/rng.py for the reference).
+inline uint32_t stream_bits(uint64_t key, int64_t i) {
+  return uint32_t(mix64(key + uint64_t(i) * 0x9E3779B97F4A7C15ull) >> 40);
+}
+
+struct Rule {  // one model's keep rule; see the file comment
+  int64_t lo_key, lo_a, lo_b, hi_key, hi_a, hi_b;
+  bool keeps(uint32_t k, int64_t i) const {
+    const int64_t key = int64_t(k);
+    if (key < lo_key || key > hi_key) return false;
+    if (key == lo_key && (i < lo_a || i > lo_b)) return false;
+    if (key == hi_key && (i < hi_a || i > hi_b)) return false;
+    return true;
+  }
+};
+
+struct Inputs {
+  at::ScalarType dt;
+  const void* base;  // may be null (no base: linear)
+  std::vector<const void*> th;
+  int64_t n;
+};
+
+Inputs gather(const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas) {
+  TORCH_CHECK_VALUE(!thetas.empty(), "thetas is empty: at least one model is needed");
+  Inputs in;
+  in.dt = thetas[0].scalar_type();
+  in.n = thetas[0].numel();
+  TORCH_CHECK_VALUE(in.dt == at::kFloat || in.dt == at::kBFloat16 || in.dt == at::kHalf || in.dt == at::kDouble,
+                    "checkpoint merge kernels take float32, bfloat16, float16 or float64 tensors, got ", in.dt);
+  for (size_t t = 0; t < thetas.size(); ++t) {
+    const auto& x = thetas[t];
+    TORCH_CHECK_VALUE(x.device().is_cpu() && x.is_contiguous(), "thetas[", t, "] must be a contiguous CPU tensor");
+    TORCH_CHECK_VALUE(x.scalar_type() == in.dt, "mismatched dtypes: thetas[", t, "] is ", x.scalar_type(), ", thetas[0] is ",
+                      in.dt);
+    TORCH_CHECK_VALUE(x.numel() == in.n, "mismatched sizes: thetas[", t, "] has ", x.numel(), " entries, thetas[0] ", in.n);
+    in.th.push_back(x.data_ptr());
+  }
+  in.base = nullptr;
+  if (base.has_value()) {
+    const auto& b = *base;
+    TORCH_CHECK_VALUE(b.device().is_cpu() && b.is_contiguous(), "base must be a contiguous CPU tensor");
+    TORCH_CHECK_VALUE(b.scalar_type() == in.dt, "mismatched dtypes: base is ", b.scalar_type(), ", thetas ", in.dt);
+    TORCH_CHECK_VALUE(b.numel() == in.n, "mismatched sizes: base has ", b.numel(), " entries, thetas ", in.n);
+    in.base = b.data_ptr();
+  }
+  return in;
+}
+
+template <typename F>
+void dispatch(at::ScalarType dt, F&& f) {
+  switch (dt) {
+    case at::kFloat: f(float()); break;
+    case at::kBFloat16: f(c10::BFloat16()); break;
+    case at::kHalf: f(c10::Half()); break;
+    default: f(double()); break;
+  }
+}
+
+// Index and value of the first non-finite entry among the inputs (called after a kernel saw one).
+[[noreturn]] void raise_nonfinite(const Inputs& in) {
+  dispatch(in.dt, [&](auto z) {
+    using in_t = decltype(z);
+    auto scan = [&](const void* p, const std::string& name) {
+      const in_t* x = static_cast<const in_t*>(p);
+      for (int64_t i = 0; i < in.n; ++i) {
+        const float v = to_f(x[i]);
+        if (!std::isfinite(v)) TORCH_CHECK_VALUE(false, name, " contains a non-finite value (", v, ") at index ", i);
+      }
+    };
+    if (in.base) scan(in.base, "base");
+    for (size_t t = 0; t < in.th.size(); ++t) scan(in.th[t], "thetas[" + std::to_string(t) + "]");
+  });
+  TORCH_CHECK_VALUE(false, "a delta overflowed to infinity (finite inputs): the merge is undefined there");
+}
+
+template <typename in_t>
+inline float delta_at(const Inputs& in, int t, int64_t i) {
+  const float b = in.base ? to_f(static_cast<const in_t*>(in.base)[i]) : 0.0f;
+  return to_f(static_cast<const in_t*>(in.th[t])[i]) - b;
+}
+
+// ------------------------------------------------------------------------- exact selection
+
+// The position (0-based, in index order) `p` among the entries of model t whose key equals `key`:
+// returns that entry's index. Counted per fixed chunk in parallel, then one chunk is scanned.
+template <typename in_t>
+int64_t tie_index(const Inputs& in, int t, uint32_t key, int64_t p) {
+  const int64_t nchunks = (in.n + kChunk - 1) / kChunk;
+  std::vector<int64_t> cnt(nchunks, 0);
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t k = 0;
+      for (int64_t i = c * kChunk, e = std::min(in.n, (c + 1) * kChunk); i < e; ++i)
+        k += key_of(delta_at<in_t>(in, t, i)) == key;
+      cnt[c] = k;
+    }
+  });
+  for (int64_t c = 0; c < nchunks; ++c) {
+    if (p >= cnt[c]) {
+      p -= cnt[c];
+      continue;
+    }
+    for (int64_t i = c * kChunk, e = std::min(in.n, (c + 1) * kChunk); i < e; ++i)
+      if (key_of(delta_at<in_t>(in, t, i)) == key && p-- == 0) return i;
+  }
+  TORCH_CHECK(false, "checkpoint_merge: tie position out of range (internal error)");
+}
+
+struct Boundary {  // the entry of rank r in model t's ascending order of keys
+  int t;
+  int64_t rank;
+  bool lower;  // the first kept rank (else the last)
+  int64_t bin = 0, key = 0, below = 0, equal = 0;
+};
+
+constexpr int kBins = 1 << 16;
+
+// Histograms of magnitude keys, one row of kBins per request j, over model models[j]: with
+// prefix[j] < 0 the top 16 bits of every key (the sign bit is clear, so rows use bins < 2^15), else the
+// low 16 bits of the keys whose top 16 bits equal prefix[j]. Counts only, so the result does not
+// depend on the thread count. A non-finite delta raises.
+template <typename in_t>
+void key_hist(const Inputs& in, const std::vector<int>& models, const std::vector<int64_t>& prefix, int64_t* out) {
+  const int J = int(models.size());
+  const int nt = at::get_num_threads();
+  std::vector<uint32_t> h(size_t(nt) * J * kBins, 0);
+  std::vector<char> bad(nt, 0);
+  at::parallel_for(0, in.n, kChunk, [&](int64_t i0, int64_t i1) {
+    const int tid = at::get_thread_num();
+    for (int j = 0; j < J; ++j) {
+      uint32_t* hj = h.data() + (size_t(tid) * J + j) * kBins;
+      const int t = models[j];
+      const int64_t pre = prefix[j];
+      for (int64_t i = i0; i < i1; ++i) {
+        const uint32_t k = key_of(delta_at<in_t>(in, t, i));
+        if (k >= 0x7f800000u) {
+          bad[tid] = 1;
+          return;
+        }
+        if (pre < 0) ++hj[k >> 16];
+        else if (int64_t(k >> 16) == pre) ++hj[k & 0xffffu];
+      }
+    }
+  });
+  for (char b : bad)
+    if (b) raise_nonfinite(in);
+  std::fill(out, out + size_t(J) * kBins, int64_t(0));
+  for (int tid = 0; tid < nt; ++tid)
+    for (size_t x = 0; x < size_t(J) * kBins; ++x) out[x] += h[size_t(tid) * J * kBins + x];
+}
+
+// The digit of the bin holding 0-based rank r of a histogram row; returns the count below it.
+inline int pick_bin(const int64_t* row, int64_t r, int64_t* below, int64_t* equal) {
+  int64_t cum = 0;
+  int d = 0;
+  while (d < kBins - 1 && cum + row[d] <= r) cum += row[d++];
+  *below = cum;
+  *equal = row[d];
+  return d;
+}
+
+template <typename in_t>
+void select_impl(const Inputs& in, std::vector<Boundary>& bs) {
+  const int B = int(bs.size());
+  std::vector<int> models;
+  for (const auto& b : bs) models.push_back(b.t);
+  std::vector<int64_t> hist(size_t(B) * kBins);
+  key_hist<in_t>(in, models, std::vector<int64_t>(B, -1), hist.data());  // one row per boundary (cheap enough)
+  std::vector<int64_t> prefix(B);
+  for (int j = 0; j < B; ++j) {
+    int64_t eq;
+    bs[j].bin = pick_bin(hist.data() + size_t(j) * kBins, bs[j].rank, &bs[j].below, &eq);
+    prefix[j] = bs[j].bin;
+  }
+  key_hist<in_t>(in, models, prefix, hist.data());
+  for (int j = 0; j < B; ++j) {
+    int64_t below;
+    const int d = pick_bin(hist.data() + size_t(j) * kBins, bs[j].rank - bs[j].below, &below, &bs[j].equal);
+    bs[j].key = (bs[j].bin << 16) | d;
+    bs[j].below += below;
+  }
+}
+
+}  // namespace
+
+at::Tensor ckpt_select(const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas,
+                       const std::vector<int64_t>& rank_lo, const std::vector<int64_t>& rank_hi,
+                       const std::vector<bool>& ties_by_high_index) {
+  const Inputs in = gather(base, thetas);
+  const int T = int(in.th.size());
+  TORCH_CHECK_VALUE(int(rank_lo.size()) == T && int(rank_hi.size()) == T && int(ties_by_high_index.size()) == T,
+                    "ckpt_select: one rank_lo, rank_hi and tie order per model");
+  at::Tensor rules = at::empty({T, 6}, at::kLong);
+  int64_t* R = rules.data_ptr<int64_t>();
+  std::vector<Boundary> bs;
+  for (int t = 0; t < T; ++t) {
+    const int64_t lo = rank_lo[t], hi = rank_hi[t];
+    TORCH_CHECK_VALUE(0 <= lo && lo <= hi && hi <= in.n, "ckpt_select: ranks of model ", t, " out of range: [", lo, ", ",
+                      hi, ") of ", in.n);
+    int64_t* r = R + 6 * t;
+    r[0] = kNoLower, r[1] = 0, r[2] = in.n - 1, r[3] = kNoUpper, r[4] = 0, r[5] = in.n - 1;
+    if (lo == hi) {
+      r[0] = kKeepNone;
+      continue;
+    }
+    if (lo > 0) bs.push_back({t, lo, true});
+    if (hi < in.n) bs.push_back({t, hi - 1, false});
+  }
+  if (!bs.empty()) dispatch(in.dt, [&](auto z) { select_impl<decltype(z)>(in, bs); });
+  for (const auto& b : bs) {
+    const int t = b.t;
+    int64_t* r = R + 6 * t;
+    const bool desc = ties_by_high_index[t];
+    const bool lower = b.lower;
+    int64_t first = 0, last = in.n - 1;  // index range of the ties kept at this key
+    const int64_t L = b.below, E = b.equal;
+    int64_t keep_from, keep_to;  // positions (index order) of the kept ties, inclusive
+    if (lower) {
+      const int64_t kept = L + E - b.rank;
+      keep_from = desc ? 0 : E - kept;
+      keep_to = desc ? kept - 1 : E - 1;
+    } else {
+      const int64_t kept = b.rank + 1 - L;
+      keep_from = desc ? E - kept : 0;
+      keep_to = desc ? E - 1 : kept - 1;
+    }
+    if (b.key != 0 && (keep_from > 0 || keep_to < E - 1)) {  // a split tie (ties at zero change nothing)
+      dispatch(in.dt, [&](auto z) {
+        using in_t = decltype(z);
+        if (keep_from > 0) first = tie_index<in_t>(in, t, uint32_t(b.key), keep_from);
+        if (keep_to < E - 1) last = tie_index<in_t>(in, t, uint32_t(b.key), keep_to);
+      });
+    }
+    if (lower) r[0] = b.key, r[1] = first, r[2] = last;
+    else r[3] = b.key, r[4] = first, r[5] = last;
+  }
+  return rules;
+}
+
+namespace {
+
+struct MergeSpec {
+  const int64_t* rules = nullptr;  // [T, 6] or null (keep all)
+  const uint64_t* streams = nullptr;  // [T] stream keys (random keep) or null
+  const double* keep_prob = nullptr;  // [T]
+  std::vector<float> scale;  // per model: rescale factor (1 = none)
+  std::vector<float> weight;  // per model
+  int consensus = 0;  // 0 none, 1 sum, 2 count
+  bool normalize = false;
+  double lam = 1.0;
+  bool guard_small_divisor = true;  // |divisor| < 1e-8 -> 1 when there is no consensus
+};
+
+template <typename in_t>
+inline bool kept(const Inputs& in, const MergeSpec& s, int t, int64_t i, float d) {
+  if (s.rules && !reinterpret_cast<const Rule*>(s.rules)[t].keeps(key_of(d), i)) return false;
+  if (s.streams && !(double(stream_bits(s.streams[t], i)) < s.keep_prob[t] * 16777216.0)) return false;
+  return true;
+}
+
+template <typename in_t, typename out_t>
+void merge_impl(const Inputs& in, const MergeSpec& s, out_t* out, std::vector<char>& bad) {
+  const int T = int(in.th.size());
+  const float lam = float(s.lam);
+  float wsum = 0.0f;
+  for (int t = 0; t < T; ++t) wsum += s.weight[t];
+  if (s.guard_small_divisor && std::fabs(wsum) < 1e-8f) wsum = 1.0f;
+  at::parallel_for(0, in.n, kChunk, [&](int64_t i0, int64_t i1) {
+    float d[64];
+    for (int64_t i = i0; i < i1; ++i) {
+      const float b = in.base ? to_f(static_cast<const in_t*>(in.base)[i]) : 0.0f;
+      float sum = 0.0f;
+      int sgn = 0;
+      for (int t = 0; t < T; ++t) {
+        const float x = to_f(static_cast<const in_t*>(in.th[t])[i]);
+        float v = in.base ? x - b : x;
+        if (!std::isfinite(v)) bad[at::get_thread_num()] = 1;
+        if (!kept<in_t>(in, s, t, i, v)) v = 0.0f;
+        v = v * s.scale[t];
+        v = v * s.weight[t];
+        d[t] = v;
+        sum += v;
+        sgn += (v > 0.0f) - (v < 0.0f);
+      }
+      float mixed, div;
+      if (s.consensus == 0) {
+        mixed = sum;
+        div = wsum;
+      } else {
+        const float maj = (s.consensus == 1 ? sum >= 0.0f : sgn >= 0) ? 1.0f : -1.0f;
+        mixed = 0.0f, div = 0.0f;
+        for (int t = 0; t < T; ++t) {
+          const float sg = float((d[t] > 0.0f) - (d[t] < 0.0f));
+          if (sg == maj) {
+            mixed += d[t];
+            div += s.weight[t];
+          }
+        }
+        if (div == 0.0f) div = 1.0f;
+      }
+      if (s.normalize) mixed = mixed / div;
+      if (lam != 1.0f) mixed = mixed * lam;
+      out[i] = out_t(b + mixed);
+    }
+  });
+}
+
+MergeSpec make_spec(int T, const c10::optional<at::Tensor>& rules, const c10::optional<at::Tensor>& streams,
+                    const std::vector<double>& keep_prob, const std::vector<double>& scale,
+                    const std::vector<double>& weight) {
+  TORCH_CHECK_VALUE(T <= 64, "at most 64 models per merge, got ", T);
+  MergeSpec s;
+  if (rules.has_value()) {
+    TORCH_CHECK_VALUE(rules->scalar_type() == at::kLong && rules->is_contiguous() && rules->numel() == 6 * T,
+                      "rules must be a contiguous int64 [T, 6] tensor");
+    s.rules = rules->data_ptr<int64_t>();
+  }
+  if (streams.has_value()) {
+    TORCH_CHECK_VALUE(streams->scalar_type() == at::kLong && streams->is_contiguous() && streams->numel() == T,
+                      "streams must be a contiguous int64 [T] tensor");
+    TORCH_CHECK_VALUE(int(keep_prob.size()) == T, "one keep probability per model");
+    s.streams = reinterpret_cast<const uint64_t*>(streams->data_ptr<int64_t>());
+    s.keep_prob = keep_prob.data();
+  }
+  TORCH_CHECK_VALUE(int(scale.size()) == T && int(weight.size()) == T, "one scale and one weight per model");
+  for (int t = 0; t < T; ++t) s.scale.push_back(float(scale[t])), s.weight.push_back(float(weight[t]));
+  return s;
+}
+
+}  // namespace
+
+at::Tensor ckpt_merge(const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas,
+                      const std::vector<double>& weights, const c10::optional<at::Tensor>& rules,
+                      const c10::optional<at::Tensor>& streams, const std::vector<double>& keep_prob,
+                      const std::vector<double>& scale, int64_t consensus, bool normalize, double lam,
+                      bool guard_small_divisor, at::ScalarType out_dtype) {
+  const Inputs in = gather(base, thetas);
+  const int T = int(in.th.size());
+  MergeSpec s = make_spec(T, rules, streams, keep_prob, scale, weights);
+  TORCH_CHECK_VALUE(0 <= consensus && consensus <= 2, "consensus must be 0 (none), 1 (sum) or 2 (count)");
+  s.consensus = int(consensus);
+  s.normalize = normalize;
+  s.lam = lam;
+  s.guard_small_divisor = guard_small_divisor;
+  at::Tensor out = at::empty({in.n}, at::TensorOptions().dtype(out_dtype));
+  std::vector<char> bad(at::get_num_threads(), 0);
+  dispatch(in.dt, [&](auto zi) {
+    using in_t = decltype(zi);
+    switch (out_dtype) {
+      case at::kFloat: merge_impl<in_t>(in, s, out.data_ptr<float>(), bad); break;
+      case at::kBFloat16: merge_impl<in_t>(in, s, out.data_ptr<c10::BFloat16>(), bad); break;
+      case at::kHalf: merge_impl<in_t>(in, s, out.data_ptr<c10::Half>(), bad); break;
+      case at::kDouble: merge_impl<in_t>(in, s, out.data_ptr<double>(), bad); break;
+      default: TORCH_CHECK_VALUE(false, "out_dtype must be float32, bfloat16, float16 or float64, got ", out_dtype);
+    }
+  });
+  for (char b : bad)
+    if (b) raise_nonfinite(in);
+  return out;
+}
+
+at::Tensor ckpt_abs_sums(const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas,
+                         const c10::optional<at::Tensor>& rules, const c10::optional<at::Tensor>& streams,
+                         const std::vector<double>& keep_prob) {
+  const Inputs in = gather(base, thetas);
+  const int T = int(in.th.size());
+  MergeSpec s = make_spec(T, rules, streams, keep_prob, std::vector<double>(T, 1.0), std::vector<double>(T, 1.0));
+  const int64_t nchunks = (in.n + kChunk - 1) / kChunk;
+  std::vector<double> part(size_t(nchunks) * T * 2, 0.0);
+  std::vector<char> bad(at::get_num_threads(), 0);
+  dispatch(in.dt, [&](auto z) {
+    using in_t = decltype(z);
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        for (int t = 0; t < T; ++t) {
+          double all = 0.0, keep = 0.0;
+          for (int64_t i = c * kChunk, e = std::min(in.n, (c + 1) * kChunk); i < e; ++i) {
+            const float d = delta_at<in_t>(in, t, i);
+            if (!std::isfinite(d)) bad[at::get_thread_num()] = 1;
+            const double a = std::fabs(double(d));
+            all += a;
+            if (kept<in_t>(in, s, t, i, d)) keep += a;
+          }
+          part[(size_t(c) * T + t) * 2] = all;
+          part[(size_t(c) * T + t) * 2 + 1] = keep;
+        }
+    });
+  });
+  for (char b : bad)
+    if (b) raise_nonfinite(in);
+  at::Tensor res = at::zeros({T, 2}, at::kDouble);
+  double* r = res.data_ptr<double>();
+  for (int64_t c = 0; c < nchunks; ++c)
+    for (int j = 0; j < 2 * T; ++j) r[j] += part[size_t(c) * T * 2 + j];
+  return res;
+}
+
+at::Tensor ckpt_key_hist(const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas,
+                         const std::vector<int64_t>& prefix) {
+  const Inputs in = gather(base, thetas);
+  const int T = int(in.th.size());
+  TORCH_CHECK_VALUE(int(prefix.size()) == T, "ckpt_key_hist: one prefix per model (-1: the top 16 bits)");
+  at::Tensor out = at::empty({T, kBins}, at::kLong);
+  std::vector<int> models(T);
+  for (int t = 0; t < T; ++t) models[t] = t;
+  dispatch(in.dt, [&](auto z) { key_hist<decltype(z)>(in, models, prefix, out.data_ptr<int64_t>()); });
+  return out;
+}
+
+at::Tensor ckpt_random_bits(int64_t key, int64_t start, int64_t n) {
+  at::Tensor out = at::empty({n}, at::kInt);
+  int32_t* o = out.data_ptr<int32_t>();
+  at::parallel_for(0, n, kChunk, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) o[i] = int32_t(stream_bits(uint64_t(key), start + i));
+  });
+  return out;
+}
+
+}  // namespace cpu
+}  // namespace fastmerge

@@ -1,0 +1,434 @@
+"""Safetensors checkpoints on disk: headers, memory-mapped reads, sharded streaming writes.
+
+Reading never loads a file: :class:`Checkpoint` parses the headers of a model folder (one
+``model.safetensors`` or the shards named by ``model.safetensors.index.json``) and validates them
+against the file sizes, so a truncated or foreign file fails before any weight is read. Tensors are
+then views of read-only memory maps; :meth:`Checkpoint.release` drops the pages of a tensor from the
+process once it has been merged (the page cache keeps them), so the resident memory stays a few
+tensors whatever the model size.
+
+Writing is planned: :class:`ShardWriter` knows every output tensor's name, shape and dtype before the
+first byte is written, assigns them to shards, writes each shard's header first and then appends the
+tensor bytes as they are computed, in plan order.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import warnings
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+# safetensors dtype names, their torch dtypes and item sizes
+DTYPES: Dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MAX_HEADER = 100 * 1024 * 1024
+PAGE = mmap.PAGESIZE
+
+
+class CheckpointError(ValueError):
+    """A model folder or file that cannot be merged; the message is one line naming the model,
+    the file or tensor, and the fix."""
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, dtype, shape and byte range inside the file."""
+
+    name: str
+    file: str
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def read_header(path: str, model: str = "") -> Tuple[Dict[str, TensorInfo], Dict[str, str]]:
+    """Parse and validate one safetensors file's header (no tensor data is read).
+
+    Returns the tensors by name and the file's ``__metadata__``. Raises :class:`CheckpointError` for
+    a file that is not safetensors, is truncated, or whose header contradicts itself.
+    """
+    who = f"model {model}: " if model else ""
+    fix = "re-download or re-save the checkpoint (safetensors format)"
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{who}{path} is not a safetensors file (only {size} bytes); {fix}")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise CheckpointError(f"{who}{path} is not a safetensors file or is truncated (header of {n} bytes in a "
+                                      f"{size}-byte file); {fix}")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{who}cannot read {path}: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+    except (UnicodeDecodeError, ValueError):
+        raise CheckpointError(f"{who}{path} is not a safetensors file (its header is not JSON); {fix}") from None
+    meta = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    out: Dict[str, TensorInfo] = {}
+    for name, spec in header.items():
+        try:
+            dtype = DTYPES[spec["dtype"]]
+            shape = tuple(int(s) for s in spec["shape"])
+            b, e = (int(x) for x in spec["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{who}{path}: tensor {name} has an unreadable or unsupported header entry {spec!r}; "
+                                  f"{fix}") from None
+        numel = 1
+        for s in shape:
+            numel *= s
+        if e - b != numel * itemsize(dtype) or b < 0:
+            raise CheckpointError(f"{who}{path}: tensor {name} has {e - b} bytes for shape {list(shape)} "
+                                  f"{spec['dtype']}; {fix}")
+        if data_start + e > size:
+            raise CheckpointError(f"{who}{path} is truncated: tensor {name} ends at byte {data_start + e} of a "
+                                  f"{size}-byte file; {fix}")
+        out[name] = TensorInfo(name, path, dtype, shape, data_start + b, e - b)
+    return out, meta
+
+
+class Checkpoint:
+    """A model folder of safetensors, read lazily.
+
+    Args:
+        path: the folder (holding ``model.safetensors``, or shards and ``model.safetensors.index.json``,
+            or any ``*.safetensors`` files).
+        label: how errors name the model (the reference written in the config).
+    """
+
+    def __init__(self, path: str, label: Optional[str] = None):
+        self.path = path
+        self.label = label or path
+        self.tensors: Dict[str, TensorInfo] = {}
+        self._maps: Dict[str, mmap.mmap] = {}
+        self._files: Dict[str, object] = {}
+        files = self._files_of_folder()
+        for f in files:
+            infos, _ = read_header(f, self.label)
+            for name, info in infos.items():
+                if name in self.tensors:
+                    raise CheckpointError(f"model {self.label}: tensor {name} is stored twice ({self.tensors[name].file} "
+                                          f"and {f}); remove the stale shard")
+                self.tensors[name] = info
+
+    def _files_of_folder(self) -> List[str]:
+        p = self.path
+        if not os.path.isdir(p):
+            raise CheckpointError(f"model {self.label}: {p} is not a folder; give a model folder or a Hugging Face repo "
+                                  f"name that is in the local cache")
+        index = os.path.join(p, INDEX_NAME)
+        if os.path.exists(index):
+            try:
+                with open(index) as f:
+                    wm = json.load(f)["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"model {self.label}: {index} is not a valid index ({e}); re-save the checkpoint") \
+                    from None
+            files = []
+            for fn in dict.fromkeys(wm.values()):
+                fp = os.path.join(p, fn)
+                if not os.path.exists(fp):
+                    raise CheckpointError(f"model {self.label}: shard {fn} named by {INDEX_NAME} is missing; "
+                                          f"download the complete checkpoint")
+                files.append(fp)
+            self._index = wm
+            return files
+        self._index = None
+        files = sorted(os.path.join(p, f) for f in os.listdir(p) if f.endswith(".safetensors"))
+        if not files:
+            extra = " (.bin / .pt checkpoints are not supported: convert them to safetensors)" if any(
+                f.endswith((".bin", ".pt", ".pth")) for f in os.listdir(p)) else ""
+            raise CheckpointError(f"model {self.label}: no .safetensors files in {p}{extra}")
+        return files
+
+    def check_index(self) -> None:
+        """The index's weight map and the shards' headers name the same tensors in the same files."""
+        if self._index is None:
+            return
+        for name, fn in self._index.items():
+            info = self.tensors.get(name)
+            if info is None:
+                raise CheckpointError(f"model {self.label}: tensor {name} is listed in {INDEX_NAME} but missing from "
+                                      f"{fn}; re-download the checkpoint")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def _map(self, file: str) -> mmap.mmap:
+        m = self._maps.get(file)
+        if m is None:
+            f = open(file, "rb")
+            size = os.fstat(f.fileno()).st_size
+            m = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else None
+            self._files[file] = f
+            self._maps[file] = m
+        return m
+
+    def get(self, name: str) -> torch.Tensor:
+        """A read-only tensor view of the memory-mapped bytes (no copy)."""
+        info = self.tensors[name]
+        if info.numel == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        m = self._map(info.file)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the buffer is read-only; nothing writes to it
+            t = torch.frombuffer(m, dtype=info.dtype, count=info.numel, offset=info.start)
+        return t.view(info.shape)
+
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to read a tensor's pages ahead and fault them in (call from a helper thread)."""
+        info = self.tensors[name]
+        m = self._map(info.file)
+        if m is None or info.nbytes == 0:
+            return
+        lo = info.start // PAGE * PAGE
+        try:
+            m.madvise(mmap.MADV_WILLNEED, lo, info.start + info.nbytes - lo)
+        except (AttributeError, OSError, ValueError):
+            pass
+        # touch one byte per page so the page faults happen here, not in the kernels
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pages = torch.frombuffer(m, dtype=torch.uint8, count=info.start + info.nbytes - lo, offset=lo)
+        pages[::PAGE].sum()
+
+    def release(self, name: str) -> None:
+        """Drop a merged tensor's pages from this process (they stay in the page cache)."""
+        info = self.tensors[name]
+        m = self._maps.get(info.file)
+        if m is None or info.nbytes == 0:
+            return
+        lo = info.start // PAGE * PAGE
+        hi = (info.start + info.nbytes) // PAGE * PAGE  # pages shared with the next tensor stay
+        if hi > lo:
+            try:
+                m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            except (AttributeError, OSError, ValueError):
+                pass
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            if m is not None:
+                try:
+                    m.close()
+                except BufferError:  # a tensor view is still alive; the map closes with it
+                    pass
+        for f in self._files.values():
+            f.close()
+        self._maps.clear()
+        self._files.clear()
+
+
+# ------------------------------------------------------------------------------- writing
+
+@dataclass
+class OutTensor:
+    name: str
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = itemsize(self.dtype)
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def plan_shards(tensors: Sequence[OutTensor], shard_size: int) -> List[List[OutTensor]]:
+    """Greedy assignment in plan order: a shard is closed when the next tensor would pass
+    ``shard_size`` bytes (a tensor larger than the size gets a shard of its own)."""
+    shards: List[List[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards if shards[0] else []
+
+
+def shard_names(n: int) -> List[str]:
+    if n == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def _write_all(f, data) -> None:
+    """Write bytes (a hook point: the full-disk test replaces it)."""
+    f.write(data)
+
+
+class ShardWriter:
+    """Writes the planned tensors, in order, into shards under ``folder``.
+
+    ``add(name, tensor)`` must be called in plan order with tensors of the planned shape and dtype.
+    ``finish()`` writes the index (for more than one shard) and returns the shard file names.
+    """
+
+    def __init__(self, folder: str, tensors: Sequence[OutTensor], shard_size: int, metadata: Optional[dict] = None):
+        self.folder = folder
+        self.shards = plan_shards(tensors, shard_size)
+        self.names = shard_names(len(self.shards))
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._order = [(si, t) for si, shard in enumerate(self.shards) for t in shard]
+        self._next = 0
+        self._file = None
+        self._shard = -1
+        self.bytes_written = 0
+
+    def _open(self, si: int) -> None:
+        if self._file is not None:
+            self._file.close()
+        header: dict = {"__metadata__": self.metadata}
+        off = 0
+        for t in self.shards[si]:
+            header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+            off += t.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # 8-byte aligned data, as the safetensors library writes it
+        path = os.path.join(self.folder, self.names[si])
+        self._file = open(path, "wb")
+        self._shard = si
+        _write_all(self._file, struct.pack("<Q", len(raw)) + raw)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        si, planned = self._order[self._next]
+        if planned.name != name or tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
+            raise RuntimeError(f"writer: expected {planned.name} {list(planned.shape)} {planned.dtype}, got {name} "
+                               f"{list(tensor.shape)} {tensor.dtype} (internal error)")
+        if si != self._shard:
+            self._open(si)
+        t = tensor.detach().to("cpu").contiguous()
+        if t.numel():
+            _write_all(self._file, memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+        self.bytes_written += planned.nbytes
+        self._next += 1
+
+    def finish(self) -> List[str]:
+        if self._next != len(self._order):
+            raise RuntimeError(f"writer: {len(self._order) - self._next} planned tensors were not written (internal error)")
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+        if len(self.shards) > 1:
+            index = {"metadata": {"total_size": sum(t.nbytes for s in self.shards for t in s)},
+                     "weight_map": {t.name: self.names[si] for si, s in enumerate(self.shards) for t in s}}
+            with open(os.path.join(self.folder, INDEX_NAME), "w") as f:
+                json.dump(index, f, indent=2)
+                f.write("\n")
+        return list(self.names)
+
+    def abort(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+
+
+def parse_size(text) -> int:
+    """``5B``, ``2G``, ``500M``, ``1.5GB``, ``1GiB`` or a plain number of bytes -> bytes."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper().replace(" ", "")
+    mult = 1
+    for suffix, m in (("KIB", 1 << 10), ("MIB", 1 << 20), ("GIB", 1 << 30), ("TIB", 1 << 40),
+                      ("KB", 1000), ("MB", 1000 ** 2), ("GB", 1000 ** 3), ("TB", 1000 ** 4),
+                      ("K", 1000), ("M", 1000 ** 2), ("G", 1000 ** 3), ("T", 1000 ** 4), ("B", 1000 ** 3)):
+        if s.endswith(suffix):
+            s, mult = s[: -len(suffix)], m
+            break
+    try:
+        v = float(s) * mult
+    except ValueError:
+        raise ValueError(f"cannot read the size {text!r}: use a number of bytes or a suffix such as 500M, 2G, 5B") from None
+    if v < 1:
+        raise ValueError(f"the size {text!r} must be at least 1 byte")
+    return int(v)
+
+
+def hub_cache_dirs() -> List[str]:
+    dirs = []
+    for env in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(env):
+            dirs.append(os.environ[env])
+    if os.environ.get("HF_HOME"):
+        dirs.append(os.path.join(os.environ["HF_HOME"], "hub"))
+    dirs.append(os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "hub"))
+    return list(dict.fromkeys(dirs))
+
+
+def resolve_model(ref: str, base_dir: Optional[str] = None) -> str:
+    """A model reference (a local folder, or ``org/name[@revision]`` in the local Hugging Face cache)
+    -> a local folder. Nothing is downloaded."""
+    if "+" in ref and not os.path.exists(ref):
+        raise CheckpointError(f"model {ref}: LoRA references (model+lora) are not supported; merge the adapter first")
+    cands = [ref] + ([os.path.join(base_dir, ref)] if base_dir and not os.path.isabs(ref) else [])
+    for c in cands:
+        if os.path.isdir(c):
+            return os.path.abspath(c)
+    name, _, rev = ref.partition("@")
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        for cache in hub_cache_dirs():
+            repo = os.path.join(cache, "models--" + name.replace("/", "--"))
+            if not os.path.isdir(repo):
+                continue
+            revision = rev or "main"
+            refp = os.path.join(repo, "refs", revision)
+            if os.path.exists(refp):
+                with open(refp) as f:
+                    revision = f.read().strip()
+            snap = os.path.join(repo, "snapshots", revision)
+            if os.path.isdir(snap):
+                return snap
+    raise CheckpointError(f"model {ref}: not a local folder and not in the Hugging Face cache "
+                          f"({', '.join(hub_cache_dirs())}); nothing is downloaded: download it first or give its folder")
+
+
+def copy_files(src: str, dst: str, names: Iterable[str]) -> List[str]:
+    """Copy the files of ``names`` that exist in ``src`` (following links) into ``dst``."""
+    import shutil
+
+    done = []
+    for n in names:
+        p = os.path.join(src, n)
+        if os.path.isfile(p):
+            shutil.copyfile(p, os.path.join(dst, n))
+            done.append(n)
+    return done

@@ -1,0 +1,278 @@
+"""The merge methods of ``fastmerge merge``: their parameters, their input contracts and, per
+tensor, their fast implementation.
+
+Each method's formula lives in one place: the fast path here, its twin in
+:mod:`fastmerge.merge.reference`. The formulas are mergekit 0.1.5's (see the module docstring of the
+reference for the conventions). The fast paths:
+
+- ``linear``, ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``, ``breadcrumbs``,
+  ``breadcrumbs_ties``: one fused C++ pass per tensor (``_C.ckpt_merge``) that forms the deltas,
+  applies each model's keep rule (exact magnitude ranks from ``_C.ckpt_select``, or the counter-based
+  random stream), weights, elects signs, and writes the output dtype. L1 rescaling adds one
+  deterministic pass (``_C.ckpt_abs_sums``);
+- ``della``, ``della_linear``: the per-row rank probabilities in PyTorch, then the fused pass;
+- ``model_stock``: the Gram matrix of the task vectors (``fastmerge.task_vector_cosine``, float64)
+  and one ``fastmerge.task_arithmetic`` pass (``filter_wise: true`` runs per row in PyTorch);
+- ``slerp`` (over the whole flattened tensor, as mergekit 0.1.5) and ``passthrough``: vectorised
+  PyTorch.
+
+On CUDA tensors (``--device cuda``) every method runs its PyTorch formulation on the GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import reference as R
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: type  # float, bool or str
+    scope: str  # "shared": one value per tensor; "input": per input model; "non_base": per non-base model
+    default: Any = REQUIRED
+
+
+@dataclass
+class Job:
+    """One output tensor's merge: the inputs (views of the checkpoints) and the resolved parameters."""
+
+    name: str
+    base: Optional[Tensor]  # None when the method takes no base
+    inputs: List[Tensor]  # the non-base inputs (for linear / passthrough: every input)
+    shared: Dict[str, Any]
+    per: List[Dict[str, Any]]  # per input
+    keys: List[int]  # random stream key per input
+    out_dtype: torch.dtype
+    fast: bool = True
+    thresholds: Optional[List[int]] = None  # scope: global: each model's magnitude key threshold (keep >=)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    params: Sequence[Param]
+    run: Callable[[Job], Tensor]
+    base: str = "required"  # "required", "optional" (linear, passthrough: the base is an input if listed)
+    min_inputs: int = 1  # non-base inputs
+    max_inputs: Optional[int] = None
+    random: bool = False
+    notes: str = ""
+    gta: Dict[str, Any] = field(default_factory=dict)
+
+    def param(self, name: str) -> Optional[Param]:
+        return next((p for p in self.params if p.name == name), None)
+
+
+def _C():
+    from .._ops import _C as C
+
+    if C is None:
+        raise RuntimeError("the compiled extension fastmerge._C is missing; rebuild it with: "
+                           "pip install --no-build-isolation -e .")
+    return C
+
+
+def _common(tensors: Sequence[Tensor]) -> List[Tensor]:
+    """Flat contiguous views, converted to float32 only when the inputs' dtypes differ."""
+    dts = {t.dtype for t in tensors}
+    flat = [t.reshape(-1) for t in tensors]
+    if len(dts) > 1:
+        flat = [R.work(t) for t in flat]
+    return [t if t.is_contiguous() else t.contiguous() for t in flat]
+
+
+def _f32(x: float) -> float:
+    return float(np.float32(x))
+
+
+# ---------------------------------------------------------------------- generalised task arithmetic
+
+def _ranks(method: str, p: dict, n: int):
+    """Kept ranks [lo, hi) in ascending |delta| order, and whether ties are ordered by high index."""
+    d = float(p["density"])
+    if d >= 1:
+        return 0, n, False
+    if method == "magnitude":  # mergekit: argsort(|delta|, descending)[:k]
+        k = max(1, int(d * n))
+        return n - k, n, True
+    target = int(d * n)  # outliers: sort(|delta|)[n_bot : n_bot + target]
+    n_top = int(float(p["gamma"]) * n)
+    n_bot = max(0, n - target - n_top)
+    return n_bot, n_bot + target, False
+
+
+def _gta_fast(job: Job, sparsification: Optional[str], consensus: Optional[str], default_normalize: bool,
+              default_rescale: bool) -> Tensor:
+    C = _C()
+    shape = job.base.shape
+    flat = _common([job.base] + job.inputs)
+    base, thetas = flat[0], flat[1:]
+    n, T = base.numel(), len(thetas)
+    rescale = bool(job.shared.get("rescale", default_rescale))
+    sparse = [sparsification is not None and float(p.get("density", 1.0)) < 1 for p in job.per]
+    rules = streams = None
+    probs = [1.0] * T
+    if sparsification == "della" and any(sparse):
+        # the per-row rank probabilities: PyTorch; the masked, rescaled deltas then enter the fused pass
+        b = R.work(base)
+        masked = []
+        for th, p, k, sp in zip(thetas, job.per, job.keys, sparse):
+            if not sp:
+                masked.append(th)
+                continue
+            delta = (R.work(th) - b).reshape(shape)
+            mask = R.della_mask(delta, float(p["density"]), float(p["epsilon"]), k).reshape(-1)
+            d = delta.reshape(-1)
+            masked.append(b + (R.rescale_l1(d, mask) if rescale else d * mask))
+        flat = _common([b] + masked)
+        base, thetas = flat[0], flat[1:]
+        sparse = [False] * T
+    elif job.thresholds is not None:  # scope: global: keep |delta| >= the model's own threshold, ties included
+        rules = torch.tensor([[k, 0, n - 1, 1 << 32, 0, n - 1] for k in job.thresholds], dtype=torch.int64)
+    elif sparsification in ("magnitude", "outliers") and any(sparse):
+        lo, hi, hi_idx = zip(*(_ranks(sparsification, p, n) for p in job.per))
+        rules = C.ckpt_select(base, thetas, list(lo), list(hi), list(hi_idx))
+    elif sparsification == "random" and any(sparse):
+        streams = torch.tensor(job.keys, dtype=torch.int64)
+        probs = [float(p["density"]) if sp else 1.0 for p, sp in zip(job.per, sparse)]
+    scale = [1.0] * T
+    if rescale and (rules is not None or streams is not None):
+        sums = C.ckpt_abs_sums(base, thetas, rules, streams, probs).tolist()
+        for t, (before, after) in enumerate(sums):
+            before, after = _f32(before), _f32(after)
+            if sparse[t] and before >= 1e-7 and after >= 1e-7:
+                scale[t] = _f32(np.float32(before) / np.float32(after))
+    weights = [float(p["weight"]) for p in job.per]
+    normalize = bool(job.shared.get("normalize", default_normalize))
+    code = {None: 0, "sum": 1, "count": 2}[consensus]
+    out = C.ckpt_merge(base, thetas, weights, rules, streams, probs, scale, code, normalize,
+                       float(job.shared.get("lambda", 1.0)), True, job.out_dtype)
+    return out.view(shape)
+
+
+def _gta_reference(job: Job, sparsification, consensus, default_normalize, default_rescale) -> Tensor:
+    if job.thresholds is not None:
+        sparsification = [("threshold", k) for k in job.thresholds]
+    out = R.generalized_task_arithmetic(
+        job.base, job.inputs, job.per, sparsification=sparsification, consensus=consensus,
+        normalize=bool(job.shared.get("normalize", default_normalize)),
+        rescale=bool(job.shared.get("rescale", default_rescale)), lam=float(job.shared.get("lambda", 1.0)),
+        keys=job.keys)
+    return out.to(job.out_dtype)
+
+
+def _gta_method(name: str, sparsification: Optional[str], consensus: Optional[str], normalize: bool, rescale: bool,
+                notes: str) -> Method:
+    params = [Param("int8_mask", bool, "shared", False), Param("normalize", bool, "shared", normalize),
+              Param("rescale", bool, "shared", rescale), Param("lambda", float, "shared", 1.0),
+              Param("weight", float, "non_base"), Param("density", float, "non_base", 1.0)]
+    if sparsification == "outliers":
+        params.append(Param("gamma", float, "non_base", 0.01))
+    if name == "ties":
+        params.append(Param("scope", str, "shared", "tensor"))
+    if sparsification == "della":
+        params.append(Param("epsilon", float, "non_base", 0.15))
+
+    def run(job: Job) -> Tensor:
+        f = _gta_fast if job.fast and job.base.device.type == "cpu" else _gta_reference
+        return f(job, sparsification, consensus, normalize, rescale)
+
+    return Method(name, tuple(params), run, random=sparsification in ("random", "della"), notes=notes,
+                  gta=dict(sparsification=sparsification, consensus=consensus))
+
+
+# ---------------------------------------------------------------------- the others
+
+def _linear(job: Job) -> Tensor:
+    ws = [float(p["weight"]) for p in job.per]
+    normalize = bool(job.shared.get("normalize", True))
+    if job.fast and job.inputs[0].device.type == "cpu":
+        flat = _common(job.inputs)
+        out = _C().ckpt_merge(None, flat, ws, None, None, [1.0] * len(flat), [1.0] * len(flat), 0, normalize, 1.0,
+                              False, job.out_dtype)
+        return out.view(job.inputs[0].shape)
+    return R.linear(job.inputs, ws, normalize).to(job.out_dtype)
+
+
+def _slerp(job: Job) -> Tensor:
+    t = float(job.shared["t"])
+    return R.slerp(t, job.base, job.inputs[0]).to(job.out_dtype)
+
+
+def _model_stock(job: Job) -> Tensor:
+    filter_wise = bool(job.shared.get("filter_wise", False))
+    if filter_wise or not job.fast or job.base.device.type != "cpu":
+        return R.model_stock(job.base, job.inputs, filter_wise).to(job.out_dtype)
+    import fastmerge
+
+    flat = _common([job.base] + job.inputs)
+    base, thetas = flat[0], flat[1:]
+    G = fastmerge.task_vector_cosine(base, thetas, gram=True)  # float64 dot products
+    n = len(thetas)
+    cos = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            norm = _f32(np.float32(np.sqrt(G[i, i].item())) * np.float32(np.sqrt(G[j, j].item())))
+            cos.append(min(1.0, max(-1.0, G[i, j].item() / max(norm, 1e-6))))
+    c = float(np.float32(sum(cos) / len(cos)))
+    den = 1 + (n - 1) * c
+    t = 0.0 if abs(den) < 1e-6 else n * c / den
+    out = fastmerge.task_arithmetic(base, thetas, lam=t / n)
+    return out.view(job.base.shape).to(job.out_dtype)
+
+
+def _passthrough(job: Job) -> Tensor:
+    scale = job.per[0].get("scale")
+    x = job.inputs[0]
+    return (x if scale is None else R.work(x) * float(scale)).to(job.out_dtype)
+
+
+METHODS: Dict[str, Method] = {}
+
+
+def _register(m: Method) -> None:
+    METHODS[m.name] = m
+
+
+_register(Method("linear", (Param("weight", float, "input"), Param("normalize", bool, "shared", True)), _linear,
+                 base="optional", notes="sum w_t theta_t / sum w_t (one fused pass)"))
+for _args in (
+    ("task_arithmetic", None, None, False, False, "base + lambda sum w_t delta_t (one fused pass)"),
+    ("ties", "magnitude", "sum", True, False, "top-k |delta| per tensor, sign election, disjoint mean (fused)"),
+    ("dare_linear", "random", None, False, True, "random drop, L1 rescale (fused, counter-based RNG)"),
+    ("dare_ties", "random", "sum", False, True, "random drop, L1 rescale, sign election (fused)"),
+    ("breadcrumbs", "outliers", None, False, False, "drop the largest gamma and smallest |delta| (fused)"),
+    ("breadcrumbs_ties", "outliers", "sum", False, False, "breadcrumbs + sign election (fused)"),
+    ("della", "della", "sum", True, True, "rank-based random drop per row, sign election"),
+    ("della_linear", "della", None, False, True, "rank-based random drop per row"),
+):
+    _register(_gta_method(*_args))
+_register(Method("slerp", (Param("t", float, "shared"),), _slerp, min_inputs=1, max_inputs=1,
+                 notes="spherical interpolation of each flattened tensor"))
+_register(Method("model_stock", (Param("filter_wise", bool, "shared", False),), _model_stock, min_inputs=2,
+                 notes="Gram of the task vectors (fused, float64) + one task-arithmetic pass"))
+_register(Method("passthrough", (Param("scale", float, "input", None),), _passthrough, base="optional",
+                 max_inputs=1, notes="copies one input (optionally scaled)"))
+
+
+def reference_run(method: Method, job: Job) -> Tensor:
+    """The method's pure-PyTorch twin on the same job (for tests and verification)."""
+    if method.gta:
+        g = method.gta
+        return _gta_reference(job, g["sparsification"], g["consensus"], bool(method.param("normalize").default),
+                              bool(method.param("rescale").default))
+    if method.name == "linear":
+        return R.linear(job.inputs, [float(p["weight"]) for p in job.per],
+                        bool(job.shared.get("normalize", True))).to(job.out_dtype)
+    if method.name == "model_stock":
+        return R.model_stock(job.base, job.inputs, bool(job.shared.get("filter_wise", False))).to(job.out_dtype)
+    return method.run(Job(**{**job.__dict__, "fast": False}))

@@ -1,0 +1,369 @@
+"""``fastmerge merge`` end to end on tiny Llama checkpoints made by transformers: configs, outputs that
+transformers loads, sharding, slices and gradients, the random methods' seeds, global-scope TIES, and
+every bad input (one clear line, nothing half-written)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastmerge._ops import _C
+from fastmerge.merge import (CheckpointError, ConfigError, MergeError, MergeInterrupted, PlanError, dry_run,
+                             merge_checkpoints)
+from fastmerge.merge import io as mio
+from fastmerge.merge import run as mrun
+from fastmerge.merge.io import Checkpoint
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.skipif(_C is None, reason="the compiled extension is not built")
+
+
+def _tiny_llama(path: str, seed: int, base_state=None, dtype=torch.float32, tie=False, layers=3, arch=None):
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                                   max_position_embeddings=64, tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg)
+    if base_state is not None:
+        g = torch.Generator().manual_seed(seed)
+        sd = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base_state.items()}
+        model.load_state_dict(sd, strict=False)
+    model.to(dtype).save_pretrained(path)
+    if arch:
+        with open(os.path.join(path, "config.json")) as f:
+            c = json.load(f)
+        c["architectures"] = [arch]
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(c, f)
+    return model.state_dict()
+
+
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llamas")
+    base = str(root / "base")
+    sd = _tiny_llama(base, 0)
+    with open(os.path.join(base, "tokenizer_config.json"), "w") as f:
+        json.dump({"model_max_length": 64}, f)
+    with open(os.path.join(base, "tokenizer.json"), "w") as f:
+        json.dump({"version": "1.0"}, f)
+    fts = []
+    for i in range(3):
+        p = str(root / f"ft{i}")
+        _tiny_llama(p, i + 1, sd)
+        fts.append(p)
+    bf = [str(root / "bf_base")] + [str(root / f"bf_ft{i}") for i in range(2)]
+    _tiny_llama(bf[0], 0, dtype=torch.bfloat16)
+    for i, p in enumerate(bf[1:]):
+        _tiny_llama(p, 10 + i, sd, dtype=torch.bfloat16)
+    other = str(root / "mistral")
+    _tiny_llama(other, 5, sd, arch="MistralForCausalLM")
+    return {"base": base, "fts": fts, "bf16": bf, "other": other, "root": root}
+
+
+def ties_config(l, density=0.5, extra=""):
+    models = "\n".join(f"  - model: {p}\n    parameters: {{weight: {1 - 0.2 * i}, density: {density}}}"
+                       for i, p in enumerate(l["fts"]))
+    return f"merge_method: ties\nbase_model: {l['base']}\nmodels:\n{models}\n{extra}"
+
+
+def no_leftovers(out: str):
+    parent = os.path.dirname(os.path.abspath(out))
+    assert not os.path.exists(out)
+    assert not [f for f in os.listdir(parent) if ".incomplete-" in f]
+
+
+def test_ties_merge_loads_in_transformers(llamas, tmp_path):
+    out = str(tmp_path / "merged")
+    res = merge_checkpoints(ties_config(llamas), out, out_shard_size="30K", quiet=True)
+    files = sorted(os.listdir(out))
+    assert "model.safetensors.index.json" in files and "model-00001-of-%05d.safetensors" % len(res.shards) in files
+    assert len(res.shards) > 2
+    for f in ("config.json", "README.md", "mergekit_config.yml", "tokenizer.json", "tokenizer_config.json"):
+        assert f in files
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["torch_dtype"] == "float32"
+    with open(os.path.join(out, "README.md")) as f:
+        card = f.read()
+    assert "ties" in card and llamas["fts"][0] in card and "merge_method: ties" in card
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    logits = model(torch.arange(10).reshape(1, 10)).logits
+    assert logits.shape == (1, 10, 96) and torch.isfinite(logits).all()
+    # the fused kernels give the twins' tensors bit for bit (no rescaling in ties)
+    ref = str(tmp_path / "ref")
+    merge_checkpoints(ties_config(llamas), ref, quiet=True, reference=True)
+    a, b = Checkpoint(out), Checkpoint(ref)
+    assert set(a.tensors) == set(b.tensors)
+    for n in a.tensors:
+        assert torch.equal(a.get(n), b.get(n)), n
+
+
+def test_global_scope_ties_matches_the_reference_threshold(llamas, tmp_path):
+    cfg = ties_config(llamas, 0.3, "parameters: {scope: global}\n")
+    out, ref = str(tmp_path / "g"), str(tmp_path / "gref")
+    merge_checkpoints(cfg, out, quiet=True)
+    merge_checkpoints(cfg, ref, quiet=True, reference=True)
+    a, b = Checkpoint(out), Checkpoint(ref)
+    for n in a.tensors:
+        assert torch.equal(a.get(n), b.get(n)), n
+    tensor_scope = str(tmp_path / "t")
+    merge_checkpoints(ties_config(llamas, 0.3), tensor_scope, quiet=True)
+    c = Checkpoint(tensor_scope)
+    assert any(not torch.equal(a.get(n), c.get(n)) for n in a.tensors)  # one threshold per model is not per tensor
+    with pytest.raises(ConfigError, match="one density per model"):
+        merge_checkpoints(ties_config(llamas, "[0.2, 0.5]", "parameters: {scope: global}\n"), str(tmp_path / "x"),
+                          quiet=True)
+
+
+def test_bf16_inputs_compute_in_fp32_and_write_the_base_dtype(llamas, tmp_path):
+    bf = llamas["bf16"]
+    cfg = (f"merge_method: task_arithmetic\nbase_model: {bf[0]}\nmodels:\n"
+           + "".join(f"  - model: {p}\n    parameters: {{weight: 0.5}}\n" for p in bf[1:]))
+    out = str(tmp_path / "bf")
+    merge_checkpoints(cfg, out, quiet=True)
+    ck = Checkpoint(out)
+    b, x, y = (Checkpoint(p) for p in bf)
+    name = "model.layers.1.mlp.up_proj.weight"
+    assert ck.get(name).dtype == torch.bfloat16
+    expect = (b.get(name).float() + 0.5 * (x.get(name).float() - b.get(name).float())
+              + 0.5 * (y.get(name).float() - b.get(name).float())).bfloat16()
+    assert torch.equal(ck.get(name), expect)
+    out32 = str(tmp_path / "bf32")
+    merge_checkpoints(cfg + "out_dtype: float32\n", out32, quiet=True)
+    assert Checkpoint(out32).get(name).dtype == torch.float32
+    with open(os.path.join(out32, "config.json")) as f:
+        assert json.load(f)["torch_dtype"] == "float32"
+
+
+def test_slices_passthrough_and_layer_gradients(llamas, tmp_path):
+    base, ft0 = llamas["base"], llamas["fts"][0]
+    cfg = (f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {base}\n        layer_range: [0, 2]\n"
+           f"  - sources:\n      - model: {ft0}\n        layer_range: [1, 3]\n")
+    out = str(tmp_path / "franken")
+    merge_checkpoints(cfg, out, quiet=True)
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["num_hidden_layers"] == 4
+    ck, b, f0 = Checkpoint(out), Checkpoint(base), Checkpoint(ft0)
+    assert torch.equal(ck.get("model.layers.3.mlp.up_proj.weight"), f0.get("model.layers.2.mlp.up_proj.weight"))
+    assert torch.equal(ck.get("model.layers.1.mlp.up_proj.weight"), b.get("model.layers.1.mlp.up_proj.weight"))
+    assert torch.equal(ck.get("model.embed_tokens.weight"), b.get("model.embed_tokens.weight"))  # first slice
+    assert torch.equal(ck.get("model.norm.weight"), f0.get("model.norm.weight"))  # last slice
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert len(model.model.layers) == 4
+    # a weight gradient over 3 layers and a filter: layer i gets weight [0, 1] at t = i / 2
+    cfg = (f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters:\n      weight:\n"
+           f"        - filter: mlp\n          value: [0.0, 1.0]\n        - value: 1.0\n"
+           f"  - model: {ft0}\n    parameters: {{weight: 1.0}}\nparameters: {{normalize: false}}\n")
+    out = str(tmp_path / "grad")
+    merge_checkpoints(cfg, out, quiet=True)
+    ck = Checkpoint(out)
+    for i, w in enumerate([0.0, 0.5, 1.0]):
+        n = f"model.layers.{i}.mlp.down_proj.weight"
+        torch.testing.assert_close(ck.get(n), w * b.get(n) + f0.get(n), rtol=0, atol=0)
+        n = f"model.layers.{i}.self_attn.q_proj.weight"
+        torch.testing.assert_close(ck.get(n), b.get(n) + f0.get(n), rtol=0, atol=0)
+
+
+def test_random_methods_depend_on_the_seed_only(llamas, tmp_path):
+    cfg = ties_config(llamas, 0.4).replace("merge_method: ties", "merge_method: dare_ties")
+    outs = []
+    for k, (seed, threads) in enumerate([(3, 1), (3, 2), (4, 2)]):
+        out = str(tmp_path / f"dare{k}")
+        merge_checkpoints(cfg, out, quiet=True, random_seed=seed, threads=threads, prefetch=k)
+        outs.append(Checkpoint(out))
+    torch.set_num_threads(os.cpu_count() or 1)
+    names = list(outs[0].tensors)
+    assert all(torch.equal(outs[0].get(n), outs[1].get(n)) for n in names)
+    assert any(not torch.equal(outs[0].get(n), outs[2].get(n)) for n in names)
+    ref = str(tmp_path / "dare_ref")
+    merge_checkpoints(cfg, ref, quiet=True, random_seed=3, reference=True)
+    r = Checkpoint(ref)
+    for n in names:  # same kept entries; the L1 rescale factor is summed in float64 here, float32 there
+        torch.testing.assert_close(outs[0].get(n), r.get(n), rtol=1e-5, atol=1e-7)
+        assert torch.equal(outs[0].get(n) != Checkpoint(llamas["base"]).get(n), r.get(n) != Checkpoint(
+            llamas["base"]).get(n))
+
+
+def test_dry_run_reads_headers_only_and_overwrite(llamas, tmp_path):
+    text = dry_run(ties_config(llamas))
+    assert "memory needed" in text and "bytes read" in text and "output tensors" in text
+    out = str(tmp_path / "o")
+    os.makedirs(out)
+    with pytest.raises(CheckpointError, match="exists; pass --overwrite"):
+        merge_checkpoints(ties_config(llamas), out, quiet=True)
+    merge_checkpoints(ties_config(llamas), out, quiet=True, overwrite=True)
+    assert os.path.exists(os.path.join(out, "model.safetensors"))
+
+
+def test_model_from_the_hub_cache(llamas, tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    snap = cache / "models--org--tiny" / "snapshots" / "abc123"
+    snap.parent.mkdir(parents=True)
+    os.symlink(llamas["fts"][0], snap)
+    (cache / "models--org--tiny" / "refs").mkdir()
+    (cache / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    cfg = f"merge_method: task_arithmetic\nbase_model: {llamas['base']}\nmodels:\n  - model: org/tiny\n    parameters: {{weight: 1}}\n"
+    out = str(tmp_path / "hub_out")
+    merge_checkpoints(cfg, out, quiet=True)
+    assert torch.equal(Checkpoint(out).get("lm_head.weight"), Checkpoint(llamas["fts"][0]).get("lm_head.weight"))
+    with pytest.raises(CheckpointError, match="not in the Hugging Face cache.*nothing is downloaded"):
+        merge_checkpoints(cfg.replace("org/tiny", "org/absent"), str(tmp_path / "x"), quiet=True)
+
+
+# ------------------------------------------------------------------------------- bad input
+
+def _copy_model(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_not_safetensors_and_truncated(llamas, tmp_path):
+    bad = _copy_model(llamas["fts"][1], tmp_path / "bad")
+    with open(os.path.join(bad, "model.safetensors"), "wb") as f:
+        f.write(b"PK\x03\x04 this is a zip file, not safetensors" * 10)
+    cfg = ties_config(llamas).replace(llamas["fts"][1], bad)
+    out = str(tmp_path / "o")
+    with pytest.raises(CheckpointError, match=rf"model {bad}: .*model.safetensors is not a safetensors file.*re-download"):
+        merge_checkpoints(cfg, out, quiet=True)
+    no_leftovers(out)
+    good = os.path.join(llamas["fts"][1], "model.safetensors")
+    data = open(good, "rb").read()
+    with open(os.path.join(bad, "model.safetensors"), "wb") as f:
+        f.write(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match=r"is truncated: tensor .* ends at byte .*re-download"):
+        merge_checkpoints(cfg, out, quiet=True)
+    no_leftovers(out)
+
+
+def test_nan_input_is_found_in_the_pass(llamas, tmp_path):
+    bad = _copy_model(llamas["fts"][2], tmp_path / "nan")
+    ck = Checkpoint(bad)
+    info = ck.tensors["model.layers.1.self_attn.v_proj.weight"]
+    ck.close()
+    with open(os.path.join(bad, "model.safetensors"), "r+b") as f:
+        f.seek(info.start + 4 * 17)
+        f.write(torch.tensor([float("nan")]).numpy().tobytes())
+    for method in ("ties", "task_arithmetic", "slerp"):
+        cfg = ties_config(llamas).replace(llamas["fts"][2], bad)
+        if method == "slerp":
+            cfg = (f"merge_method: slerp\nbase_model: {llamas['base']}\nmodels:\n  - model: {llamas['base']}\n"
+                   f"  - model: {bad}\nparameters: {{t: 0.5}}\n")
+        else:
+            cfg = cfg.replace("merge_method: ties", f"merge_method: {method}")
+        out = str(tmp_path / f"o_{method}")
+        with pytest.raises(MergeError, match=rf"model {bad}: tensor model.layers.1.self_attn.v_proj.weight holds nan "
+                                             rf"at flat index 17; the checkpoint is corrupt"):
+            merge_checkpoints(cfg, out, quiet=True)
+        no_leftovers(out)
+
+
+def test_mixed_architectures_need_allow_crimes(llamas, tmp_path):
+    cfg = ties_config(llamas).replace(llamas["fts"][0], llamas["other"])
+    out = str(tmp_path / "o")
+    with pytest.raises(PlanError, match=r"model .*mistral is a MistralForCausalLM, but .* is a LlamaForCausalLM.*"
+                                        r"--allow-crimes"):
+        merge_checkpoints(cfg, out, quiet=True)
+    no_leftovers(out)
+    merge_checkpoints(cfg, out, quiet=True, allow_crimes=True)
+
+
+@pytest.mark.parametrize("density", [0, -0.5, 1.5])
+def test_density_outside_the_interval(llamas, tmp_path, density):
+    out = str(tmp_path / "o")
+    with pytest.raises(ConfigError, match=rf"model .*ft0: density {float(density)} for tensor .* is outside \(0, 1\]"):
+        merge_checkpoints(ties_config(llamas, density), out, quiet=True)
+    no_leftovers(out)
+
+
+def test_plan_errors(llamas, tmp_path):
+    out = str(tmp_path / "o")
+    cases = [
+        (ties_config(llamas) + "tokenizer: {source: union}\n", ConfigError, "unsupported key 'tokenizer'"),
+        (ties_config(llamas) + "colour: red\n", ConfigError, "unknown key 'colour'"),
+        (ties_config(llamas).replace("ties", "magic"), ConfigError, "unknown merge_method 'magic'"),
+        (ties_config(llamas).replace("weight: 1.0, ", ""), ConfigError, "missing parameter 'weight'"),
+        (ties_config(llamas).replace(llamas["fts"][0], str(tmp_path / "nowhere")), CheckpointError,
+         "not a local folder and not in the Hugging Face cache"),
+    ]
+    for cfg, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            merge_checkpoints(cfg, out, quiet=True)
+        no_leftovers(out)
+    short = _copy_model(llamas["fts"][0], tmp_path / "short")
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(os.path.join(short, "model.safetensors"))
+    sd["model.norm.weight"] = sd["model.norm.weight"][:16].clone()
+    del sd["model.layers.2.mlp.up_proj.weight"]
+    save_file(sd, os.path.join(short, "model.safetensors"))
+    with pytest.raises(PlanError, match=r"tensor model.layers.2.mlp.up_proj.weight is missing"):
+        merge_checkpoints(ties_config(llamas).replace(llamas["fts"][0], short), out, quiet=True)
+
+
+def test_full_disk_leaves_nothing(llamas, tmp_path, monkeypatch):
+    written = {"n": 0}
+    real = mio._write_all
+
+    def write(f, data):
+        written["n"] += len(data)
+        if written["n"] > 40_000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(f, data)
+
+    monkeypatch.setattr(mio, "_write_all", write)
+    out = str(tmp_path / "o")
+    with pytest.raises(MergeError, match=r"no space left on the device of .* free at least .* or choose another"):
+        merge_checkpoints(ties_config(llamas), out, quiet=True, out_shard_size="30K")
+    no_leftovers(out)
+
+
+def test_interrupt_stops_cleanly(llamas, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = mrun._merge_one
+
+    def merge_one(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(mrun, "_merge_one", merge_one)
+    out = str(tmp_path / "o")
+    with pytest.raises(MergeInterrupted, match="nothing was written"):
+        merge_checkpoints(ties_config(llamas), out, quiet=True)
+    no_leftovers(out)
+
+
+def test_cli_one_line_errors_progress_and_quiet(llamas, tmp_path):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(ties_config(llamas, 2.0))
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    r = subprocess.run([sys.executable, "-m", "fastmerge", "merge", str(cfg), str(tmp_path / "o")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "density 2.0" in r.stderr and "Traceback" not in r.stderr
+    cfg.write_text(ties_config(llamas))
+    r = subprocess.run([sys.executable, "-m", "fastmerge", "merge", str(cfg), str(tmp_path / "o"), "--quiet"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
+    r = subprocess.run([sys.executable, "-m", "fastmerge", "merge", str(cfg), str(tmp_path / "o"), "--overwrite"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.startswith("merged ") and "GB/s" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "fastmerge", "merge", str(cfg), str(tmp_path / "o2"), "--dry-run"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "memory needed" in r.stdout and not os.path.exists(tmp_path / "o2")
+
+
+def test_progress_bar_on_a_terminal(llamas, tmp_path, capsys):
+    merge_checkpoints(ties_config(llamas), str(tmp_path / "o"), progress=True)
+    err = capsys.readouterr().err
+    assert "merging" in err and "tensors" in err and "B/s" in err

@@ -1,0 +1,196 @@
+"""The checkpoint-merging methods' fast paths against their pure-PyTorch twins (fastmerge.merge.reference),
+on awkward tensors: sizes 1, primes, 2^k +- 1, magnitudes tied at the selection boundary, zeros and
+-0, exact sign cancellations, bf16/fp16/fp32 inputs, every method."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastmerge._ops import _C
+from fastmerge.merge import methods as M
+from fastmerge.merge import reference as R
+from fastmerge.merge import rng
+
+pytestmark = pytest.mark.skipif(_C is None, reason="the compiled extension is not built")
+
+SIZES = [1, 2, 7, 31, 127, 257, 1023, 4097, 65537]
+DTYPES = [(torch.float32, 0.0, 2e-6), (torch.bfloat16, 0.0, 2e-6), (torch.float16, 0.0, 2e-6)]
+GTA = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]
+
+
+def awkward(n: int, T: int, dtype: torch.dtype, seed: int = 0):
+    """A base and T models whose deltas have ties at every magnitude, zeros, -0 and cancellations."""
+    g = torch.Generator().manual_seed(seed * 7919 + n)
+    base = torch.round(torch.randn(n, generator=g) * 8) / 8  # on a grid, so base + delta - base is exact
+    thetas = []
+    for t in range(T):
+        # deltas from a small grid: many equal magnitudes, so the selection boundary falls inside ties
+        d = (torch.randint(-4, 5, (n,), generator=g).float() * 0.125)
+        d[torch.rand(n, generator=g) < 0.1] = 0.0
+        thetas.append(base + d)
+    if n >= 4 and T >= 2:
+        thetas[1][:4] = base[:4] - (thetas[0][:4] - base[:4])  # exact cancellation of the first two models
+        thetas[0][-1] = base[-1]  # a zero delta
+    base = base.to(dtype)
+    thetas = [t.to(dtype) for t in thetas]
+    if n >= 3:
+        base[2] = -0.0
+        for t in thetas:
+            t[2] = 0.0  # +0 against -0: a zero delta
+    return base, thetas
+
+
+def job(name: str, base, thetas, per=None, shared=None, out_dtype=torch.float32, seed=0):
+    T = len(thetas)
+    per = per or [dict(weight=w, density=d, gamma=0.1, epsilon=0.1)
+                  for w, d in zip([1.0, 0.5, 2.0, 0.75, 1.25][:T], [0.5, 0.2, 0.9, 0.33, 1.0][:T])]
+    keys = [rng.stream_key(seed, f"model{t}", "w") for t in range(T)]
+    return M.Job("w", base, list(thetas), dict(shared or {}), per, keys, out_dtype)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
+@pytest.mark.parametrize("name", GTA)
+def test_gta_family_matches_reference(name, n, dtype, atol, rtol):
+    if name.startswith("della") and n == 1:
+        pytest.skip("DELLA's rank normalisation divides by zero on one entry (as mergekit)")
+    base, thetas = awkward(n, 4, dtype)
+    j = job(name, base, thetas)
+    m = M.METHODS[name]
+    fast, ref = m.run(j), M.reference_run(m, j)
+    assert fast.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(fast, ref, atol=1e-6, rtol=rtol)
+    if not M.METHODS[name].gta["sparsification"] in ("random", "della") or name == "task_arithmetic":
+        assert torch.equal(fast, ref), "deterministic methods without rescaling are bit-identical to the twin"
+
+
+@pytest.mark.parametrize("method", ["magnitude", "outliers"])
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("density", [0.01, 0.2, 0.5, 0.999, 1.0])
+def test_selection_keeps_exactly_the_reference_entries(method, n, density):
+    """T = 1, weight 1, no consensus: the output is base + kept delta, so the kept set is visible
+    entry by entry (ties at the boundary split by index, as a stable sort)."""
+    base, thetas = awkward(n, 1, torch.float32, seed=3)
+    p = {"density": density, "gamma": 0.05}
+    lo, hi, by_high = M._ranks(method, p, n)
+    rules = _C.ckpt_select(base, thetas, [lo], [hi], [by_high])
+    out = _C.ckpt_merge(base, thetas, [1.0], rules, None, [1.0], [1.0], 0, False, 1.0, True, torch.float32)
+    delta = thetas[0] - base
+    mask = R.magnitude_mask(delta, density) if method == "magnitude" else R.outlier_mask(delta, density, 0.05)
+    expect = base + delta * mask
+    assert torch.equal(out, expect)
+    kept = int((out != base).sum())
+    assert kept == int((delta * mask != 0).sum())
+    if n >= 127 and density in (0.2, 0.5):  # the boundary falls inside a run of equal nonzero magnitudes
+        lo_key = int(rules[0, 0]) if method == "magnitude" else int(rules[0, 3])
+        edge = delta.abs().view(torch.int32) == lo_key
+        assert lo_key > 0 and 0 < int((edge & mask).sum()) < int(edge.sum()), "the tie split was not exercised"
+
+
+def test_selection_splits_ties_by_index():
+    base = torch.zeros(10)
+    theta = torch.tensor([1.0, -1.0, 1.0, 3.0, -1.0, 1.0, 0.5, -1.0, 2.0, 1.0])
+    # top 5 of |delta|: 3, 2, then three of the seven 1s: the lowest indices 0, 1, 2
+    rules = _C.ckpt_select(base, [theta], [5], [10], [True])
+    out = _C.ckpt_merge(base, [theta], [1.0], rules, None, [1.0], [1.0], 0, False, 1.0, True, torch.float32)
+    assert out.tolist() == [1.0, -1.0, 1.0, 3.0, 0, 0, 0, 0, 2.0, 0]
+    assert torch.equal(out, theta * R.magnitude_mask(theta, 0.5))
+    # ascending order with ties by index (breadcrumbs): ranks [2, 6) of |delta| = 0.5, 1, 1, 1, ...
+    rules = _C.ckpt_select(base, [theta], [2], [6], [False])
+    out = _C.ckpt_merge(base, [theta], [1.0], rules, None, [1.0], [1.0], 0, False, 1.0, True, torch.float32)
+    order = torch.sort(theta.abs(), stable=True).indices[2:6]
+    expect = torch.zeros(10)
+    expect[order] = theta[order]
+    assert torch.equal(out, expect)
+
+
+@pytest.mark.parametrize("n", [1, 5, 1000, 70001])
+def test_linear_and_slerp_and_model_stock_and_passthrough(n):
+    base, thetas = awkward(n, 3, torch.float32, seed=5)
+    lin = M.Job("w", None, [base] + thetas, {"normalize": True},
+                [dict(weight=w) for w in (1.0, 0.5, 0.25, 2.0)], [0] * 4, torch.bfloat16)
+    assert torch.equal(M.METHODS["linear"].run(lin), M.reference_run(M.METHODS["linear"], lin))
+    sl = M.Job("w", base, [thetas[0]], {"t": 0.3}, [{}], [0], torch.float32)
+    ref = R.slerp(0.3, sl.base, sl.inputs[0])
+    torch.testing.assert_close(M.METHODS["slerp"].run(sl), ref)
+    if n >= 5:
+        ms = M.Job("w", base, thetas, {"filter_wise": False}, [{}, {}, {}], [0] * 3, torch.float32)
+        torch.testing.assert_close(M.METHODS["model_stock"].run(ms), M.reference_run(M.METHODS["model_stock"], ms),
+                                   atol=1e-6, rtol=1e-5)
+    pt = M.Job("w", None, [thetas[1]], {}, [{"scale": 0.5}], [0], torch.float32)
+    assert torch.equal(M.METHODS["passthrough"].run(pt), thetas[1] * 0.5)
+
+
+def test_slerp_whole_tensor_and_parallel_tensors():
+    a = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    b = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
+    s = 2 ** -0.5
+    torch.testing.assert_close(R.slerp(0.5, a, b), torch.tensor([[s, s], [0.0, 0.0]]))  # a quarter turn, halfway
+    torch.testing.assert_close(R.slerp(0.25, a, 3 * a), 1.5 * a)  # parallel: linear
+    # a zero tensor has norm 1 by convention, so the dot is 0: a quarter turn, not a lerp (as mergekit)
+    torch.testing.assert_close(R.slerp(0.5, torch.zeros(3), torch.ones(3)), torch.full((3,), s))
+    assert torch.isfinite(R.slerp(0.3, torch.ones(4), -torch.ones(4))).all()  # antiparallel: linear
+
+
+def test_weights_multiply_before_the_vote_and_normalize_divides_by_agreeing_weights():
+    base = torch.zeros(3)
+    thetas = [torch.tensor([1.0, 1.0, -2.0]), torch.tensor([-1.0, -3.0, 2.0])]
+    per = [dict(weight=3.0, density=1.0), dict(weight=1.0, density=1.0)]
+    j = job("ties", base, thetas, per, {"normalize": True})
+    out = M.METHODS["ties"].run(j)
+    # entry 0: 3*1 vs 1*(-1): + wins, only model 0 agrees -> 3 / 3 = 1
+    # entry 1: 3 vs -3: sum 0 -> + (>= 0), model 0 -> 3 / 3
+    # entry 2: -6 vs 2: - wins -> -6 / 3 = -2
+    assert out.tolist() == [1.0, 1.0, -2.0]
+    assert torch.equal(out, M.reference_run(M.METHODS["ties"], j))
+
+
+def test_nonfinite_input_is_an_error_naming_the_model_and_index():
+    base = torch.zeros(100)
+    thetas = [torch.ones(100), torch.ones(100)]
+    thetas[1][37] = float("nan")
+    for name in ("ties", "task_arithmetic", "dare_ties", "breadcrumbs"):
+        with pytest.raises(ValueError, match=r"thetas\[1\] contains a non-finite value \(nan\) at index 37"):
+            M.METHODS[name].run(job(name, base, thetas))
+    with pytest.raises(ValueError, match=r"thetas\[1\] contains a non-finite value \(nan\) at index 37"):
+        M.METHODS["linear"].run(M.Job("w", None, thetas, {}, [dict(weight=1.0)] * 2, [0, 0], torch.float32))
+
+
+def test_random_stream_cpu_kernel_equals_reference_and_is_chunk_independent():
+    key = rng.stream_key(42, "org/model", "model.layers.0.mlp.up_proj.weight")
+    ref = rng.stream_bits(key, 0, 100_003)
+    assert torch.equal(_C.ckpt_random_bits(key, 0, 100_003).long(), ref)
+    assert torch.equal(_C.ckpt_random_bits(key, 50_000, 17).long(), ref[50_000:50_017])
+    assert 0 <= int(ref.min()) and int(ref.max()) < 2 ** 24
+    frac = (ref.double() < 0.3 * 2 ** 24).double().mean().item()
+    assert abs(frac - 0.3) < 0.01
+    assert rng.stream_key(42, "a", "b") != rng.stream_key(43, "a", "b") != rng.stream_key(42, "a", "c")
+
+
+@pytest.mark.parametrize("name", ["dare_ties", "dare_linear", "della"])
+def test_random_methods_do_not_depend_on_threads(name):
+    base, thetas = awkward(200_003, 3, torch.float32, seed=9)
+    j = job(name, base, thetas, seed=7)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = M.METHODS[name].run(j)
+        torch.set_num_threads(max(2, old))
+        many = M.METHODS[name].run(j)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, many)
+    other = M.METHODS[name].run(job(name, base, thetas, seed=8))
+    assert not torch.equal(one, other)
+
+
+def test_dare_keeps_about_density_and_rescales_to_the_l1_norm():
+    n = 100_000
+    base = torch.zeros(n)
+    theta = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    per = [dict(weight=1.0, density=0.25)]
+    out = M.METHODS["dare_linear"].run(job("dare_linear", base, [theta], per))
+    kept = (out != 0).double().mean().item()
+    assert abs(kept - 0.25) < 0.01
+    torch.testing.assert_close(out.abs().double().sum(), theta.abs().double().sum(), rtol=1e-5, atol=0)
