@@ -194,3 +194,20 @@ def test_dare_keeps_about_density_and_rescales_to_the_l1_norm():
     kept = (out != 0).double().mean().item()
     assert abs(kept - 0.25) < 0.01
     torch.testing.assert_close(out.abs().double().sum(), theta.abs().double().sum(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "outliers"])
+def test_large_tensor_selection(method):
+    """Past the sizes above: several reduction chunks and threads, a boundary inside 35,000 ties."""
+    n = 300_007
+    g = torch.Generator().manual_seed(17)
+    base = torch.round(torch.randn(n, generator=g) * 8) / 8
+    theta = base + torch.randint(-8, 9, (n,), generator=g).float() * 0.0625
+    for density in (0.1, 0.5):
+        p = {"density": density, "gamma": 0.02}
+        lo, hi, by_high = M._ranks(method, p, n)
+        rules = _C.ckpt_select(base, [theta], [lo], [hi], [by_high])
+        out = _C.ckpt_merge(base, [theta], [1.0], rules, None, [1.0], [1.0], 0, False, 1.0, True, torch.float32)
+        delta = theta - base
+        mask = R.magnitude_mask(delta, density) if method == "magnitude" else R.outlier_mask(delta, density, 0.02)
+        assert torch.equal(out, base + delta * mask)

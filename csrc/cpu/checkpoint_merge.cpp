@@ -17,6 +17,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
+#include <climits>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -29,6 +31,7 @@ namespace cpu {
 namespace {
 
 constexpr int64_t kChunk = 1 << 16;  // fixed reduction chunk (thread-count independent results)
+constexpr int kBlock = 512;  // entries per block of the vectorised loops (the T deltas of a block stay in L1/L2)
 constexpr int64_t kNoLower = -1;
 constexpr int64_t kNoUpper = int64_t(1) << 32;
 constexpr int64_t kKeepNone = int64_t(1) << 33;
@@ -305,59 +308,143 @@ struct MergeSpec {
   bool normalize = false;
   double lam = 1.0;
   bool guard_small_divisor = true;  // |divisor| < 1e-8 -> 1 when there is no consensus
+  int64_t offset = 0;  // index of the first entry within the whole tensor (rules and streams use it)
 };
 
 template <typename in_t>
 inline bool kept(const Inputs& in, const MergeSpec& s, int t, int64_t i, float d) {
-  if (s.rules && !reinterpret_cast<const Rule*>(s.rules)[t].keeps(key_of(d), i)) return false;
-  if (s.streams && !(double(stream_bits(s.streams[t], i)) < s.keep_prob[t] * 16777216.0)) return false;
+  if (s.rules && !reinterpret_cast<const Rule*>(s.rules)[t].keeps(key_of(d), i + s.offset)) return false;
+  if (s.streams && !(double(stream_bits(s.streams[t], i + s.offset)) < s.keep_prob[t] * 16777216.0)) return false;
   return true;
+}
+
+
+// The merge pass, a block of entries at a time: each model's deltas are formed, filtered by its keep
+// rule and scaled in branch-free loops the compiler vectorises; only entries whose key equals a
+// rule's boundary key (ties at the threshold) and the random stream take scalar code.
+template <typename in_t, int kCons>
+void merge_block(const Inputs& in, const MergeSpec& s, int64_t i0, int m, float* v, float* res, bool& bad) {
+  const int T = int(in.th.size());
+  float b[kBlock], sum[kBlock];
+  int32_t sgn[kBlock];
+  if (in.base) {
+    const in_t* pb = static_cast<const in_t*>(in.base) + i0;
+    for (int j = 0; j < m; ++j) b[j] = to_f(pb[j]);
+  } else {
+    for (int j = 0; j < m; ++j) b[j] = 0.0f;
+  }
+  for (int j = 0; j < m; ++j) sum[j] = 0.0f, sgn[j] = 0;
+  uint32_t nonfinite = 0;
+  for (int t = 0; t < T; ++t) {
+    const in_t* x = static_cast<const in_t*>(in.th[t]) + i0;
+    float* vt = v + size_t(t) * kBlock;
+    for (int j = 0; j < m; ++j) {
+      const float d = to_f(x[j]) - b[j];
+      uint32_t u;
+      std::memcpy(&u, &d, 4);
+      nonfinite |= uint32_t((u & 0x7fffffffu) >= 0x7f800000u);
+      vt[j] = d;
+    }
+    if (s.rules) {
+      const Rule& r = reinterpret_cast<const Rule*>(s.rules)[t];
+      // keys are below 2^31, so the int32 bounds below are exact (clamped where a bound is absent)
+      const int32_t lo = int32_t(std::max<int64_t>(-1, std::min<int64_t>(r.lo_key, INT32_MAX)));
+      const int32_t hi = int32_t(std::max<int64_t>(-1, std::min<int64_t>(r.hi_key, INT32_MAX)));
+      uint32_t edge = 0;
+      for (int j = 0; j < m; ++j) {
+        int32_t k;
+        std::memcpy(&k, &vt[j], 4);
+        k &= 0x7fffffff;
+        edge |= uint32_t((k == lo) | (k == hi));
+        vt[j] = (k > lo && k < hi) ? vt[j] : 0.0f;
+      }
+      if (edge) {  // entries at a boundary key: their index decides (see Rule)
+        const float* xb = b;
+        for (int j = 0; j < m; ++j) {
+          const float d = to_f(x[j]) - xb[j];
+          const int64_t k = int64_t(key_of(d));
+          if ((k == r.lo_key || k == r.hi_key) && r.keeps(uint32_t(k), s.offset + i0 + j)) vt[j] = d;
+        }
+      }
+    }
+    if (s.streams) {
+      const uint64_t key = s.streams[t];
+      const double lim = s.keep_prob[t] * 16777216.0;
+      for (int j = 0; j < m; ++j)
+        if (!(double(stream_bits(key, s.offset + i0 + j)) < lim)) vt[j] = 0.0f;
+    }
+    const float sc = s.scale[t], w = s.weight[t];
+    for (int j = 0; j < m; ++j) {
+      const float y = (vt[j] * sc) * w;
+      vt[j] = y;
+      sum[j] += y;
+      sgn[j] += int32_t(y > 0.0f) - int32_t(y < 0.0f);
+    }
+  }
+  if (nonfinite) bad = true;
+  const float lam = float(s.lam);
+  if (kCons == 0) {
+    float wsum = 0.0f;
+    for (int t = 0; t < T; ++t) wsum += s.weight[t];
+    if (s.guard_small_divisor && std::fabs(wsum) < 1e-8f) wsum = 1.0f;
+    if (s.normalize)
+      for (int j = 0; j < m; ++j) sum[j] = sum[j] / wsum;
+    if (lam != 1.0f)
+      for (int j = 0; j < m; ++j) sum[j] = sum[j] * lam;
+    for (int j = 0; j < m; ++j) res[j] = b[j] + sum[j];
+    return;
+  }
+  float mixed[kBlock], div[kBlock], maj[kBlock];
+  for (int j = 0; j < m; ++j) {
+    maj[j] = (kCons == 1 ? sum[j] >= 0.0f : sgn[j] >= 0) ? 1.0f : -1.0f;
+    mixed[j] = 0.0f;
+    div[j] = 0.0f;
+  }
+  for (int t = 0; t < T; ++t) {
+    const float* vt = v + size_t(t) * kBlock;
+    uint32_t uw;
+    std::memcpy(&uw, &s.weight[t], 4);
+    for (int j = 0; j < m; ++j) {
+      // sign(y) == maj, in integer ops so the loop stays branch-free: y and maj have the same sign bit
+      // and y is not +-0; the others add +0, which leaves every sum unchanged
+      uint32_t uy, um;
+      std::memcpy(&uy, &vt[j], 4);
+      std::memcpy(&um, &maj[j], 4);
+      const uint32_t keep = 0u - ((((uy ^ um) >> 31) ^ 1u) & uint32_t((uy & 0x7fffffffu) != 0));
+      const uint32_t ym = uy & keep, wm = uw & keep;
+      float yk, wk;
+      std::memcpy(&yk, &ym, 4);
+      std::memcpy(&wk, &wm, 4);
+      mixed[j] += yk;
+      div[j] += wk;
+    }
+  }
+  for (int j = 0; j < m; ++j) div[j] = div[j] == 0.0f ? 1.0f : div[j];
+  if (s.normalize)
+    for (int j = 0; j < m; ++j) mixed[j] = mixed[j] / div[j];
+  if (lam != 1.0f)
+    for (int j = 0; j < m; ++j) mixed[j] = mixed[j] * lam;
+  for (int j = 0; j < m; ++j) res[j] = b[j] + mixed[j];
 }
 
 template <typename in_t, typename out_t>
 void merge_impl(const Inputs& in, const MergeSpec& s, out_t* out, std::vector<char>& bad) {
   const int T = int(in.th.size());
-  const float lam = float(s.lam);
-  float wsum = 0.0f;
-  for (int t = 0; t < T; ++t) wsum += s.weight[t];
-  if (s.guard_small_divisor && std::fabs(wsum) < 1e-8f) wsum = 1.0f;
-  at::parallel_for(0, in.n, kChunk, [&](int64_t i0, int64_t i1) {
-    float d[64];
-    for (int64_t i = i0; i < i1; ++i) {
-      const float b = in.base ? to_f(static_cast<const in_t*>(in.base)[i]) : 0.0f;
-      float sum = 0.0f;
-      int sgn = 0;
-      for (int t = 0; t < T; ++t) {
-        const float x = to_f(static_cast<const in_t*>(in.th[t])[i]);
-        float v = in.base ? x - b : x;
-        if (!std::isfinite(v)) bad[at::get_thread_num()] = 1;
-        if (!kept<in_t>(in, s, t, i, v)) v = 0.0f;
-        v = v * s.scale[t];
-        v = v * s.weight[t];
-        d[t] = v;
-        sum += v;
-        sgn += (v > 0.0f) - (v < 0.0f);
+  at::parallel_for(0, (in.n + kBlock - 1) / kBlock, 64, [&](int64_t b0, int64_t b1) {
+    std::vector<float> v(size_t(T) * kBlock);
+    float res[kBlock];
+    bool flag = false;
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t i0 = blk * kBlock;
+      const int m = int(std::min<int64_t>(kBlock, in.n - i0));
+      switch (s.consensus) {
+        case 0: merge_block<in_t, 0>(in, s, i0, m, v.data(), res, flag); break;
+        case 1: merge_block<in_t, 1>(in, s, i0, m, v.data(), res, flag); break;
+        default: merge_block<in_t, 2>(in, s, i0, m, v.data(), res, flag); break;
       }
-      float mixed, div;
-      if (s.consensus == 0) {
-        mixed = sum;
-        div = wsum;
-      } else {
-        const float maj = (s.consensus == 1 ? sum >= 0.0f : sgn >= 0) ? 1.0f : -1.0f;
-        mixed = 0.0f, div = 0.0f;
-        for (int t = 0; t < T; ++t) {
-          const float sg = float((d[t] > 0.0f) - (d[t] < 0.0f));
-          if (sg == maj) {
-            mixed += d[t];
-            div += s.weight[t];
-          }
-        }
-        if (div == 0.0f) div = 1.0f;
-      }
-      if (s.normalize) mixed = mixed / div;
-      if (lam != 1.0f) mixed = mixed * lam;
-      out[i] = out_t(b + mixed);
+      for (int j = 0; j < m; ++j) out[i0 + j] = out_t(res[j]);
     }
+    if (flag) bad[at::get_thread_num()] = 1;
   });
 }
 
@@ -389,16 +476,26 @@ at::Tensor ckpt_merge(const c10::optional<at::Tensor>& base, const std::vector<a
                       const std::vector<double>& weights, const c10::optional<at::Tensor>& rules,
                       const c10::optional<at::Tensor>& streams, const std::vector<double>& keep_prob,
                       const std::vector<double>& scale, int64_t consensus, bool normalize, double lam,
-                      bool guard_small_divisor, at::ScalarType out_dtype) {
+                      bool guard_small_divisor, at::ScalarType out_dtype, int64_t offset,
+                      const c10::optional<at::Tensor>& out_buf) {
   const Inputs in = gather(base, thetas);
   const int T = int(in.th.size());
   MergeSpec s = make_spec(T, rules, streams, keep_prob, scale, weights);
+  TORCH_CHECK_VALUE(offset >= 0, "offset must be >= 0");
+  s.offset = offset;
   TORCH_CHECK_VALUE(0 <= consensus && consensus <= 2, "consensus must be 0 (none), 1 (sum) or 2 (count)");
   s.consensus = int(consensus);
   s.normalize = normalize;
   s.lam = lam;
   s.guard_small_divisor = guard_small_divisor;
-  at::Tensor out = at::empty({in.n}, at::TensorOptions().dtype(out_dtype));
+  at::Tensor out;
+  if (out_buf.has_value()) {
+    out = *out_buf;
+    TORCH_CHECK_VALUE(out.device().is_cpu() && out.is_contiguous() && out.numel() == in.n && out.scalar_type() == out_dtype,
+                      "out must be a contiguous CPU tensor of ", in.n, " entries of ", out_dtype);
+  } else {
+    out = at::empty({in.n}, at::TensorOptions().dtype(out_dtype));
+  }
   std::vector<char> bad(at::get_num_threads(), 0);
   dispatch(in.dt, [&](auto zi) {
     using in_t = decltype(zi);
@@ -417,10 +514,11 @@ at::Tensor ckpt_merge(const c10::optional<at::Tensor>& base, const std::vector<a
 
 at::Tensor ckpt_abs_sums(const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas,
                          const c10::optional<at::Tensor>& rules, const c10::optional<at::Tensor>& streams,
-                         const std::vector<double>& keep_prob) {
+                         const std::vector<double>& keep_prob, int64_t offset) {
   const Inputs in = gather(base, thetas);
   const int T = int(in.th.size());
   MergeSpec s = make_spec(T, rules, streams, keep_prob, std::vector<double>(T, 1.0), std::vector<double>(T, 1.0));
+  s.offset = offset;
   const int64_t nchunks = (in.n + kChunk - 1) / kChunk;
   std::vector<double> part(size_t(nchunks) * T * 2, 0.0);
   std::vector<char> bad(at::get_num_threads(), 0);

@@ -15,17 +15,20 @@ at::Tensor ckpt_select(const c10::optional<at::Tensor>& base, const std::vector<
                        const std::vector<int64_t>& rank_lo, const std::vector<int64_t>& rank_hi,
                        const std::vector<bool>& ties_by_high_index);
 
-// One fused pass of the generalised task-arithmetic merge (see fastmerge/merge/reference.py).
+// One fused pass of the generalised task-arithmetic merge (see fastmerge/merge/reference.py) over
+// entries [offset, offset + n) of a tensor (the inputs are those entries; rules and the random stream
+// see whole-tensor indices), into `out` when given.
 at::Tensor ckpt_merge(const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas,
                       const std::vector<double>& weights, const c10::optional<at::Tensor>& rules,
                       const c10::optional<at::Tensor>& streams, const std::vector<double>& keep_prob,
                       const std::vector<double>& scale, int64_t consensus, bool normalize, double lam,
-                      bool guard_small_divisor, at::ScalarType out_dtype);
+                      bool guard_small_divisor, at::ScalarType out_dtype, int64_t offset,
+                      const c10::optional<at::Tensor>& out);
 
 // Per model, sum |delta| over all entries and over the kept ones (float64 [T, 2]).
 at::Tensor ckpt_abs_sums(const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas,
                          const c10::optional<at::Tensor>& rules, const c10::optional<at::Tensor>& streams,
-                         const std::vector<double>& keep_prob);
+                         const std::vector<double>& keep_prob, int64_t offset);
 
 // Per model, a histogram (int64 [T, 65536]) of the magnitude keys of its deltas: prefix -1: their
 // top 16 bits; else the low 16 bits of the keys whose top 16 bits equal the prefix. Summed over

@@ -206,8 +206,9 @@ class Checkpoint:
             t = torch.frombuffer(m, dtype=info.dtype, count=info.numel, offset=info.start)
         return t.view(info.shape)
 
-    def prefetch(self, name: str) -> None:
-        """Ask the kernel to read a tensor's pages ahead and fault them in (call from a helper thread)."""
+    def prefetch(self, name: str, max_bytes: Optional[int] = None) -> None:
+        """Ask the kernel to read a tensor's pages ahead and fault in its first ``max_bytes`` (all by
+        default) so the page faults happen here, not in the kernels (call from a helper thread)."""
         info = self.tensors[name]
         m = self._map(info.file)
         if m is None or info.nbytes == 0:
@@ -217,20 +218,25 @@ class Checkpoint:
             m.madvise(mmap.MADV_WILLNEED, lo, info.start + info.nbytes - lo)
         except (AttributeError, OSError, ValueError):
             pass
-        # touch one byte per page so the page faults happen here, not in the kernels
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pages = torch.frombuffer(m, dtype=torch.uint8, count=info.start + info.nbytes - lo, offset=lo)
-        pages[::PAGE].sum()
+        span = info.start + info.nbytes - lo if max_bytes is None else min(info.start + info.nbytes - lo, max_bytes)
+        if span > 0:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pages = torch.frombuffer(m, dtype=torch.uint8, count=span, offset=lo)
+            pages[::PAGE].sum()  # one byte per page
 
-    def release(self, name: str) -> None:
-        """Drop a merged tensor's pages from this process (they stay in the page cache)."""
+    def release(self, name: str, first: int = 0, last: Optional[int] = None) -> None:
+        """Drop the pages of entries [first, last) of a tensor (all by default) from this process; they
+        stay in the page cache. Pages shared with a neighbour are kept."""
         info = self.tensors[name]
         m = self._maps.get(info.file)
         if m is None or info.nbytes == 0:
             return
-        lo = info.start // PAGE * PAGE
-        hi = (info.start + info.nbytes) // PAGE * PAGE  # pages shared with the next tensor stay
+        size = itemsize(info.dtype)
+        start = info.start + first * size
+        end = info.start + (info.numel if last is None else last) * size
+        lo = (start + PAGE - 1) // PAGE * PAGE
+        hi = end // PAGE * PAGE
         if hi > lo:
             try:
                 m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
@@ -294,11 +300,19 @@ def _write_all(f, data) -> None:
 class ShardWriter:
     """Writes the planned tensors, in order, into shards under ``folder``.
 
-    ``add(name, tensor)`` must be called in plan order with tensors of the planned shape and dtype.
-    ``finish()`` writes the index (for more than one shard) and returns the shard file names.
+    ``add(name, tensor)`` must be called in plan order with tensors of the planned shape and dtype; the
+    bytes are written by a background thread (at most ``queue`` tensors wait), so writing overlaps the
+    merge of the next tensors. Each shard is preallocated when it is opened (a full disk fails there,
+    before the data). ``finish()`` waits for the writes, writes
+    the index (for more than one shard) and returns the shard file names. A write error is raised by
+    the next ``add`` or by ``finish``.
     """
 
-    def __init__(self, folder: str, tensors: Sequence[OutTensor], shard_size: int, metadata: Optional[dict] = None):
+    def __init__(self, folder: str, tensors: Sequence[OutTensor], shard_size: int, metadata: Optional[dict] = None,
+                 queue: int = 2):
+        import queue as _queue
+        import threading
+
         self.folder = folder
         self.shards = plan_shards(tensors, shard_size)
         self.names = shard_names(len(self.shards))
@@ -308,10 +322,12 @@ class ShardWriter:
         self._file = None
         self._shard = -1
         self.bytes_written = 0
+        self._q: "_queue.Queue" = _queue.Queue(maxsize=max(1, queue))
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._work, name="fastmerge-writer", daemon=True)
+        self._thread.start()
 
-    def _open(self, si: int) -> None:
-        if self._file is not None:
-            self._file.close()
+    def _header(self, si: int) -> bytes:
         header: dict = {"__metadata__": self.metadata}
         off = 0
         for t in self.shards[si]:
@@ -319,32 +335,73 @@ class ShardWriter:
             off += t.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # 8-byte aligned data, as the safetensors library writes it
+        return struct.pack("<Q", len(raw)) + raw
+
+    def _close_file(self) -> None:
+        if self._file is not None:  # no fsync: the folder's rename is what marks a merge complete
+            self._file.flush()
+            self._file.close()
+            self._file = None
+
+    def _open(self, si: int) -> None:
+        self._close_file()
+        head = self._header(si)
         path = os.path.join(self.folder, self.names[si])
         self._file = open(path, "wb")
         self._shard = si
-        _write_all(self._file, struct.pack("<Q", len(raw)) + raw)
+        try:
+            os.posix_fallocate(self._file.fileno(), 0, len(head) + sum(t.nbytes for t in self.shards[si]))
+        except OSError as e:
+            import errno
+
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # a file system without preallocation: the writes allocate as they go
+        _write_all(self._file, head)
+
+    def _work(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            if self._error is not None:
+                continue
+            si, data = job
+            try:
+                if si != self._shard:
+                    self._open(si)
+                if data is not None:
+                    _write_all(self._file, data)
+            except BaseException as e:  # reported to the caller by add() / finish()
+                self._error = e
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        self._raise()
         si, planned = self._order[self._next]
         if planned.name != name or tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
             raise RuntimeError(f"writer: expected {planned.name} {list(planned.shape)} {planned.dtype}, got {name} "
                                f"{list(tensor.shape)} {tensor.dtype} (internal error)")
-        if si != self._shard:
-            self._open(si)
         t = tensor.detach().to("cpu").contiguous()
-        if t.numel():
-            _write_all(self._file, memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+        data = memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else None
+        self._q.put((si, data))
         self.bytes_written += planned.nbytes
         self._next += 1
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
 
     def finish(self) -> List[str]:
         if self._next != len(self._order):
             raise RuntimeError(f"writer: {len(self._order) - self._next} planned tensors were not written (internal error)")
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
+        self._stop()
+        self._raise()
+        self._close_file()
         if len(self.shards) > 1:
             index = {"metadata": {"total_size": sum(t.nbytes for s in self.shards for t in s)},
                      "weight_map": {t.name: self.names[si] for si, s in enumerate(self.shards) for t in s}}
@@ -354,6 +411,15 @@ class ShardWriter:
         return list(self.names)
 
     def abort(self) -> None:
+        """Stop the writer thread (dropping what waits) and close the open shard."""
+        import queue as _queue
+
+        while True:
+            try:
+                self._q.get_nowait()
+            except _queue.Empty:
+                break
+        self._stop()
         if self._file is not None:
             try:
                 self._file.close()

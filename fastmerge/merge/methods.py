@@ -54,6 +54,7 @@ class Job:
     out_dtype: torch.dtype
     fast: bool = True
     thresholds: Optional[List[int]] = None  # scope: global: each model's magnitude key threshold (keep >=)
+    release: Optional[Callable[[int, int], None]] = None  # called with [a, b) when entries a..b-1 are merged
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,27 @@ def _common(tensors: Sequence[Tensor]) -> List[Tensor]:
 
 def _f32(x: float) -> float:
     return float(np.float32(x))
+
+
+CHUNK = 1 << 22  # entries per fused call: a large tensor's input pages are released chunk by chunk
+
+
+def _chunks(n: int):
+    return [(a, min(n, a + CHUNK)) for a in range(0, max(n, 1), CHUNK)]
+
+
+def _fused_merge(C, job: Job, base: Optional[Tensor], thetas: List[Tensor], weights, rules, streams, probs, scale,
+                 code: int, normalize: bool, lam: float, guard: bool) -> Tensor:
+    """``_C.ckpt_merge`` over the tensor in chunks, into one output; the inputs' pages of each merged chunk
+    are handed to ``job.release``."""
+    n = thetas[0].numel()
+    out = torch.empty(n, dtype=job.out_dtype)
+    for a, b in _chunks(n):
+        C.ckpt_merge(None if base is None else base[a:b], [t[a:b] for t in thetas], weights, rules, streams, probs,
+                     scale, code, normalize, lam, guard, job.out_dtype, a, out[a:b])
+        if job.release is not None:
+            job.release(a, b)
+    return out
 
 
 # ---------------------------------------------------------------------- generalised task arithmetic
@@ -146,7 +168,8 @@ def _gta_fast(job: Job, sparsification: Optional[str], consensus: Optional[str],
         probs = [float(p["density"]) if sp else 1.0 for p, sp in zip(job.per, sparse)]
     scale = [1.0] * T
     if rescale and (rules is not None or streams is not None):
-        sums = C.ckpt_abs_sums(base, thetas, rules, streams, probs).tolist()
+        sums = sum(C.ckpt_abs_sums(base[a:b], [t[a:b] for t in thetas], rules, streams, probs, a)
+                   for a, b in _chunks(n)).tolist()
         for t, (before, after) in enumerate(sums):
             before, after = _f32(before), _f32(after)
             if sparse[t] and before >= 1e-7 and after >= 1e-7:
@@ -154,8 +177,8 @@ def _gta_fast(job: Job, sparsification: Optional[str], consensus: Optional[str],
     weights = [float(p["weight"]) for p in job.per]
     normalize = bool(job.shared.get("normalize", default_normalize))
     code = {None: 0, "sum": 1, "count": 2}[consensus]
-    out = C.ckpt_merge(base, thetas, weights, rules, streams, probs, scale, code, normalize,
-                       float(job.shared.get("lambda", 1.0)), True, job.out_dtype)
+    out = _fused_merge(C, job, base, thetas, weights, rules, streams, probs, scale, code, normalize,
+                       float(job.shared.get("lambda", 1.0)), True)
     return out.view(shape)
 
 
@@ -197,8 +220,8 @@ def _linear(job: Job) -> Tensor:
     normalize = bool(job.shared.get("normalize", True))
     if job.fast and job.inputs[0].device.type == "cpu":
         flat = _common(job.inputs)
-        out = _C().ckpt_merge(None, flat, ws, None, None, [1.0] * len(flat), [1.0] * len(flat), 0, normalize, 1.0,
-                              False, job.out_dtype)
+        T = len(flat)
+        out = _fused_merge(_C(), job, None, flat, ws, None, None, [1.0] * T, [1.0] * T, 0, normalize, 1.0, False)
         return out.view(job.inputs[0].shape)
     return R.linear(job.inputs, ws, normalize).to(job.out_dtype)
 

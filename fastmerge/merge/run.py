@@ -29,6 +29,9 @@ TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.b
                      torch.float64: "float64"}
 
 
+PREFETCH_BYTES = 256 << 20  # input bytes faulted in ahead, per prefetched tensor
+
+
 class MergeError(RuntimeError):
     """A merge that failed while running; nothing was left in the output folder."""
 
@@ -217,6 +220,13 @@ def _merge_one(plan: Plan, item: Item, seed: Optional[int], device: torch.device
                thresholds: Optional[List[int]] = None) -> torch.Tensor:
     job = _job(plan, item, seed, device, fast)
     job.thresholds = thresholds
+    refs = ([item.base] if item.base else []) + item.inputs
+    if device.type == "cpu" and plan.config.dtype is None:
+        def release(a: int, b: int) -> None:
+            for m, n in refs:
+                plan.checkpoints[m].release(n, a, b)
+
+        job.release = release
     if item.copy:
         return job.inputs[0].to("cpu")
     try:
@@ -345,7 +355,8 @@ def merge_checkpoints(config, out_dir: str, options: Optional[MergeOptions] = No
                 return
             it = items[k]
             refs = ([it.base] if it.base else []) + it.inputs
-            pending[k] = pool.submit(lambda: [plan.checkpoints[m].prefetch(n) for m, n in refs])
+            budget = PREFETCH_BYTES // max(1, len(refs))  # a huge tensor is faulted in only up to the budget
+            pending[k] = pool.submit(lambda: [plan.checkpoints[m].prefetch(n, budget) for m, n in refs])
 
         thresholds = global_thresholds(plan, fast)
         for k in range(min(opts.prefetch, len(items))):
