@@ -11,6 +11,7 @@ from fastmerge._ops import _C
 from fastmerge.merge import methods as M
 from fastmerge.merge import reference as R
 from fastmerge.merge import rng
+from fastmerge.merge import select as S
 
 pytestmark = pytest.mark.skipif(_C is None, reason="the compiled extension is not built")
 
@@ -74,7 +75,7 @@ def test_selection_keeps_exactly_the_reference_entries(method, n, density):
     base, thetas = awkward(n, 1, torch.float32, seed=3)
     p = {"density": density, "gamma": 0.05}
     lo, hi, by_high = M._ranks(method, p, n)
-    rules = _C.ckpt_select(base, thetas, [lo], [hi], [by_high])
+    rules = S.select_rules(_C, base, thetas, [lo], [hi], [by_high], M._chunks(n))
     out = _C.ckpt_merge(base, thetas, [1.0], rules, None, [1.0], [1.0], 0, False, 1.0, True, torch.float32)
     delta = thetas[0] - base
     mask = R.magnitude_mask(delta, density) if method == "magnitude" else R.outlier_mask(delta, density, 0.05)
@@ -92,12 +93,12 @@ def test_selection_splits_ties_by_index():
     base = torch.zeros(10)
     theta = torch.tensor([1.0, -1.0, 1.0, 3.0, -1.0, 1.0, 0.5, -1.0, 2.0, 1.0])
     # top 5 of |delta|: 3, 2, then three of the seven 1s: the lowest indices 0, 1, 2
-    rules = _C.ckpt_select(base, [theta], [5], [10], [True])
+    rules = S.select_rules(_C, base, [theta], [5], [10], [True], [(0, 10)])
     out = _C.ckpt_merge(base, [theta], [1.0], rules, None, [1.0], [1.0], 0, False, 1.0, True, torch.float32)
     assert out.tolist() == [1.0, -1.0, 1.0, 3.0, 0, 0, 0, 0, 2.0, 0]
     assert torch.equal(out, theta * R.magnitude_mask(theta, 0.5))
     # ascending order with ties by index (breadcrumbs): ranks [2, 6) of |delta| = 0.5, 1, 1, 1, ...
-    rules = _C.ckpt_select(base, [theta], [2], [6], [False])
+    rules = S.select_rules(_C, base, [theta], [2], [6], [False], [(0, 10)])
     out = _C.ckpt_merge(base, [theta], [1.0], rules, None, [1.0], [1.0], 0, False, 1.0, True, torch.float32)
     order = torch.sort(theta.abs(), stable=True).indices[2:6]
     expect = torch.zeros(10)
@@ -197,17 +198,22 @@ def test_dare_keeps_about_density_and_rescales_to_the_l1_norm():
 
 
 @pytest.mark.parametrize("method", ["magnitude", "outliers"])
-def test_large_tensor_selection(method):
-    """Past the sizes above: several reduction chunks and threads, a boundary inside 35,000 ties."""
+def test_large_tensor_selection(method, monkeypatch):
+    """Past the sizes above: several reduction chunks and threads, a boundary inside 35,000 ties; the
+    passes in one call or in chunks, the tie positions recorded or found by a third pass."""
     n = 300_007
     g = torch.Generator().manual_seed(17)
     base = torch.round(torch.randn(n, generator=g) * 8) / 8
     theta = base + torch.randint(-8, 9, (n,), generator=g).float() * 0.0625
+    delta = theta - base
+    chunked = [(a, min(n, a + 65_536)) for a in range(0, n, 65_536)]
     for density in (0.1, 0.5):
         p = {"density": density, "gamma": 0.02}
         lo, hi, by_high = M._ranks(method, p, n)
-        rules = _C.ckpt_select(base, [theta], [lo], [hi], [by_high])
-        out = _C.ckpt_merge(base, [theta], [1.0], rules, None, [1.0], [1.0], 0, False, 1.0, True, torch.float32)
-        delta = theta - base
         mask = R.magnitude_mask(delta, density) if method == "magnitude" else R.outlier_mask(delta, density, 0.02)
-        assert torch.equal(out, base + delta * mask)
+        for chunks, limit in (([(0, n)], 1 << 22), (chunked, 1 << 22), (chunked, 0)):
+            monkeypatch.setattr(S, "RECORD_LIMIT", limit)
+            rules = S.select_rules(_C, base, [theta], [lo], [hi], [by_high], chunks)
+            out = _C.ckpt_merge(base, [theta], [1.0], rules, None, [1.0], [1.0], 0, False, 1.0, True,
+                                torch.float32)
+            assert torch.equal(out, base + delta * mask), (density, len(chunks), limit)

@@ -1,13 +1,14 @@
 // Fused CPU kernels of the checkpoint-merging methods (fastmerge/merge/methods.py): the generalised
 // task-arithmetic family (linear, task arithmetic, TIES, breadcrumbs, DARE) as one pass per tensor,
-// the exact magnitude selection that decides which entries each model keeps, and the counter-based
-// random stream of the random methods. Bound to Python through fastmerge._C (ops_cpu.cpp).
+// the histograms of |delta| from which fastmerge/merge/select.py finds each model's exact magnitude
+// threshold, and the counter-based random stream of the random methods. Bound to Python through fastmerge._C (ops_cpu.cpp).
 //
 // Invariants:
 // - a delta is float(theta) - float(base), rounded in float32 as the reference computes it;
 // - a "keep rule" per model decides, from the magnitude key of the delta (its float32 bits with the
 //   sign cleared, which orders like |delta|) and the entry's index, whether the entry survives
-//   sparsification. It is exact: ties at a boundary key are split by index, as a stable sort would;
+//   sparsification (rules are built by fastmerge/merge/select.py: ties at a boundary key are split by
+//   index, as a stable sort would);
 // - every reduction that produces a floating value runs over fixed chunks in a fixed order, so the
 //   results do not depend on the thread count.
 #include <ATen/Parallel.h>
@@ -32,9 +33,6 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 16;  // fixed reduction chunk (thread-count independent results)
 constexpr int kBlock = 512;  // entries per block of the vectorised loops (the T deltas of a block stay in L1/L2)
-constexpr int64_t kNoLower = -1;
-constexpr int64_t kNoUpper = int64_t(1) << 32;
-constexpr int64_t kKeepNone = int64_t(1) << 33;
 
 inline float to_f(float x) { return x; }
 inline float to_f(c10::BFloat16 x) { return float(x); }
@@ -138,52 +136,23 @@ inline float delta_at(const Inputs& in, int t, int64_t i) {
   return to_f(static_cast<const in_t*>(in.th[t])[i]) - b;
 }
 
-// ------------------------------------------------------------------------- exact selection
-
-// The position (0-based, in index order) `p` among the entries of model t whose key equals `key`:
-// returns that entry's index. Counted per fixed chunk in parallel, then one chunk is scanned.
-template <typename in_t>
-int64_t tie_index(const Inputs& in, int t, uint32_t key, int64_t p) {
-  const int64_t nchunks = (in.n + kChunk - 1) / kChunk;
-  std::vector<int64_t> cnt(nchunks, 0);
-  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      int64_t k = 0;
-      for (int64_t i = c * kChunk, e = std::min(in.n, (c + 1) * kChunk); i < e; ++i)
-        k += key_of(delta_at<in_t>(in, t, i)) == key;
-      cnt[c] = k;
-    }
-  });
-  for (int64_t c = 0; c < nchunks; ++c) {
-    if (p >= cnt[c]) {
-      p -= cnt[c];
-      continue;
-    }
-    for (int64_t i = c * kChunk, e = std::min(in.n, (c + 1) * kChunk); i < e; ++i)
-      if (key_of(delta_at<in_t>(in, t, i)) == key && p-- == 0) return i;
-  }
-  TORCH_CHECK(false, "checkpoint_merge: tie position out of range (internal error)");
-}
-
-struct Boundary {  // the entry of rank r in model t's ascending order of keys
-  int t;
-  int64_t rank;
-  bool lower;  // the first kept rank (else the last)
-  int64_t bin = 0, key = 0, below = 0, equal = 0;
-};
+// ------------------------------------------------------------------------- key histograms
 
 constexpr int kBins = 1 << 16;
 
 // Histograms of magnitude keys, one row of kBins per request j, over model models[j]: with
 // prefix[j] < 0 the top 16 bits of every key (the sign bit is clear, so rows use bins < 2^15), else the
 // low 16 bits of the keys whose top 16 bits equal prefix[j]. Counts only, so the result does not
-// depend on the thread count. A non-finite delta raises.
+// depend on the thread count. A non-finite delta raises. With `where`, the second kind also records
+// (low 16 bits << 40 | index) of each counted entry, per thread and request (in no fixed order).
 template <typename in_t>
-void key_hist(const Inputs& in, const std::vector<int>& models, const std::vector<int64_t>& prefix, int64_t* out) {
+void key_hist(const Inputs& in, const std::vector<int>& models, const std::vector<int64_t>& prefix, int64_t* out,
+              std::vector<std::vector<uint64_t>>* where = nullptr) {
   const int J = int(models.size());
   const int nt = at::get_num_threads();
   std::vector<uint32_t> h(size_t(nt) * J * kBins, 0);
   std::vector<char> bad(nt, 0);
+  if (where) where->assign(size_t(nt) * J, {});
   at::parallel_for(0, in.n, kChunk, [&](int64_t i0, int64_t i1) {
     const int tid = at::get_thread_num();
     for (int j = 0; j < J; ++j) {
@@ -196,8 +165,12 @@ void key_hist(const Inputs& in, const std::vector<int>& models, const std::vecto
           bad[tid] = 1;
           return;
         }
-        if (pre < 0) ++hj[k >> 16];
-        else if (int64_t(k >> 16) == pre) ++hj[k & 0xffffu];
+        if (pre < 0) {
+          ++hj[k >> 16];
+        } else if (int64_t(k >> 16) == pre) {
+          ++hj[k & 0xffffu];
+          if (where) (*where)[size_t(tid) * J + j].push_back(uint64_t(k & 0xffffu) << 40 | uint64_t(i));
+        }
       }
     }
   });
@@ -208,93 +181,7 @@ void key_hist(const Inputs& in, const std::vector<int>& models, const std::vecto
     for (size_t x = 0; x < size_t(J) * kBins; ++x) out[x] += h[size_t(tid) * J * kBins + x];
 }
 
-// The digit of the bin holding 0-based rank r of a histogram row; returns the count below it.
-inline int pick_bin(const int64_t* row, int64_t r, int64_t* below, int64_t* equal) {
-  int64_t cum = 0;
-  int d = 0;
-  while (d < kBins - 1 && cum + row[d] <= r) cum += row[d++];
-  *below = cum;
-  *equal = row[d];
-  return d;
-}
-
-template <typename in_t>
-void select_impl(const Inputs& in, std::vector<Boundary>& bs) {
-  const int B = int(bs.size());
-  std::vector<int> models;
-  for (const auto& b : bs) models.push_back(b.t);
-  std::vector<int64_t> hist(size_t(B) * kBins);
-  key_hist<in_t>(in, models, std::vector<int64_t>(B, -1), hist.data());  // one row per boundary (cheap enough)
-  std::vector<int64_t> prefix(B);
-  for (int j = 0; j < B; ++j) {
-    int64_t eq;
-    bs[j].bin = pick_bin(hist.data() + size_t(j) * kBins, bs[j].rank, &bs[j].below, &eq);
-    prefix[j] = bs[j].bin;
-  }
-  key_hist<in_t>(in, models, prefix, hist.data());
-  for (int j = 0; j < B; ++j) {
-    int64_t below;
-    const int d = pick_bin(hist.data() + size_t(j) * kBins, bs[j].rank - bs[j].below, &below, &bs[j].equal);
-    bs[j].key = (bs[j].bin << 16) | d;
-    bs[j].below += below;
-  }
-}
-
 }  // namespace
-
-at::Tensor ckpt_select(const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas,
-                       const std::vector<int64_t>& rank_lo, const std::vector<int64_t>& rank_hi,
-                       const std::vector<bool>& ties_by_high_index) {
-  const Inputs in = gather(base, thetas);
-  const int T = int(in.th.size());
-  TORCH_CHECK_VALUE(int(rank_lo.size()) == T && int(rank_hi.size()) == T && int(ties_by_high_index.size()) == T,
-                    "ckpt_select: one rank_lo, rank_hi and tie order per model");
-  at::Tensor rules = at::empty({T, 6}, at::kLong);
-  int64_t* R = rules.data_ptr<int64_t>();
-  std::vector<Boundary> bs;
-  for (int t = 0; t < T; ++t) {
-    const int64_t lo = rank_lo[t], hi = rank_hi[t];
-    TORCH_CHECK_VALUE(0 <= lo && lo <= hi && hi <= in.n, "ckpt_select: ranks of model ", t, " out of range: [", lo, ", ",
-                      hi, ") of ", in.n);
-    int64_t* r = R + 6 * t;
-    r[0] = kNoLower, r[1] = 0, r[2] = in.n - 1, r[3] = kNoUpper, r[4] = 0, r[5] = in.n - 1;
-    if (lo == hi) {
-      r[0] = kKeepNone;
-      continue;
-    }
-    if (lo > 0) bs.push_back({t, lo, true});
-    if (hi < in.n) bs.push_back({t, hi - 1, false});
-  }
-  if (!bs.empty()) dispatch(in.dt, [&](auto z) { select_impl<decltype(z)>(in, bs); });
-  for (const auto& b : bs) {
-    const int t = b.t;
-    int64_t* r = R + 6 * t;
-    const bool desc = ties_by_high_index[t];
-    const bool lower = b.lower;
-    int64_t first = 0, last = in.n - 1;  // index range of the ties kept at this key
-    const int64_t L = b.below, E = b.equal;
-    int64_t keep_from, keep_to;  // positions (index order) of the kept ties, inclusive
-    if (lower) {
-      const int64_t kept = L + E - b.rank;
-      keep_from = desc ? 0 : E - kept;
-      keep_to = desc ? kept - 1 : E - 1;
-    } else {
-      const int64_t kept = b.rank + 1 - L;
-      keep_from = desc ? E - kept : 0;
-      keep_to = desc ? E - 1 : kept - 1;
-    }
-    if (b.key != 0 && (keep_from > 0 || keep_to < E - 1)) {  // a split tie (ties at zero change nothing)
-      dispatch(in.dt, [&](auto z) {
-        using in_t = decltype(z);
-        if (keep_from > 0) first = tie_index<in_t>(in, t, uint32_t(b.key), keep_from);
-        if (keep_to < E - 1) last = tie_index<in_t>(in, t, uint32_t(b.key), keep_to);
-      });
-    }
-    if (lower) r[0] = b.key, r[1] = first, r[2] = last;
-    else r[3] = b.key, r[4] = first, r[5] = last;
-  }
-  return rules;
-}
 
 namespace {
 
@@ -549,16 +436,33 @@ at::Tensor ckpt_abs_sums(const c10::optional<at::Tensor>& base, const std::vecto
   return res;
 }
 
-at::Tensor ckpt_key_hist(const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas,
-                         const std::vector<int64_t>& prefix) {
+std::vector<at::Tensor> ckpt_key_hist(const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas,
+                                      const std::vector<int64_t>& prefix, int64_t offset, bool record) {
   const Inputs in = gather(base, thetas);
   const int T = int(in.th.size());
   TORCH_CHECK_VALUE(int(prefix.size()) == T, "ckpt_key_hist: one prefix per model (-1: the top 16 bits)");
+  TORCH_CHECK_VALUE(offset >= 0 && offset + in.n < (int64_t(1) << 40), "ckpt_key_hist: offset out of range");
   at::Tensor out = at::empty({T, kBins}, at::kLong);
   std::vector<int> models(T);
   for (int t = 0; t < T; ++t) models[t] = t;
-  dispatch(in.dt, [&](auto z) { key_hist<decltype(z)>(in, models, prefix, out.data_ptr<int64_t>()); });
-  return out;
+  std::vector<std::vector<uint64_t>> where;
+  dispatch(in.dt, [&](auto z) {
+    key_hist<decltype(z)>(in, models, prefix, out.data_ptr<int64_t>(), record ? &where : nullptr);
+  });
+  std::vector<at::Tensor> res{out};
+  if (record) {
+    const int nt = int(where.size()) / std::max(T, 1);
+    for (int t = 0; t < T; ++t) {
+      size_t total = 0;
+      for (int tid = 0; tid < nt; ++tid) total += where[size_t(tid) * T + t].size();
+      at::Tensor w = at::empty({int64_t(total)}, at::kLong);
+      int64_t* p = w.data_ptr<int64_t>();
+      for (int tid = 0; tid < nt; ++tid)
+        for (uint64_t x : where[size_t(tid) * T + t]) *p++ = int64_t(x + uint64_t(offset));
+      res.push_back(w);
+    }
+  }
+  return res;
 }
 
 at::Tensor ckpt_random_bits(int64_t key, int64_t start, int64_t n) {

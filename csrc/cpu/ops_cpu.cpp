@@ -506,15 +506,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("merge_ties", &C::merge_ties, py::arg("base"), py::arg("thetas"), py::arg("density"), py::arg("lam"),
         py::arg("mode"), py::arg("offsets"), py::arg("weights"), py::arg("strategy") = 0,
         py::arg("cand_budget") = 0, py::arg("hist_budget") = 0);
-  m.def("ckpt_select", &C::ckpt_select, py::arg("base"), py::arg("thetas"), py::arg("rank_lo"), py::arg("rank_hi"),
-        py::arg("ties_by_high_index"));
   m.def("ckpt_merge", &C::ckpt_merge, py::arg("base"), py::arg("thetas"), py::arg("weights"), py::arg("rules"),
         py::arg("streams"), py::arg("keep_prob"), py::arg("scale"), py::arg("consensus"), py::arg("normalize"),
         py::arg("lam"), py::arg("guard_small_divisor"), py::arg("out_dtype"), py::arg("offset") = 0,
         py::arg("out") = py::none());
   m.def("ckpt_abs_sums", &C::ckpt_abs_sums, py::arg("base"), py::arg("thetas"), py::arg("rules"), py::arg("streams"),
         py::arg("keep_prob"), py::arg("offset") = 0);
-  m.def("ckpt_key_hist", &C::ckpt_key_hist, py::arg("base"), py::arg("thetas"), py::arg("prefix"));
+  m.def("ckpt_key_hist", &C::ckpt_key_hist, py::arg("base"), py::arg("thetas"), py::arg("prefix"),
+        py::arg("offset") = 0, py::arg("record") = false);
   m.def("ckpt_random_bits", &C::ckpt_random_bits, py::arg("key"), py::arg("start"), py::arg("n"));
   m.def("empty_cache", &C::empty_cache, "Free the cached output blocks; returns the bytes freed");
   m.def("ties_last_stats", &C::ties_last_stats, "Diagnostics of the last merge_ties call on this thread");

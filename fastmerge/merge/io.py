@@ -300,16 +300,18 @@ def _write_all(f, data) -> None:
 class ShardWriter:
     """Writes the planned tensors, in order, into shards under ``folder``.
 
-    ``add(name, tensor)`` must be called in plan order with tensors of the planned shape and dtype; the
-    bytes are written by a background thread (at most ``queue`` tensors wait), so writing overlaps the
-    merge of the next tensors. Each shard is preallocated when it is opened (a full disk fails there,
+    ``add(name, tensor)`` (or ``add_part`` for a tensor produced in pieces) must be called in plan order
+    with the planned shapes and dtypes; the bytes are written by a background thread (at most ``queue``
+    pieces of 16 MB wait), so writing overlaps the merge of the next tensors. Each shard is preallocated when it is opened (a full disk fails there,
     before the data). ``finish()`` waits for the writes, writes
     the index (for more than one shard) and returns the shard file names. A write error is raised by
     the next ``add`` or by ``finish``.
     """
 
+    PIECE = 16 << 20  # bytes per queued write: at most queue x PIECE bytes wait for the disk
+
     def __init__(self, folder: str, tensors: Sequence[OutTensor], shard_size: int, metadata: Optional[dict] = None,
-                 queue: int = 2):
+                 queue: int = 8):
         import queue as _queue
         import threading
 
@@ -319,6 +321,7 @@ class ShardWriter:
         self.metadata = {"format": "pt", **(metadata or {})}
         self._order = [(si, t) for si, shard in enumerate(self.shards) for t in shard]
         self._next = 0
+        self._part = 0  # bytes of the current tensor handed over so far (add_part)
         self._file = None
         self._shard = -1
         self.bytes_written = 0
@@ -379,17 +382,39 @@ class ShardWriter:
         if self._error is not None:
             raise self._error
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
+    def _planned(self, name: str, dtype: torch.dtype):
         self._raise()
         si, planned = self._order[self._next]
-        if planned.name != name or tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
-            raise RuntimeError(f"writer: expected {planned.name} {list(planned.shape)} {planned.dtype}, got {name} "
-                               f"{list(tensor.shape)} {tensor.dtype} (internal error)")
-        t = tensor.detach().to("cpu").contiguous()
-        data = memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else None
-        self._q.put((si, data))
+        if planned.name != name or dtype != planned.dtype:
+            raise RuntimeError(f"writer: expected {planned.name} {planned.dtype}, got {name} {dtype} (internal error)")
+        return si, planned
+
+    def _put(self, si: int, t: torch.Tensor) -> None:
+        data = memoryview(t.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy())
+        for a in range(0, len(data), self.PIECE):
+            self._q.put((si, data[a:a + self.PIECE]))
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write a whole tensor (the next one of the plan)."""
+        si, planned = self._planned(name, tensor.dtype)
+        if tuple(tensor.shape) != planned.shape or self._part:
+            raise RuntimeError(f"writer: expected {planned.name} {list(planned.shape)}, got {list(tensor.shape)} "
+                               f"(internal error)")
+        self._put(si, tensor) if tensor.numel() else self._q.put((si, None))
         self.bytes_written += planned.nbytes
         self._next += 1
+
+    def add_part(self, name: str, part: torch.Tensor, last: bool) -> None:
+        """Write the next entries of the next tensor of the plan (flat, in order); ``last`` closes it."""
+        si, planned = self._planned(name, part.dtype)
+        self._put(si, part) if part.numel() else self._q.put((si, None))
+        self._part += part.numel() * part.element_size()
+        if last:
+            if self._part != planned.nbytes:
+                raise RuntimeError(f"writer: {planned.name} got {self._part} bytes of {planned.nbytes} (internal error)")
+            self.bytes_written += planned.nbytes
+            self._part = 0
+            self._next += 1
 
     def _stop(self) -> None:
         if self._thread.is_alive():

@@ -7,8 +7,8 @@ reference for the conventions). The fast paths:
 
 - ``linear``, ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``, ``breadcrumbs``,
   ``breadcrumbs_ties``: one fused C++ pass per tensor (``_C.ckpt_merge``) that forms the deltas,
-  applies each model's keep rule (exact magnitude ranks from ``_C.ckpt_select``, or the counter-based
-  random stream), weights, elects signs, and writes the output dtype. L1 rescaling adds one
+  applies each model's keep rule (exact magnitude ranks from :mod:`fastmerge.merge.select`, or the
+  counter-based random stream), weights, elects signs, and writes the output dtype. L1 rescaling adds one
   deterministic pass (``_C.ckpt_abs_sums``);
 - ``della``, ``della_linear``: the per-row rank probabilities in PyTorch, then the fused pass;
 - ``model_stock``: the Gram matrix of the task vectors (``fastmerge.task_vector_cosine``, float64)
@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import reference as R
+from .select import select_rules
 
 REQUIRED = object()
 
@@ -55,6 +56,7 @@ class Job:
     fast: bool = True
     thresholds: Optional[List[int]] = None  # scope: global: each model's magnitude key threshold (keep >=)
     release: Optional[Callable[[int, int], None]] = None  # called with [a, b) when entries a..b-1 are merged
+    sink: Optional[Callable[[Tensor, bool], None]] = None  # takes the output in flat pieces (then run returns None)
 
 
 @dataclass(frozen=True)
@@ -103,17 +105,20 @@ def _chunks(n: int):
 
 
 def _fused_merge(C, job: Job, base: Optional[Tensor], thetas: List[Tensor], weights, rules, streams, probs, scale,
-                 code: int, normalize: bool, lam: float, guard: bool) -> Tensor:
-    """``_C.ckpt_merge`` over the tensor in chunks, into one output; the inputs' pages of each merged chunk
-    are handed to ``job.release``."""
+                 code: int, normalize: bool, lam: float, guard: bool, shape) -> Optional[Tensor]:
+    """``_C.ckpt_merge`` over the tensor in chunks; the inputs' pages of each merged chunk are handed to
+    ``job.release``. The output goes piece by piece to ``job.sink`` (returns None), else into one tensor."""
     n = thetas[0].numel()
-    out = torch.empty(n, dtype=job.out_dtype)
+    out = None if job.sink is not None else torch.empty(n, dtype=job.out_dtype)
     for a, b in _chunks(n):
+        piece = out[a:b] if out is not None else torch.empty(b - a, dtype=job.out_dtype)
         C.ckpt_merge(None if base is None else base[a:b], [t[a:b] for t in thetas], weights, rules, streams, probs,
-                     scale, code, normalize, lam, guard, job.out_dtype, a, out[a:b])
+                     scale, code, normalize, lam, guard, job.out_dtype, a, piece)
         if job.release is not None:
             job.release(a, b)
-    return out
+        if job.sink is not None:
+            job.sink(piece, b == n)
+    return None if out is None else out.view(shape)
 
 
 # ---------------------------------------------------------------------- generalised task arithmetic
@@ -162,7 +167,7 @@ def _gta_fast(job: Job, sparsification: Optional[str], consensus: Optional[str],
         rules = torch.tensor([[k, 0, n - 1, 1 << 32, 0, n - 1] for k in job.thresholds], dtype=torch.int64)
     elif sparsification in ("magnitude", "outliers") and any(sparse):
         lo, hi, hi_idx = zip(*(_ranks(sparsification, p, n) for p in job.per))
-        rules = C.ckpt_select(base, thetas, list(lo), list(hi), list(hi_idx))
+        rules = select_rules(C, base, thetas, lo, hi, hi_idx, _chunks(n), job.release)
     elif sparsification == "random" and any(sparse):
         streams = torch.tensor(job.keys, dtype=torch.int64)
         probs = [float(p["density"]) if sp else 1.0 for p, sp in zip(job.per, sparse)]
@@ -177,9 +182,8 @@ def _gta_fast(job: Job, sparsification: Optional[str], consensus: Optional[str],
     weights = [float(p["weight"]) for p in job.per]
     normalize = bool(job.shared.get("normalize", default_normalize))
     code = {None: 0, "sum": 1, "count": 2}[consensus]
-    out = _fused_merge(C, job, base, thetas, weights, rules, streams, probs, scale, code, normalize,
-                       float(job.shared.get("lambda", 1.0)), True)
-    return out.view(shape)
+    return _fused_merge(C, job, base, thetas, weights, rules, streams, probs, scale, code, normalize,
+                        float(job.shared.get("lambda", 1.0)), True, shape)
 
 
 def _gta_reference(job: Job, sparsification, consensus, default_normalize, default_rescale) -> Tensor:
@@ -221,8 +225,8 @@ def _linear(job: Job) -> Tensor:
     if job.fast and job.inputs[0].device.type == "cpu":
         flat = _common(job.inputs)
         T = len(flat)
-        out = _fused_merge(_C(), job, None, flat, ws, None, None, [1.0] * T, [1.0] * T, 0, normalize, 1.0, False)
-        return out.view(job.inputs[0].shape)
+        return _fused_merge(_C(), job, None, flat, ws, None, None, [1.0] * T, [1.0] * T, 0, normalize, 1.0, False,
+                            job.inputs[0].shape)
     return R.linear(job.inputs, ws, normalize).to(job.out_dtype)
 
 
@@ -288,7 +292,7 @@ _register(Method("passthrough", (Param("scale", float, "input", None),), _passth
 
 
 def reference_run(method: Method, job: Job) -> Tensor:
-    """The method's pure-PyTorch twin on the same job (for tests and verification)."""
+    """The method's pure-PyTorch twin on the same job (for tests and verification; ignores ``sink``)."""
     if method.gta:
         g = method.gta
         return _gta_reference(job, g["sparsification"], g["consensus"], bool(method.param("normalize").default),
@@ -298,4 +302,4 @@ def reference_run(method: Method, job: Job) -> Tensor:
                         bool(job.shared.get("normalize", True))).to(job.out_dtype)
     if method.name == "model_stock":
         return R.model_stock(job.base, job.inputs, bool(job.shared.get("filter_wise", False))).to(job.out_dtype)
-    return method.run(Job(**{**job.__dict__, "fast": False}))
+    return method.run(Job(**{**job.__dict__, "fast": False, "sink": None}))

@@ -21,6 +21,7 @@ from .config import ConfigError, MergeConfig, load_config
 from .io import DTYPE_NAMES, CheckpointError, ShardWriter, copy_files, parse_size
 from .plan import Item, Plan, build_plan
 from .rng import stream_key
+from .select import pick
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json", "spiece.model", "chat_template.jinja",
@@ -29,7 +30,7 @@ TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.b
                      torch.float64: "float64"}
 
 
-PREFETCH_BYTES = 256 << 20  # input bytes faulted in ahead, per prefetched tensor
+PREFETCH_BYTES = 160 << 20  # input bytes faulted in ahead, shared by the prefetched tensors
 
 
 class MergeError(RuntimeError):
@@ -197,29 +198,25 @@ def global_thresholds(plan: Plan, fast: bool) -> Optional[List[int]]:
         for it in items:
             job = _job(plan, it, None, torch.device("cpu"), True)
             flat = M._common([job.base] + job.inputs)
-            h += _C.ckpt_key_hist(flat[0], flat[1:], prefix)
+            h += _C.ckpt_key_hist(flat[0], flat[1:], prefix)[0]
         return h
 
     h1 = hist([-1] * T)
-    bins, below = [], []
-    for t in range(T):
-        cum = torch.cumsum(h1[t], 0)
-        b = int(torch.searchsorted(cum, ranks[t], right=True))
-        bins.append(b)
-        below.append(int(cum[b - 1]) if b > 0 else 0)
-    h2 = hist(bins)
+    coarse = [pick(h1[t], ranks[t]) for t in range(T)]
+    h2 = hist([c[0] for c in coarse])
     keys = []
     for t in range(T):
-        cum = torch.cumsum(h2[t], 0)
-        d = int(torch.searchsorted(cum, ranks[t] - below[t], right=True))
-        keys.append(0 if dens[t] >= 1 else (bins[t] << 16) | d)
+        d = pick(h2[t], ranks[t] - coarse[t][1])[0]
+        keys.append(0 if dens[t] >= 1 else (coarse[t][0] << 16) | d)
     return keys
 
 
 def _merge_one(plan: Plan, item: Item, seed: Optional[int], device: torch.device, fast: bool,
-               thresholds: Optional[List[int]] = None) -> torch.Tensor:
+               thresholds: Optional[List[int]] = None, sink=None) -> Optional[torch.Tensor]:
+    """The merged tensor, or None when the fused path handed it to ``sink`` in pieces."""
     job = _job(plan, item, seed, device, fast)
     job.thresholds = thresholds
+    job.sink = sink
     refs = ([item.base] if item.base else []) + item.inputs
     if device.type == "cpu" and plan.config.dtype is None:
         def release(a: int, b: int) -> None:
@@ -235,6 +232,8 @@ def _merge_one(plan: Plan, item: Item, seed: Optional[int], device: torch.device
         if "non-finite" in str(e) or "overflowed" in str(e):
             raise MergeError(_name_nonfinite(plan, item, job)) from None
         raise MergeError(f"tensor {item.out_name}: {e}") from None
+    if out is None:
+        return None
     if not (plan.method.gta or plan.method.name == "linear") or not fast or device.type != "cpu":
         # methods without a fused pass: check their output (one read of it); a NaN input reaches it
         if not bool(torch.isfinite(out).all()):
@@ -355,7 +354,8 @@ def merge_checkpoints(config, out_dir: str, options: Optional[MergeOptions] = No
                 return
             it = items[k]
             refs = ([it.base] if it.base else []) + it.inputs
-            budget = PREFETCH_BYTES // max(1, len(refs))  # a huge tensor is faulted in only up to the budget
+            # the budget is shared by the tensors in flight: a large one is faulted in only partly
+            budget = PREFETCH_BYTES // (max(1, opts.prefetch) * max(1, len(refs)))
             pending[k] = pool.submit(lambda: [plan.checkpoints[m].prefetch(n, budget) for m, n in refs])
 
         thresholds = global_thresholds(plan, fast)
@@ -367,10 +367,12 @@ def merge_checkpoints(config, out_dir: str, options: Optional[MergeOptions] = No
             if fut is not None:
                 fut.result()
             prefetch(k + opts.prefetch)
-            out = _merge_one(plan, it, opts.random_seed, device, fast, thresholds)
-            if out.dtype.is_floating_point and result_dtype is None:
-                result_dtype = out.dtype
-            writer.add(it.out_name, out)
+            sink = (lambda piece, last, name=it.out_name: writer.add_part(name, piece, last)) if not it.copy else None
+            out = _merge_one(plan, it, opts.random_seed, device, fast, thresholds, sink)
+            if it.out_dtype.is_floating_point and result_dtype is None:
+                result_dtype = it.out_dtype
+            if out is not None:
+                writer.add(it.out_name, out)
             del out
             for m, n in ([it.base] if it.base else []) + it.inputs:
                 plan.checkpoints[m].release(n)

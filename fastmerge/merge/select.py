@@ -1,0 +1,139 @@
+"""Exact magnitude selection: which entries of each model's delta a sparsifying method keeps.
+
+A model keeps the entries of ranks [lo, hi) in the ascending order of |delta| (delta = float(theta) -
+float(base), in float32), ties ordered by index, or by descending index where ``by_high`` (mergekit's
+descending top-k keeps the lowest indices among equal magnitudes). The result is a keep rule per model
+that the fused merge pass applies entry by entry (``_C.ckpt_merge``)::
+
+    [lo_key, lo_a, lo_b, hi_key, hi_a, hi_b]
+
+where a key is the float32 bits of |delta| (they order like the values): an entry is kept when
+lo_key < key < hi_key, or key == lo_key and lo_a <= index <= lo_b, or key == hi_key and
+hi_a <= index <= hi_b.
+
+The boundary keys come from two passes of per-model histograms (``_C.ckpt_key_hist``): the top 16 bits
+of every key, then the low 16 bits inside the bin that holds the rank. The second pass also records
+where the entries of that bin are (when there are at most 2^22 of them), which is how a tie at the
+boundary is split by index without another pass. Both passes run chunk by chunk, and for a tensor of
+several chunks they hand each chunk to ``release``, so the pages of a large tensor leave the process
+as they are read.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+BINS = 1 << 16
+NO_LOWER = -1
+NO_UPPER = 1 << 32
+KEEP_NONE = 1 << 33
+RECORD_LIMIT = 1 << 22
+NEVER = 1 << 20  # a prefix no key has: the model is skipped in that pass
+INDEX_MASK = (1 << 40) - 1
+
+
+def pick(row: Tensor, rank: int) -> Tuple[int, int, int]:
+    """The bin of a histogram row that holds the 0-based ``rank``: (bin, count below it, its count)."""
+    cum = torch.cumsum(row, 0)
+    d = int(torch.searchsorted(cum, rank, right=True))
+    below = int(cum[d - 1]) if d > 0 else 0
+    return d, below, int(row[d])
+
+
+def _kept_ties(rank: int, below: int, equal: int, lower: bool, by_high: bool) -> Tuple[int, int]:
+    """Positions (in index order, inclusive) of the kept entries among the ``equal`` ones at a boundary."""
+    if lower:
+        kept = below + equal - rank
+        return (0, kept - 1) if by_high else (equal - kept, equal - 1)
+    kept = rank + 1 - below
+    return (equal - kept, equal - 1) if by_high else (0, kept - 1)
+
+
+def select_rules(C, base: Tensor, thetas: Sequence[Tensor], rank_lo: Sequence[int], rank_hi: Sequence[int],
+                 by_high: Sequence[bool], chunks: Sequence[Tuple[int, int]],
+                 release: Optional[Callable[[int, int], None]] = None) -> Tensor:
+    """Keep rules (int64 [T, 6]) for entries of ranks [rank_lo[t], rank_hi[t]) of each model.
+
+    Args:
+        C: the compiled extension (``fastmerge._C``).
+        base, thetas: flat contiguous tensors of one dtype.
+        chunks: the [a, b) ranges the passes read at a time.
+        release: called with each chunk's range after each pass reads it.
+    """
+    n, T = base.numel(), len(thetas)
+    if len(chunks) < 2:
+        release = None  # one chunk stays mapped for the passes that follow (re-faulting it costs time)
+    rules = [[NO_LOWER, 0, n - 1, NO_UPPER, 0, n - 1] for _ in range(T)]
+    bounds: List[Tuple[int, int, bool]] = []  # (model, rank, lower)
+    for t in range(T):
+        lo, hi = int(rank_lo[t]), int(rank_hi[t])
+        if not 0 <= lo <= hi <= n:
+            raise ValueError(f"ranks of model {t} out of range: [{lo}, {hi}) of {n}")
+        if lo == hi:
+            rules[t][0] = KEEP_NONE
+            continue
+        if lo > 0:
+            bounds.append((t, lo, True))
+        if hi < n:
+            bounds.append((t, hi - 1, False))
+    if not bounds:
+        return torch.tensor(rules, dtype=torch.int64)
+
+    def sweep(prefix: List[int], record: bool):
+        hist = torch.zeros(T, BINS, dtype=torch.int64)
+        where: List[List[Tensor]] = [[] for _ in range(T)]
+        for a, b in chunks:
+            out = C.ckpt_key_hist(base[a:b], [x[a:b] for x in thetas], prefix, a, record)
+            hist += out[0]
+            for t in range(T) if record else ():
+                where[t].append(out[1 + t])
+            if release is not None:
+                release(a, b)
+        return hist, where
+
+    h1, _ = sweep([-1] * T, False)
+    coarse = [pick(h1[t], rank) for t, rank, _ in bounds]
+    # a model has at most two boundaries: the first of each model in one pass, the second in another
+    layers: List[List[int]] = [[], []]
+    seen = set()
+    for j, (t, _, _) in enumerate(bounds):
+        layers[t in seen].append(j)
+        seen.add(t)
+    for layer in filter(None, layers):
+        prefix = [NEVER] * T
+        for j in layer:
+            prefix[bounds[j][0]] = coarse[j][0]
+        record = sum(coarse[j][2] for j in layer) <= RECORD_LIMIT
+        h2, where = sweep(prefix, record)
+        for j in layer:
+            t, rank, lower = bounds[j]
+            bin_, below, _ = coarse[j]
+            d, below2, equal = pick(h2[t], rank - below)
+            key, below = (bin_ << 16) | d, below + below2
+            first, last = 0, n - 1
+            k_from, k_to = _kept_ties(rank, below, equal, lower, bool(by_high[t]))
+            if key != 0 and (k_from > 0 or k_to < equal - 1):  # a split tie (ties at zero change nothing)
+                if record:
+                    w = torch.cat(where[t])
+                    idx = torch.sort(w[(w >> 40) == d] & INDEX_MASK).values
+                else:
+                    idx = _tie_positions(base, thetas[t], key, chunks, release)
+                first = int(idx[k_from]) if k_from > 0 else 0
+                last = int(idx[k_to]) if k_to < equal - 1 else n - 1
+            rules[t][0 if lower else 3: 3 if lower else 6] = [key, first, last]
+    return torch.tensor(rules, dtype=torch.int64)
+
+
+def _tie_positions(base: Tensor, theta: Tensor, key: int, chunks, release) -> Tensor:
+    """Indices (ascending) of the entries whose |delta| has the float32 bits ``key`` (a third pass, for
+    a boundary bin too crowded to record)."""
+    out = []
+    for a, b in chunks:
+        keys = (theta[a:b].float() - base[a:b].float()).abs().view(torch.int32)
+        out.append(torch.nonzero(keys == key).reshape(-1) + a)
+        if release is not None:
+            release(a, b)
+    return torch.cat(out)
