@@ -21,6 +21,7 @@ from . import _validate as V
 from . import reference
 from ._ops import _C, OPS, available_backends, resolve_backend
 from .flat import FlatLayout, flatten_module, layout_of
+from .merge import merge_checkpoints
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,7 @@ __all__ = [
     "cpu_capability",
     "cpu_prefetch_state",
     "empty_cache",
+    "merge_checkpoints",
 ]
 
 Thetas = Union[Tensor, Sequence[Tensor]]

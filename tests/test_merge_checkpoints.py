@@ -191,6 +191,9 @@ def test_random_methods_depend_on_the_seed_only(llamas, tmp_path):
 
 
 def test_dry_run_reads_headers_only_and_overwrite(llamas, tmp_path):
+    import fastmerge
+
+    assert fastmerge.merge_checkpoints is merge_checkpoints
     text = dry_run(ties_config(llamas))
     assert "memory needed" in text and "bytes read" in text and "output tensors" in text
     out = str(tmp_path / "o")

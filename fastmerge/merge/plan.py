@@ -16,6 +16,7 @@ from 0, and the non-layer tensors come from the first slice's sources.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -103,16 +104,16 @@ class Plan:
     def out_tensors(self) -> List[OutTensor]:
         return [OutTensor(i.out_name, i.out_dtype, i.shape) for i in self.items]
 
-    def peak_bytes(self, prefetch: int) -> int:
-        """Memory the merge will hold at most: the mapped inputs of the tensor being merged and of the
-        ones prefetched, its output, and its float32 temporaries."""
+    def peak_bytes(self, prefetch_bytes: int, queue_bytes: int, chunk: int) -> int:
+        """Memory the merge will hold at most besides the runtime: the mapped inputs of the chunk being
+        merged (a whole tensor when it is one chunk), the float32 temporaries of methods without a
+        fused pass, the prefetched inputs and the output pieces waiting for the disk."""
         best = 0
-        items = self.items
-        for k, it in enumerate(items):
-            ahead = sum(x.in_bytes for x in items[k + 1:k + 1 + prefetch])
-            out = OutTensor(it.out_name, it.out_dtype, it.shape).nbytes
-            best = max(best, it.in_bytes + ahead + out + it.work_bytes)
-        return best
+        for it in self.items:
+            n = max(1, math.prod(it.shape))
+            share = min(1.0, chunk / n) if (self.method.gta or self.method.name == "linear") else 1.0
+            best = max(best, int(it.in_bytes * share) + it.work_bytes)
+        return best + prefetch_bytes + queue_bytes
 
     def close(self) -> None:
         for c in self.checkpoints.values():
@@ -330,7 +331,8 @@ def _plan_items(cfg: MergeConfig, method: M.Method, resolver: _Resolver, folders
                 raise ConfigError(f"linear: the weights of tensor {out_name} sum to 0 with normalize: true; "
                                   f"change the weights or set normalize: false")
         numel = ref_info.numel
-        work = 4 * numel * (len(infos) + 2 if method.gta.get("sparsification") == "della" or not method.gta else 1)
+        fused = method.name == "linear" or (method.gta and method.gta.get("sparsification") != "della")
+        work = 0 if fused else 4 * numel * (len(infos) + 2)  # float32 copies of the inputs, the result
         items.append(Item(out_name, ref_info.shape, out_dtype,
                           (base_src.model, src_names[base_src.model]) if base_src is not None else None,
                           [(src.model, i.name) for src, i in infos if src is not base_src], shared, per, t,

@@ -99,9 +99,13 @@ def describe(plan: Plan, opts: MergeOptions) -> str:
     shards = plan_shards(plan.out_tensors(), opts.out_shard_size)
     lines.append(f"bytes read: {_fmt_bytes(plan.in_bytes)}; bytes written: {_fmt_bytes(plan.out_bytes)} in "
                  f"{len(shards)} shard(s) of at most {_fmt_bytes(opts.out_shard_size)}")
-    peak = plan.peak_bytes(opts.prefetch)
-    lines.append(f"memory needed: about {_fmt_bytes(peak)} for tensors (largest tensor's inputs, output, temporaries "
-                 f"and {opts.prefetch} prefetched), plus the Python and PyTorch runtime (~0.3-0.5 GB)")
+    from .io import ShardWriter
+    from .methods import CHUNK
+
+    peak = plan.peak_bytes(PREFETCH_BYTES if opts.prefetch else 0, ShardWriter.PIECE * 8, CHUNK)
+    lines.append(f"memory needed: about {_fmt_bytes(peak)} for tensors (the inputs of the largest chunk in flight, "
+                 f"temporaries, prefetched inputs and output waiting for the disk), plus the Python and PyTorch "
+                 f"runtime (about 0.6 GB with a CUDA build of torch)")
     big = max(plan.items, key=lambda i: i.in_bytes)
     lines.append(f"largest tensor: {big.out_name} {list(big.shape)} ({_fmt_bytes(big.in_bytes)} of inputs)")
     return "\n".join(lines)
