@@ -217,3 +217,14 @@ def test_large_tensor_selection(method, monkeypatch):
             out = _C.ckpt_merge(base, [theta], [1.0], rules, None, [1.0], [1.0], 0, False, 1.0, True,
                                 torch.float32)
             assert torch.equal(out, base + delta * mask), (density, len(chunks), limit)
+
+
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties"])
+def test_tensor_of_several_chunks(name):
+    """A tensor longer than one fused call: the selection runs chunk by chunk (three passes) instead of
+    riding on the merge pass, and the output is assembled from the chunks."""
+    n = M.CHUNK + 1001
+    base, thetas = awkward(n, 3, torch.float32, seed=21)
+    j = job(name, base, thetas)
+    m = M.METHODS[name]
+    assert torch.equal(m.run(j), M.reference_run(m, j))

@@ -196,12 +196,19 @@ struct MergeSpec {
   double lam = 1.0;
   bool guard_small_divisor = true;  // |divisor| < 1e-8 -> 1 when there is no consensus
   int64_t offset = 0;  // index of the first entry within the whole tensor (rules and streams use it)
+  const int64_t* index = nullptr;  // or each entry's own index (a gathered subset of a tensor)
+  // Deferred selection (see ckpt_merge_deferred): per model the top-16-bit bin of its threshold, or -1;
+  // per thread and model a histogram of the low 16 bits of the keys in that bin and their positions.
+  const int64_t* defer_bins = nullptr;
+  std::vector<uint32_t>* defer_hist = nullptr;  // [threads][T][65536]
+  std::vector<std::vector<uint64_t>>* defer_where = nullptr;  // [threads * T]: low 16 bits << 40 | index
+  int64_t entry(int64_t i) const { return index ? index[i] : offset + i; }
 };
 
 template <typename in_t>
 inline bool kept(const Inputs& in, const MergeSpec& s, int t, int64_t i, float d) {
-  if (s.rules && !reinterpret_cast<const Rule*>(s.rules)[t].keeps(key_of(d), i + s.offset)) return false;
-  if (s.streams && !(double(stream_bits(s.streams[t], i + s.offset)) < s.keep_prob[t] * 16777216.0)) return false;
+  if (s.rules && !reinterpret_cast<const Rule*>(s.rules)[t].keeps(key_of(d), s.entry(i))) return false;
+  if (s.streams && !(double(stream_bits(s.streams[t], s.entry(i))) < s.keep_prob[t] * 16777216.0)) return false;
   return true;
 }
 
@@ -237,12 +244,14 @@ void merge_block(const Inputs& in, const MergeSpec& s, int64_t i0, int m, float*
       // keys are below 2^31, so the int32 bounds below are exact (clamped where a bound is absent)
       const int32_t lo = int32_t(std::max<int64_t>(-1, std::min<int64_t>(r.lo_key, INT32_MAX)));
       const int32_t hi = int32_t(std::max<int64_t>(-1, std::min<int64_t>(r.hi_key, INT32_MAX)));
-      uint32_t edge = 0;
+      const int32_t bin = s.defer_bins ? int32_t(s.defer_bins[t]) : -1;
+      uint32_t edge = 0, inbin = 0;
       for (int j = 0; j < m; ++j) {
         int32_t k;
         std::memcpy(&k, &vt[j], 4);
         k &= 0x7fffffff;
         edge |= uint32_t((k == lo) | (k == hi));
+        inbin |= uint32_t((k >> 16) == bin);
         vt[j] = (k > lo && k < hi) ? vt[j] : 0.0f;
       }
       if (edge) {  // entries at a boundary key: their index decides (see Rule)
@@ -250,7 +259,19 @@ void merge_block(const Inputs& in, const MergeSpec& s, int64_t i0, int m, float*
         for (int j = 0; j < m; ++j) {
           const float d = to_f(x[j]) - xb[j];
           const int64_t k = int64_t(key_of(d));
-          if ((k == r.lo_key || k == r.hi_key) && r.keeps(uint32_t(k), s.offset + i0 + j)) vt[j] = d;
+          if ((k == r.lo_key || k == r.hi_key) && r.keeps(uint32_t(k), s.entry(i0 + j))) vt[j] = d;
+        }
+      }
+      if (inbin) {  // keys in the threshold's bin: counted and located for the exact threshold
+        const int tid = at::get_thread_num();
+        uint32_t* h = s.defer_hist->data() + (size_t(tid) * T + t) * 65536;
+        auto& where = (*s.defer_where)[size_t(tid) * T + t];
+        for (int j = 0; j < m; ++j) {
+          const uint32_t k = key_of(to_f(x[j]) - b[j]);
+          if (int32_t(k >> 16) == bin) {
+            ++h[k & 0xffffu];
+            where.push_back(uint64_t(k & 0xffffu) << 40 | uint64_t(s.entry(i0 + j)));
+          }
         }
       }
     }
@@ -258,7 +279,7 @@ void merge_block(const Inputs& in, const MergeSpec& s, int64_t i0, int m, float*
       const uint64_t key = s.streams[t];
       const double lim = s.keep_prob[t] * 16777216.0;
       for (int j = 0; j < m; ++j)
-        if (!(double(stream_bits(key, s.offset + i0 + j)) < lim)) vt[j] = 0.0f;
+        if (!(double(stream_bits(key, s.entry(i0 + j))) < lim)) vt[j] = 0.0f;
     }
     const float sc = s.scale[t], w = s.weight[t];
     for (int j = 0; j < m; ++j) {
@@ -364,12 +385,39 @@ at::Tensor ckpt_merge(const c10::optional<at::Tensor>& base, const std::vector<a
                       const c10::optional<at::Tensor>& streams, const std::vector<double>& keep_prob,
                       const std::vector<double>& scale, int64_t consensus, bool normalize, double lam,
                       bool guard_small_divisor, at::ScalarType out_dtype, int64_t offset,
-                      const c10::optional<at::Tensor>& out_buf) {
+                      const c10::optional<at::Tensor>& out_buf, const c10::optional<at::Tensor>& index) {
+  return ckpt_merge_deferred(base, thetas, weights, rules, streams, keep_prob, scale, consensus, normalize, lam,
+                             guard_small_divisor, out_dtype, offset, out_buf, index, {})[0];
+}
+
+std::vector<at::Tensor> ckpt_merge_deferred(
+    const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas, const std::vector<double>& weights,
+    const c10::optional<at::Tensor>& rules, const c10::optional<at::Tensor>& streams,
+    const std::vector<double>& keep_prob, const std::vector<double>& scale, int64_t consensus, bool normalize,
+    double lam, bool guard_small_divisor, at::ScalarType out_dtype, int64_t offset,
+    const c10::optional<at::Tensor>& out_buf, const c10::optional<at::Tensor>& index,
+    const std::vector<int64_t>& defer_bins) {
   const Inputs in = gather(base, thetas);
   const int T = int(in.th.size());
   MergeSpec s = make_spec(T, rules, streams, keep_prob, scale, weights);
   TORCH_CHECK_VALUE(offset >= 0, "offset must be >= 0");
   s.offset = offset;
+  if (index.has_value()) {
+    TORCH_CHECK_VALUE(index->scalar_type() == at::kLong && index->is_contiguous() && index->numel() == in.n,
+                      "index must be a contiguous int64 tensor with one entry per input entry");
+    s.index = index->data_ptr<int64_t>();
+  }
+  const int nt = at::get_num_threads();
+  std::vector<uint32_t> dhist;
+  std::vector<std::vector<uint64_t>> dwhere;
+  if (!defer_bins.empty()) {
+    TORCH_CHECK_VALUE(int(defer_bins.size()) == T && s.rules, "defer_bins: one bin per model, with rules");
+    s.defer_bins = defer_bins.data();
+    dhist.assign(size_t(nt) * T * 65536, 0);
+    dwhere.assign(size_t(nt) * T, {});
+    s.defer_hist = &dhist;
+    s.defer_where = &dwhere;
+  }
   TORCH_CHECK_VALUE(0 <= consensus && consensus <= 2, "consensus must be 0 (none), 1 (sum) or 2 (count)");
   s.consensus = int(consensus);
   s.normalize = normalize;
@@ -396,7 +444,24 @@ at::Tensor ckpt_merge(const c10::optional<at::Tensor>& base, const std::vector<a
   });
   for (char b : bad)
     if (b) raise_nonfinite(in);
-  return out;
+  std::vector<at::Tensor> res{out};
+  if (!defer_bins.empty()) {
+    at::Tensor h = at::zeros({T, 65536}, at::kLong);
+    int64_t* hp = h.data_ptr<int64_t>();
+    for (int tid = 0; tid < nt; ++tid)
+      for (size_t x = 0; x < size_t(T) * 65536; ++x) hp[x] += dhist[size_t(tid) * T * 65536 + x];
+    res.push_back(h);
+    for (int t = 0; t < T; ++t) {
+      size_t total = 0;
+      for (int tid = 0; tid < nt; ++tid) total += dwhere[size_t(tid) * T + t].size();
+      at::Tensor w = at::empty({int64_t(total)}, at::kLong);
+      int64_t* p = w.data_ptr<int64_t>();
+      for (int tid = 0; tid < nt; ++tid)
+        for (uint64_t x : dwhere[size_t(tid) * T + t]) *p++ = int64_t(x);
+      res.push_back(w);
+    }
+  }
+  return res;
 }
 
 at::Tensor ckpt_abs_sums(const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas,

@@ -10,13 +10,25 @@ namespace cpu {
 
 // One fused pass of the generalised task-arithmetic merge (see fastmerge/merge/reference.py) over
 // entries [offset, offset + n) of a tensor (the inputs are those entries; rules and the random stream
-// see whole-tensor indices), into `out` when given.
+// see whole-tensor indices; with `index`, entry j is entry index[j] of the tensor), into `out` when given.
 at::Tensor ckpt_merge(const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas,
                       const std::vector<double>& weights, const c10::optional<at::Tensor>& rules,
                       const c10::optional<at::Tensor>& streams, const std::vector<double>& keep_prob,
                       const std::vector<double>& scale, int64_t consensus, bool normalize, double lam,
                       bool guard_small_divisor, at::ScalarType out_dtype, int64_t offset,
-                      const c10::optional<at::Tensor>& out);
+                      const c10::optional<at::Tensor>& out, const c10::optional<at::Tensor>& index);
+
+// The same pass, which also counts, for each model t with defer_bins[t] >= 0, the low 16 bits of the
+// keys in that top-16-bit bin and records where they are: returns [out, hist int64 [T, 65536], then one
+// int64 tensor per model of (low 16 bits << 40 | index)]. fastmerge/merge/select.py uses it to find
+// the exact threshold in the merge pass itself and re-merge the few entries of the bin afterwards.
+std::vector<at::Tensor> ckpt_merge_deferred(
+    const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas, const std::vector<double>& weights,
+    const c10::optional<at::Tensor>& rules, const c10::optional<at::Tensor>& streams,
+    const std::vector<double>& keep_prob, const std::vector<double>& scale, int64_t consensus, bool normalize,
+    double lam, bool guard_small_divisor, at::ScalarType out_dtype, int64_t offset,
+    const c10::optional<at::Tensor>& out, const c10::optional<at::Tensor>& index,
+    const std::vector<int64_t>& defer_bins);
 
 // Per model, sum |delta| over all entries and over the kept ones (float64 [T, 2]).
 at::Tensor ckpt_abs_sums(const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas,

@@ -509,7 +509,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ckpt_merge", &C::ckpt_merge, py::arg("base"), py::arg("thetas"), py::arg("weights"), py::arg("rules"),
         py::arg("streams"), py::arg("keep_prob"), py::arg("scale"), py::arg("consensus"), py::arg("normalize"),
         py::arg("lam"), py::arg("guard_small_divisor"), py::arg("out_dtype"), py::arg("offset") = 0,
-        py::arg("out") = py::none());
+        py::arg("out") = py::none(), py::arg("index") = py::none());
+  m.def("ckpt_merge_deferred", &C::ckpt_merge_deferred, py::arg("base"), py::arg("thetas"), py::arg("weights"),
+        py::arg("rules"), py::arg("streams"), py::arg("keep_prob"), py::arg("scale"), py::arg("consensus"),
+        py::arg("normalize"), py::arg("lam"), py::arg("guard_small_divisor"), py::arg("out_dtype"), py::arg("offset"),
+        py::arg("out"), py::arg("index"), py::arg("defer_bins"));
   m.def("ckpt_abs_sums", &C::ckpt_abs_sums, py::arg("base"), py::arg("thetas"), py::arg("rules"), py::arg("streams"),
         py::arg("keep_prob"), py::arg("offset") = 0);
   m.def("ckpt_key_hist", &C::ckpt_key_hist, py::arg("base"), py::arg("thetas"), py::arg("prefix"),

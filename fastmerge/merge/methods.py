@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import reference as R
-from .select import select_rules
+from .select import merge_top_k, select_rules
 
 REQUIRED = object()
 
@@ -146,7 +146,7 @@ def _gta_fast(job: Job, sparsification: Optional[str], consensus: Optional[str],
     n, T = base.numel(), len(thetas)
     rescale = bool(job.shared.get("rescale", default_rescale))
     sparse = [sparsification is not None and float(p.get("density", 1.0)) < 1 for p in job.per]
-    rules = streams = None
+    rules = streams = top_k = None
     probs = [1.0] * T
     if sparsification == "della" and any(sparse):
         # the per-row rank probabilities: PyTorch; the masked, rescaled deltas then enter the fused pass
@@ -167,7 +167,10 @@ def _gta_fast(job: Job, sparsification: Optional[str], consensus: Optional[str],
         rules = torch.tensor([[k, 0, n - 1, 1 << 32, 0, n - 1] for k in job.thresholds], dtype=torch.int64)
     elif sparsification in ("magnitude", "outliers") and any(sparse):
         lo, hi, hi_idx = zip(*(_ranks(sparsification, p, n) for p in job.per))
-        rules = select_rules(C, base, thetas, lo, hi, hi_idx, _chunks(n), job.release)
+        if sparsification == "magnitude" and not rescale and n <= CHUNK:
+            top_k = (lo, hi, hi_idx)  # merged with the selection below
+        else:
+            rules = select_rules(C, base, thetas, lo, hi, hi_idx, _chunks(n), job.release)
     elif sparsification == "random" and any(sparse):
         streams = torch.tensor(job.keys, dtype=torch.int64)
         probs = [float(p["density"]) if sp else 1.0 for p, sp in zip(job.per, sparse)]
@@ -182,8 +185,20 @@ def _gta_fast(job: Job, sparsification: Optional[str], consensus: Optional[str],
     weights = [float(p["weight"]) for p in job.per]
     normalize = bool(job.shared.get("normalize", default_normalize))
     code = {None: 0, "sum": 1, "count": 2}[consensus]
-    return _fused_merge(C, job, base, thetas, weights, rules, streams, probs, scale, code, normalize,
-                        float(job.shared.get("lambda", 1.0)), True, shape)
+    lam = float(job.shared.get("lambda", 1.0))
+    if top_k is not None:  # one chunk, no rescaling: the exact selection rides on the merge pass
+        out = torch.empty(n, dtype=job.out_dtype)
+        if merge_top_k(C, base, thetas, top_k[0], top_k[2], weights,
+                       (None, probs, scale, code, normalize, lam, True, job.out_dtype), out):
+            if job.release is not None:
+                job.release(0, n)
+            if job.sink is not None:
+                job.sink(out, True)
+                return None
+            return out.view(shape)
+        rules = select_rules(C, base, thetas, *top_k, _chunks(n), job.release)
+    return _fused_merge(C, job, base, thetas, weights, rules, streams, probs, scale, code, normalize, lam, True,
+                        shape)
 
 
 def _gta_reference(job: Job, sparsification, consensus, default_normalize, default_rescale) -> Tensor:

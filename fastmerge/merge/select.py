@@ -52,6 +52,60 @@ def _kept_ties(rank: int, below: int, equal: int, lower: bool, by_high: bool) ->
     return (equal - kept, equal - 1) if by_high else (0, kept - 1)
 
 
+def exact_boundary(row: Tensor, where: Optional[Tensor], coarse: Tuple[int, int, int], rank: int, lower: bool,
+                   by_high: bool, n: int, tie_positions: Callable[[int], Tensor]) -> List[int]:
+    """[key, first, last] of a boundary, from the low-16-bit histogram ``row`` of its top-16-bit bin
+    (``coarse`` = (bin, count below the bin, count in it)) and the recorded positions ``where`` of that
+    bin's entries (low 16 bits << 40 | index), or ``tie_positions(key)`` when they were not recorded."""
+    bin_, below, _ = coarse
+    d, below2, equal = pick(row, rank - below)
+    key, below = (bin_ << 16) | d, below + below2
+    first, last = 0, n - 1
+    k_from, k_to = _kept_ties(rank, below, equal, lower, by_high)
+    if key != 0 and (k_from > 0 or k_to < equal - 1):  # a split tie (ties at zero change nothing)
+        if where is not None:
+            idx = torch.sort(where[(where >> 40) == d] & INDEX_MASK).values
+        else:
+            idx = tie_positions(key)
+        first = int(idx[k_from]) if k_from > 0 else 0
+        last = int(idx[k_to]) if k_to < equal - 1 else n - 1
+    return [key, first, last]
+
+
+def merge_top_k(C, base: Tensor, thetas: Sequence[Tensor], rank_lo: Sequence[int], by_high: Sequence[bool],
+                weights: Sequence[float], rest: tuple, out: Tensor) -> bool:
+    """Top-k (each model keeps ranks [rank_lo, n)) merged in two passes instead of three.
+
+    The first histogram pass finds each model's threshold bin. The merge pass itself then runs with
+    provisional rules that drop the whole bin while counting and locating the keys in it
+    (``_C.ckpt_merge_deferred``). The exact rules follow from those counts, and only the entries where
+    some model's key fell in its bin are merged again. ``rest`` holds ``ckpt_merge``'s arguments after
+    ``rules``, up to ``out_dtype``. Returns False, having done nothing, when the bins hold too many
+    entries to record."""
+    n, T = base.numel(), len(thetas)
+    h1 = C.ckpt_key_hist(base, list(thetas), [-1] * T, 0, False)[0]
+    coarse = [pick(h1[t], int(rank_lo[t])) if rank_lo[t] > 0 else None for t in range(T)]
+    if sum(c[2] for c in coarse if c) > RECORD_LIMIT:
+        return False
+    full = [NO_LOWER, 0, n - 1, NO_UPPER, 0, n - 1]
+    provisional = torch.tensor([[(c[0] << 16) | 0xFFFF, 1, 0, NO_UPPER, 0, n - 1] if c else full for c in coarse],
+                               dtype=torch.int64)
+    res = C.ckpt_merge_deferred(base, list(thetas), list(weights), provisional, *rest, 0, out, None,
+                                [c[0] if c else -1 for c in coarse])
+    h2, where = res[1], res[2:]
+    rules = [full[:] for _ in range(T)]
+    for t, c in enumerate(coarse):
+        if c is not None:
+            rules[t][0:3] = exact_boundary(h2[t], where[t], c, int(rank_lo[t]), True, bool(by_high[t]), n,
+                                           lambda key: None)  # every position was recorded
+    idx = torch.unique(torch.cat([w & INDEX_MASK for w in where]))
+    if idx.numel():
+        fixed = C.ckpt_merge(base[idx], [x[idx] for x in thetas], list(weights),
+                             torch.tensor(rules, dtype=torch.int64), *rest, 0, None, idx)
+        out[idx] = fixed
+    return True
+
+
 def select_rules(C, base: Tensor, thetas: Sequence[Tensor], rank_lo: Sequence[int], rank_hi: Sequence[int],
                  by_high: Sequence[bool], chunks: Sequence[Tuple[int, int]],
                  release: Optional[Callable[[int, int], None]] = None) -> Tensor:
@@ -110,20 +164,10 @@ def select_rules(C, base: Tensor, thetas: Sequence[Tensor], rank_lo: Sequence[in
         h2, where = sweep(prefix, record)
         for j in layer:
             t, rank, lower = bounds[j]
-            bin_, below, _ = coarse[j]
-            d, below2, equal = pick(h2[t], rank - below)
-            key, below = (bin_ << 16) | d, below + below2
-            first, last = 0, n - 1
-            k_from, k_to = _kept_ties(rank, below, equal, lower, bool(by_high[t]))
-            if key != 0 and (k_from > 0 or k_to < equal - 1):  # a split tie (ties at zero change nothing)
-                if record:
-                    w = torch.cat(where[t])
-                    idx = torch.sort(w[(w >> 40) == d] & INDEX_MASK).values
-                else:
-                    idx = _tie_positions(base, thetas[t], key, chunks, release)
-                first = int(idx[k_from]) if k_from > 0 else 0
-                last = int(idx[k_to]) if k_to < equal - 1 else n - 1
-            rules[t][0 if lower else 3: 3 if lower else 6] = [key, first, last]
+            w = torch.cat(where[t]) if record else None
+            rules[t][0 if lower else 3: 3 if lower else 6] = exact_boundary(
+                h2[t], w, coarse[j], rank, lower, bool(by_high[t]), n,
+                lambda key, t=t: _tie_positions(base, thetas[t], key, chunks, release))
     return torch.tensor(rules, dtype=torch.int64)
 
 
