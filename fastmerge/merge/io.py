@@ -302,16 +302,17 @@ class ShardWriter:
 
     ``add(name, tensor)`` (or ``add_part`` for a tensor produced in pieces) must be called in plan order
     with the planned shapes and dtypes; the bytes are written by a background thread (at most ``queue``
-    pieces of 16 MB wait), so writing overlaps the merge of the next tensors. Each shard is preallocated when it is opened (a full disk fails there,
+    pieces of 8 MB wait), so writing overlaps the merge of the next tensors. Each shard is preallocated when it is opened (a full disk fails there,
     before the data). ``finish()`` waits for the writes, writes
     the index (for more than one shard) and returns the shard file names. A write error is raised by
     the next ``add`` or by ``finish``.
     """
 
-    PIECE = 16 << 20  # bytes per queued write: at most queue x PIECE bytes wait for the disk
+    PIECE = 8 << 20  # bytes per queued write: at most QUEUE x PIECE bytes wait for the disk
+    QUEUE = 4
 
     def __init__(self, folder: str, tensors: Sequence[OutTensor], shard_size: int, metadata: Optional[dict] = None,
-                 queue: int = 8):
+                 queue: int = QUEUE):
         import queue as _queue
         import threading
 
