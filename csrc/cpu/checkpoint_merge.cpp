@@ -378,6 +378,21 @@ MergeSpec make_spec(int T, const c10::optional<at::Tensor>& rules, const c10::op
   return s;
 }
 
+// One int64 tensor per model of the records that the threads gathered ([threads * T] lists), each
+// record plus `add` (the chunk's offset), appended to `res`.
+void append_records(const std::vector<std::vector<uint64_t>>& where, int T, int64_t add, std::vector<at::Tensor>& res) {
+  const int nt = int(where.size()) / std::max(T, 1);
+  for (int t = 0; t < T; ++t) {
+    size_t total = 0;
+    for (int tid = 0; tid < nt; ++tid) total += where[size_t(tid) * T + t].size();
+    at::Tensor w = at::empty({int64_t(total)}, at::kLong);
+    int64_t* p = w.data_ptr<int64_t>();
+    for (int tid = 0; tid < nt; ++tid)
+      for (uint64_t x : where[size_t(tid) * T + t]) *p++ = int64_t(x + uint64_t(add));
+    res.push_back(w);
+  }
+}
+
 }  // namespace
 
 at::Tensor ckpt_merge(const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas,
@@ -451,15 +466,7 @@ std::vector<at::Tensor> ckpt_merge_deferred(
     for (int tid = 0; tid < nt; ++tid)
       for (size_t x = 0; x < size_t(T) * 65536; ++x) hp[x] += dhist[size_t(tid) * T * 65536 + x];
     res.push_back(h);
-    for (int t = 0; t < T; ++t) {
-      size_t total = 0;
-      for (int tid = 0; tid < nt; ++tid) total += dwhere[size_t(tid) * T + t].size();
-      at::Tensor w = at::empty({int64_t(total)}, at::kLong);
-      int64_t* p = w.data_ptr<int64_t>();
-      for (int tid = 0; tid < nt; ++tid)
-        for (uint64_t x : dwhere[size_t(tid) * T + t]) *p++ = int64_t(x);
-      res.push_back(w);
-    }
+    append_records(dwhere, T, 0, res);
   }
   return res;
 }
@@ -515,18 +522,7 @@ std::vector<at::Tensor> ckpt_key_hist(const c10::optional<at::Tensor>& base, con
     key_hist<decltype(z)>(in, models, prefix, out.data_ptr<int64_t>(), record ? &where : nullptr);
   });
   std::vector<at::Tensor> res{out};
-  if (record) {
-    const int nt = int(where.size()) / std::max(T, 1);
-    for (int t = 0; t < T; ++t) {
-      size_t total = 0;
-      for (int tid = 0; tid < nt; ++tid) total += where[size_t(tid) * T + t].size();
-      at::Tensor w = at::empty({int64_t(total)}, at::kLong);
-      int64_t* p = w.data_ptr<int64_t>();
-      for (int tid = 0; tid < nt; ++tid)
-        for (uint64_t x : where[size_t(tid) * T + t]) *p++ = int64_t(x + uint64_t(offset));
-      res.push_back(w);
-    }
-  }
+  if (record) append_records(where, T, offset, res);
   return res;
 }
 
