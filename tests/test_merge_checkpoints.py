@@ -370,3 +370,50 @@ def test_progress_bar_on_a_terminal(llamas, tmp_path, capsys):
     merge_checkpoints(ties_config(llamas), str(tmp_path / "o"), progress=True)
     err = capsys.readouterr().err
     assert "merging" in err and "tensors" in err and "B/s" in err
+
+
+def _save(path, tensors, cfg=None):
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg or {"architectures": ["Toy"]}, f)
+    return path
+
+
+def test_scalars_integers_and_float64(tmp_path):
+    """0-dim tensors, integer buffers (copied from the base) and float64 tensors (the PyTorch formulation,
+    which keeps float64) go through every stage."""
+    g = torch.Generator().manual_seed(3)
+    paths = []
+    for i in range(3):
+        paths.append(_save(str(tmp_path / f"m{i}"), {
+            "w": torch.randn(3, 4, generator=g), "scale": torch.tensor(1.0 + i), "count": torch.tensor(7, dtype=torch.int64),
+            "x64": torch.randn(5, generator=g, dtype=torch.float64)}))
+    for method in ("ties", "linear"):
+        if method == "ties":
+            cfg = (f"merge_method: ties\nbase_model: {paths[0]}\nmodels:\n" +
+                   "".join(f"  - model: {p}\n    parameters: {{weight: 1.0, density: 0.5}}\n" for p in paths[1:]))
+        else:
+            cfg = "merge_method: linear\nmodels:\n" + "".join(f"  - model: {p}\n    parameters: {{weight: 1.0}}\n"
+                                                              for p in paths)
+        out, ref = str(tmp_path / f"o_{method}"), str(tmp_path / f"r_{method}")
+        merge_checkpoints(cfg, out, quiet=True)
+        merge_checkpoints(cfg, ref, quiet=True, reference=True)
+        a, b = Checkpoint(out), Checkpoint(ref)
+        for n in ("w", "scale", "count", "x64"):
+            assert a.get(n).shape == b.get(n).shape and a.get(n).dtype == b.get(n).dtype, n
+            assert torch.equal(a.get(n), b.get(n)), (method, n)
+        assert a.get("count").item() == 7 and a.get("x64").dtype == torch.float64
+        assert a.get("scale").shape == ()
+
+
+def test_overflow_in_the_fused_pass_is_an_error(tmp_path):
+    paths = [_save(str(tmp_path / f"h{i}"), {"w": torch.full((4,), 40000.0, dtype=torch.float16)}) for i in range(2)]
+    cfg = ("merge_method: linear\nmodels:\n" + "".join(f"  - model: {p}\n    parameters: {{weight: 1.0}}\n" for p in paths)
+           + "parameters: {normalize: false}\n")
+    out = str(tmp_path / "o")
+    with pytest.raises(MergeError, match=r"tensor w: the merge overflowed to a non-finite value \(finite inputs\)"):
+        merge_checkpoints(cfg, out, quiet=True)
+    no_leftovers(out)

@@ -350,7 +350,13 @@ void merge_impl(const Inputs& in, const MergeSpec& s, out_t* out, std::vector<ch
         case 1: merge_block<in_t, 1>(in, s, i0, m, v.data(), res, flag); break;
         default: merge_block<in_t, 2>(in, s, i0, m, v.data(), res, flag); break;
       }
-      for (int j = 0; j < m; ++j) out[i0 + j] = out_t(res[j]);
+      uint32_t overflow = 0;  // a finite input can still overflow in the sums or in the output dtype
+      for (int j = 0; j < m; ++j) {
+        const out_t o = out_t(res[j]);
+        out[i0 + j] = o;
+        overflow |= uint32_t(!std::isfinite(to_f(o)));
+      }
+      if (overflow) flag = true;
     }
     if (flag) bad[at::get_thread_num()] = 1;
   });

@@ -18,6 +18,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -132,6 +133,7 @@ class Checkpoint:
         self.tensors: Dict[str, TensorInfo] = {}
         self._maps: Dict[str, mmap.mmap] = {}
         self._files: Dict[str, object] = {}
+        self._lock = threading.Lock()
         files = self._files_of_folder()
         for f in files:
             infos, _ = read_header(f, self.label)
@@ -186,14 +188,13 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
     def _map(self, file: str) -> mmap.mmap:
-        m = self._maps.get(file)
-        if m is None:
-            f = open(file, "rb")
-            size = os.fstat(f.fileno()).st_size
-            m = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else None
-            self._files[file] = f
-            self._maps[file] = m
-        return m
+        with self._lock:  # the prefetch thread and the merge may open a shard at the same time
+            if file not in self._maps:
+                f = open(file, "rb")
+                size = os.fstat(f.fileno()).st_size
+                self._files[file] = f
+                self._maps[file] = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else None
+            return self._maps[file]
 
     def get(self, name: str) -> torch.Tensor:
         """A read-only tensor view of the memory-mapped bytes (no copy)."""
@@ -391,7 +392,7 @@ class ShardWriter:
         return si, planned
 
     def _put(self, si: int, t: torch.Tensor) -> None:
-        data = memoryview(t.detach().to("cpu").contiguous().view(torch.uint8).reshape(-1).numpy())
+        data = memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
         for a in range(0, len(data), self.PIECE):
             self._q.put((si, data[a:a + self.PIECE]))
 

@@ -97,6 +97,12 @@ def _f32(x: float) -> float:
     return float(np.float32(x))
 
 
+def _fused(job: Job, x: Tensor) -> bool:
+    """Whether the fused C++ pass runs: CPU tensors, not float64 (the kernels compute in float32, so
+    float64 checkpoints take the PyTorch formulation, which keeps float64)."""
+    return job.fast and x.device.type == "cpu" and all(t.dtype != torch.float64 for t in [x] + list(job.inputs))
+
+
 CHUNK = 1 << 22  # entries per fused call: a large tensor's input pages are released chunk by chunk
 
 
@@ -225,7 +231,7 @@ def _gta_method(name: str, sparsification: Optional[str], consensus: Optional[st
         params.append(Param("epsilon", float, "non_base", 0.15))
 
     def run(job: Job) -> Tensor:
-        f = _gta_fast if job.fast and job.base.device.type == "cpu" else _gta_reference
+        f = _gta_fast if _fused(job, job.base) else _gta_reference
         return f(job, sparsification, consensus, normalize, rescale)
 
     return Method(name, tuple(params), run, random=sparsification in ("random", "della"), notes=notes,
@@ -237,7 +243,7 @@ def _gta_method(name: str, sparsification: Optional[str], consensus: Optional[st
 def _linear(job: Job) -> Tensor:
     ws = [float(p["weight"]) for p in job.per]
     normalize = bool(job.shared.get("normalize", True))
-    if job.fast and job.inputs[0].device.type == "cpu":
+    if _fused(job, job.inputs[0]):
         flat = _common(job.inputs)
         T = len(flat)
         return _fused_merge(_C(), job, None, flat, ws, None, None, [1.0] * T, [1.0] * T, 0, normalize, 1.0, False,

@@ -203,6 +203,9 @@ def global_thresholds(plan: Plan, fast: bool) -> Optional[List[int]]:
             job = _job(plan, it, None, torch.device("cpu"), True)
             flat = M._common([job.base] + job.inputs)
             h += _C.ckpt_key_hist(flat[0], flat[1:], prefix)[0]
+            del job, flat
+            for m, name in [it.base] + it.inputs:
+                plan.checkpoints[m].release(name)
         return h
 
     h1 = hist([-1] * T)
@@ -238,7 +241,7 @@ def _merge_one(plan: Plan, item: Item, seed: Optional[int], device: torch.device
         raise MergeError(f"tensor {item.out_name}: {e}") from None
     if out is None:
         return None
-    if not (plan.method.gta or plan.method.name == "linear") or not fast or device.type != "cpu":
+    if not (plan.method.gta or plan.method.name == "linear") or not M._fused(job, job.inputs[0]):
         # methods without a fused pass: check their output (one read of it); a NaN input reaches it
         if not bool(torch.isfinite(out).all()):
             raise MergeError(_name_nonfinite(plan, item, job))
@@ -352,10 +355,8 @@ def merge_checkpoints(config, out_dir: str, options: Optional[MergeOptions] = No
     tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.incomplete-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    writer = ShardWriter(tmp, plan.out_tensors(), opts.out_shard_size,
-                         {"merge_method": plan.method.name, "producer": "fastmerge"})
+    writer = prog = None
     show = (not opts.quiet) and (opts.progress if opts.progress is not None else sys.stderr.isatty())
-    prog = _Progress(plan.in_bytes, len(plan.items), show)
     notes = list(plan.warnings)
     if not opts.quiet:
         for w in plan.warnings:
@@ -367,6 +368,9 @@ def merge_checkpoints(config, out_dir: str, options: Optional[MergeOptions] = No
     start = time.perf_counter()
     ok = False
     try:
+        writer = ShardWriter(tmp, plan.out_tensors(), opts.out_shard_size,
+                             {"merge_method": plan.method.name, "producer": "fastmerge"})
+        prog = _Progress(plan.in_bytes, len(plan.items), show)
         items = plan.items
         pending: Dict[int, object] = {}
 
@@ -403,7 +407,11 @@ def merge_checkpoints(config, out_dir: str, options: Optional[MergeOptions] = No
         if os.path.exists(out_dir):
             old = f"{tmp}.old"
             os.rename(out_dir, old)
-            os.rename(tmp, out_dir)
+            try:
+                os.rename(tmp, out_dir)
+            except OSError:
+                os.rename(old, out_dir)  # put the previous output back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out_dir)
@@ -418,10 +426,12 @@ def merge_checkpoints(config, out_dir: str, options: Optional[MergeOptions] = No
                              f"{_fmt_bytes(plan.out_bytes)} there or choose another output folder") from None
         raise MergeError(f"writing {out_dir} failed: {e}") from None
     finally:
-        prog.close()
+        if prog is not None:
+            prog.close()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-        writer.abort()
+        if writer is not None:
+            writer.abort()
         plan.close()
         if not ok:
             shutil.rmtree(tmp, ignore_errors=True)
