@@ -326,7 +326,6 @@ class ShardWriter:
         self._part = 0  # bytes of the current tensor handed over so far (add_part)
         self._file = None
         self._shard = -1
-        self.bytes_written = 0
         self._q: "_queue.Queue" = _queue.Queue(maxsize=max(1, queue))
         self._error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._work, name="fastmerge-writer", daemon=True)
@@ -403,7 +402,6 @@ class ShardWriter:
             raise RuntimeError(f"writer: expected {planned.name} {list(planned.shape)}, got {list(tensor.shape)} "
                                f"(internal error)")
         self._put(si, tensor) if tensor.numel() else self._q.put((si, None))
-        self.bytes_written += planned.nbytes
         self._next += 1
 
     def add_part(self, name: str, part: torch.Tensor, last: bool) -> None:
@@ -414,7 +412,6 @@ class ShardWriter:
         if last:
             if self._part != planned.nbytes:
                 raise RuntimeError(f"writer: {planned.name} got {self._part} bytes of {planned.nbytes} (internal error)")
-            self.bytes_written += planned.nbytes
             self._part = 0
             self._next += 1
 

@@ -67,7 +67,6 @@ class Method:
     base: str = "required"  # "required", "optional" (linear, passthrough: the base is an input if listed)
     min_inputs: int = 1  # non-base inputs
     max_inputs: Optional[int] = None
-    random: bool = False
     notes: str = ""
     gta: Dict[str, Any] = field(default_factory=dict)
 
@@ -234,8 +233,7 @@ def _gta_method(name: str, sparsification: Optional[str], consensus: Optional[st
         f = _gta_fast if _fused(job, job.base) else _gta_reference
         return f(job, sparsification, consensus, normalize, rescale)
 
-    return Method(name, tuple(params), run, random=sparsification in ("random", "della"), notes=notes,
-                  gta=dict(sparsification=sparsification, consensus=consensus))
+    return Method(name, tuple(params), run, notes=notes, gta=dict(sparsification=sparsification, consensus=consensus))
 
 
 # ---------------------------------------------------------------------- the others
