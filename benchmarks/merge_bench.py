@@ -4,7 +4,9 @@ generated Llama-shaped checkpoints.
 For each dtype and method it runs, each in a fresh process with the input files in the page cache:
 - a plain read of every input file (``readinto`` a reused buffer: the rate a merge can at best reach);
 - ``fastmerge merge`` on the config;
-- ``mergekit-yaml`` on the same config, where it is installed (``--mergekit PATH`` or on PATH).
+- ``mergekit-yaml`` on the same config, where it is installed (``--mergekit PATH`` or on PATH);
+- with ``--nproc 2 ...``: the same merge under ``torchrun`` with that many ranks (gloo), each rank's wall
+  time and peak RSS, and whether its files are bit-identical to the one-process output.
 
 It reports the wall time of each process, its peak RSS (from ``wait4``), input GB/s, the ratio to the
 plain read, mergekit's time over ours, and the largest difference between the two outputs' tensors.
@@ -64,7 +66,7 @@ def make_checkpoints(folder: str, size: str = "270m", n_models: int = 4, dtype: 
     folders of safetensors shards with a Llama config.json. Reused when already generated."""
     import torch
 
-    from fastmerge.merge.io import OutTensor, ShardWriter
+    from fastmerge.merge.io import OutTensor, ShardLayout, ShardWriter
 
     tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     cfg = llama_config(size, dtype)
@@ -80,7 +82,9 @@ def make_checkpoints(folder: str, size: str = "270m", n_models: int = 4, dtype: 
             continue
         shutil.rmtree(path, ignore_errors=True)
         os.makedirs(path)
-        w = ShardWriter(path, [OutTensor(n, tdt, s) for n, s in shapes], shard_size)
+        layout = ShardLayout([OutTensor(n, tdt, s) for n, s in shapes], shard_size)
+        layout.create(path)
+        w = ShardWriter(path, layout)
         for j, (n, s) in enumerate(shapes):
             g = torch.Generator().manual_seed(seed * 1000003 + j)
             if n.endswith("layernorm.weight") or n == "model.norm.weight":
@@ -92,6 +96,7 @@ def make_checkpoints(folder: str, size: str = "270m", n_models: int = 4, dtype: 
                 x = x + torch.randn(s, generator=gk) * (0.02 * noise)
             w.add(n, x.to(tdt))
         w.finish()
+        layout.write_index(path)
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
         with open(marker, "w") as f:
@@ -100,7 +105,11 @@ def make_checkpoints(folder: str, size: str = "270m", n_models: int = 4, dtype: 
 
 
 def write_config(path: str, method: str, folders: List[str], density: float = 0.5) -> str:
+    """A config over the generated models. ``ties_global`` is ``ties`` with ``scope: global`` (one exact
+    threshold per model over all of its tensors: fastmerge's extension, which mergekit does not run)."""
     base, fts = folders[0], folders[1:]
+    scope = method == "ties_global"
+    method = "ties" if scope else method
     lines = [f"merge_method: {method}", f"base_model: {base}" if method != "linear" else "", "models:"]
     if method == "linear":
         for f in folders:
@@ -115,6 +124,8 @@ def write_config(path: str, method: str, folders: List[str], density: float = 0.
                 lines.append(f"      density: {density}")
     if method != "model_stock":
         lines += ["parameters:", "  lambda: 1.0" if method != "linear" else "  normalize: true"]
+        if scope:
+            lines.append("  scope: global")
     with open(path, "w") as fh:
         fh.write("\n".join(x for x in lines if x) + "\n")
     return path
@@ -166,6 +177,43 @@ def timed(cmd: List[str]) -> Dict[str, object]:
     return res
 
 
+def same_files(a: str, b: str) -> bool:
+    """Whether two output folders hold the same files with the same bytes (SHA-256 of each)."""
+    import hashlib
+
+    def digests(folder):
+        out = {}
+        for name in sorted(os.listdir(folder)):
+            h = hashlib.sha256()
+            with open(os.path.join(folder, name), "rb") as f:
+                for block in iter(lambda: f.read(64 << 20), b""):
+                    h.update(block)
+            out[name] = h.hexdigest()
+        return out
+
+    return digests(a) == digests(b)
+
+
+def distributed_run(cfg: str, out: str, nproc: int, reference_out: str, threads: Optional[int]) -> Dict[str, object]:
+    """The merge under torchrun with ``nproc`` ranks on this host: wall time of the launcher, each rank's
+    figures (from ``--stats-json``) and whether the files equal the one-process output."""
+    stats = out + ".stats.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "fastmerge", "merge", cfg, out, "--overwrite", "--stats-json", stats]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    r = timed(cmd)
+    if r["rc"] == 0:
+        with open(stats) as f:
+            res = json.load(f)
+        os.remove(stats)
+        r["merge_seconds"] = res["seconds"]
+        r["ranks"] = [{k: x[k] for k in ("rank", "tensors", "in_bytes", "seconds", "peak_rss", "bytes_all_reduced")}
+                      for x in res["ranks"]]
+        r["identical_to_one_process"] = same_files(out, reference_out) if os.path.isdir(reference_out) else None
+    return r
+
+
 def compare_outputs(a: str, b: str) -> Dict[str, object]:
     """Largest absolute and relative difference between the tensors of two output folders."""
     import torch
@@ -200,7 +248,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", default="270m", choices=sorted(SIZES), help="model shape (default 270m: ~271M parameters)")
     p.add_argument("--models", type=int, default=4, help="fine-tunes besides the base (default 4)")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="checkpoint dtypes (default both)")
-    p.add_argument("--methods", nargs="+", default=["ties", "linear", "task_arithmetic"])
+    p.add_argument("--methods", nargs="+", default=["ties", "linear", "task_arithmetic"],
+                   help="methods to time (ties_global: ties with scope: global, fastmerge only)")
     p.add_argument("--workdir", default="runs/bench-merge", help="where checkpoints and outputs go")
     p.add_argument("--mergekit", default=None,
                    help="mergekit-yaml executable (default: the one on PATH; skipped when there is none)")
@@ -210,6 +259,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default="fastmerge-bench-merge.json", help="report path")
     p.add_argument("--keep-outputs", action="store_true", help="keep the merged folders")
+    p.add_argument("--nproc", nargs="+", type=int, default=[1],
+                   help="rank counts: each count above 1 also runs the merge under torchrun with that many "
+                        "processes on this host (default: 1 only)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -252,7 +304,20 @@ def run(args: argparse.Namespace) -> int:
                     f"peak RSS {fm['peak_rss_bytes'] / 1e9:.2f} GB, {fm['input_gbps']:.2f} GB/s = "
                     f"{100 * fm['share_of_plain_read']:.0f} % of a plain read "
                     f"({100 * fm.get('merge_share_of_plain_read', 0):.0f} % for the merge alone)")
-            if mk and dtype in args.mergekit_dtypes:
+            for nproc in sorted(set(args.nproc) - {1}):
+                out_p = f"{out_fm}-{nproc}ranks"
+                plain_read(files)
+                d = distributed_run(cfg, out_p, nproc, out_fm, args.threads)
+                entry[f"fastmerge_{nproc}_ranks"] = d
+                if d["rc"] != 0:
+                    line += f"; {nproc} ranks failed: {d['stderr_tail'][-300:]}"
+                else:
+                    line += (f"; {nproc} ranks: {d['seconds']:.2f} s (merge {d['merge_seconds']:.2f} s), per rank "
+                             + ", ".join(f"{x['seconds']:.2f} s / {x['peak_rss'] / 1e9:.2f} GB" for x in d["ranks"])
+                             + f", identical files: {d['identical_to_one_process']}")
+                if not args.keep_outputs:
+                    shutil.rmtree(out_p, ignore_errors=True)
+            if mk and dtype in args.mergekit_dtypes and method != "ties_global":
                 out_mk = os.path.join(args.workdir, f"out-mergekit-{method}-{dtype}")
                 shutil.rmtree(out_mk, ignore_errors=True)
                 plain_read(files)

@@ -201,11 +201,40 @@ def _merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch", type=int, default=2, help="tensors read ahead on a helper thread (default 2)")
     p.add_argument("--reference", action="store_true",
                    help="run the methods' pure-PyTorch twins instead of the fused kernels (slow; for verification)")
+    p.add_argument("--resume", action="store_true",
+                   help="finish the partial output (.OUT_DIR.partial) that an interrupted or failed attempt left: its "
+                        "tensors are verified by checksum and skipped")
+    p.add_argument("--timeout", type=float, default=1800.0,
+                   help="under torchrun: seconds a rank waits for the others at a sync point before it reports a "
+                        "timeout (default 1800)")
+    p.add_argument("--stats-json", default=None, metavar="PATH",
+                   help="write the result as JSON: tensors, bytes, seconds and, under torchrun, each rank's figures "
+                        "(wall time, peak RSS, bytes all-reduced)")
+
+
+def _terminate_as_interrupt() -> None:
+    """SIGTERM (how torchrun stops the other ranks when one fails, or a scheduler cancels a job) stops the
+    merge as cleanly as Ctrl-C does."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _merge_run(args: argparse.Namespace) -> int:
+    import os
+
     from fastmerge.merge import MergeOptions, dry_run, merge_checkpoints
 
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    who = f"fastmerge merge [rank {os.environ.get('RANK', '0')}/{world}]" if world > 1 else "fastmerge merge"
+    _terminate_as_interrupt()
     try:
         from fastmerge.merge.io import parse_size
 
@@ -213,26 +242,36 @@ def _merge_run(args: argparse.Namespace) -> int:
                             copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card,
                             device=args.device, allow_crimes=args.allow_crimes, threads=args.threads,
                             overwrite=args.overwrite, quiet=args.quiet, prefetch=max(0, args.prefetch),
-                            reference=args.reference)
+                            reference=args.reference, resume=args.resume, timeout=args.timeout)
         if args.dry_run:
-            print(dry_run(args.config, opts))
+            if os.environ.get("RANK", "0") == "0":
+                print(dry_run(args.config, opts))
             return 0
         res = merge_checkpoints(args.config, args.out_dir, opts)
-    except KeyboardInterrupt:
-        print(f"fastmerge merge: interrupted; nothing was written to {args.out_dir}", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        why = f"terminated by {exc}" if str(exc) else "interrupted"
+        print(f"{who}: {why}; {args.out_dir} was not created", file=sys.stderr)
         return 130
     except Exception as exc:  # one line, no traceback: every error names the model, tensor and fix
         from fastmerge.merge import MergeInterrupted
 
         if isinstance(exc, MergeInterrupted):
-            print(f"fastmerge merge: {exc}", file=sys.stderr)
+            print(f"{who}: {exc}", file=sys.stderr)
             return 130
         if not isinstance(exc, (ValueError, RuntimeError, OSError)):
             raise
-        print(f"fastmerge merge: error: {exc}", file=sys.stderr)
+        print(f"{who}: error: {exc}", file=sys.stderr)
         return 2
-    if not args.quiet:
-        print(res.summary())
+    if res.rank == 0:
+        if not args.quiet:
+            print(res.summary())
+        if args.stats_json:
+            import dataclasses
+            import json
+
+            with open(args.stats_json, "w") as f:
+                json.dump(dataclasses.asdict(res), f, indent=2)
+                f.write("\n")
     return 0
 
 

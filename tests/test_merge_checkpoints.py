@@ -76,7 +76,7 @@ def ties_config(l, density=0.5, extra=""):
 def no_leftovers(out: str):
     parent = os.path.dirname(os.path.abspath(out))
     assert not os.path.exists(out)
-    assert not [f for f in os.listdir(parent) if ".incomplete-" in f]
+    assert not [f for f in os.listdir(parent) if f.endswith(".partial")]
 
 
 def test_ties_merge_loads_in_transformers(llamas, tmp_path):
@@ -314,22 +314,22 @@ def test_plan_errors(llamas, tmp_path):
 
 def test_full_disk_leaves_nothing(llamas, tmp_path, monkeypatch):
     written = {"n": 0}
-    real = mio._write_all
+    real = mio._write_at
 
-    def write(f, data):
+    def write(fd, data, offset):
         written["n"] += len(data)
         if written["n"] > 40_000:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(f, data)
+        real(fd, data, offset)
 
-    monkeypatch.setattr(mio, "_write_all", write)
+    monkeypatch.setattr(mio, "_write_at", write)
     out = str(tmp_path / "o")
     with pytest.raises(MergeError, match=r"no space left on the device of .* free at least .* or choose another"):
         merge_checkpoints(ties_config(llamas), out, quiet=True, out_shard_size="30K")
     no_leftovers(out)
 
 
-def test_interrupt_stops_cleanly(llamas, tmp_path, monkeypatch):
+def test_interrupt_stops_cleanly_and_resume_finishes(llamas, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = mrun._merge_one
 
@@ -339,11 +339,35 @@ def test_interrupt_stops_cleanly(llamas, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
+    whole = str(tmp_path / "whole")
+    merge_checkpoints(ties_config(llamas), whole, quiet=True, out_shard_size="30K")
     monkeypatch.setattr(mrun, "_merge_one", merge_one)
     out = str(tmp_path / "o")
-    with pytest.raises(MergeInterrupted, match="nothing was written"):
-        merge_checkpoints(ties_config(llamas), out, quiet=True)
-    no_leftovers(out)
+    with pytest.raises(MergeInterrupted, match=r"stopped cleanly and .* was not created; 4 finished tensors are kept "
+                                               r"in .*\.o\.partial: rerun with --resume"):
+        merge_checkpoints(ties_config(llamas), out, quiet=True, out_shard_size="30K")
+    assert not os.path.exists(out) and os.path.isdir(mrun.partial_dir(out))
+    # a plain rerun refuses to throw the work away
+    monkeypatch.setattr(mrun, "_merge_one", real)
+    with pytest.raises(MergeError, match="pass --resume to finish it, or --overwrite to start over"):
+        merge_checkpoints(ties_config(llamas), out, quiet=True, out_shard_size="30K")
+    # another config does not resume it
+    with pytest.raises(MergeError, match="--resume: the partial output .* another config"):
+        merge_checkpoints(ties_config(llamas, density=0.3), out, quiet=True, out_shard_size="30K", resume=True)
+    # a corrupted tensor of the earlier attempt fails its checksum and is merged again
+    log = os.path.join(mrun.partial_dir(out), ".fastmerge", "written-rank0.jsonl")
+    first = json.loads(open(log).readline())
+    with open(os.path.join(mrun.partial_dir(out), first["shard"]), "r+b") as f:
+        f.seek(first["offset"])
+        f.write(b"\x7f" * 4)
+    merged = []
+    monkeypatch.setattr(mrun, "_merge_one", lambda plan, it, *a, **k: merged.append(it.out_name) or real(plan, it, *a, **k))
+    res = merge_checkpoints(ties_config(llamas), out, quiet=True, out_shard_size="30K", resume=True)
+    assert res.resumed == 3 and first["tensor"] in merged and len(merged) == res.tensors - 3
+    assert not os.path.exists(mrun.partial_dir(out))
+    assert sorted(os.listdir(out)) == sorted(os.listdir(whole))
+    for f in os.listdir(whole):
+        assert open(os.path.join(out, f), "rb").read() == open(os.path.join(whole, f), "rb").read(), f
 
 
 def test_cli_one_line_errors_progress_and_quiet(llamas, tmp_path):
@@ -417,3 +441,28 @@ def test_overflow_in_the_fused_pass_is_an_error(tmp_path):
     with pytest.raises(MergeError, match=r"tensor w: the merge overflowed to a non-finite value \(finite inputs\)"):
         merge_checkpoints(cfg, out, quiet=True)
     no_leftovers(out)
+
+
+def _crc32c_bitwise(data: bytes, crc: int = 0) -> int:
+    crc ^= 0xFFFFFFFF
+    for b in data:
+        crc ^= b
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
+    return crc ^ 0xFFFFFFFF
+
+
+def test_written_tensors_checksum_is_crc32c_and_chains():
+    import random
+    import zlib
+
+    assert mio.checksum_kind() == "crc32c"
+    assert mio.checksum(b"123456789", kind="crc32c") == 0xE3069283  # the standard check value
+    rng = random.Random(0)
+    for n in [0, 1, 7, 8, 9, 15, 63, 64, 65, 1021, 4099]:
+        data = bytes(rng.getrandbits(8) for _ in range(n))
+        whole = _crc32c_bitwise(data)
+        assert mio.checksum(data, kind="crc32c") == whole
+        for cut in {0, n // 3, n - 1 if n else 0, n}:
+            assert mio.checksum(memoryview(data)[cut:], mio.checksum(data[:cut], kind="crc32c"), kind="crc32c") == whole
+        assert mio.checksum(data, kind="crc32") == zlib.crc32(data)

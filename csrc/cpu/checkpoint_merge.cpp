@@ -11,6 +11,8 @@
 //   index, as a stable sort would);
 // - every reduction that produces a floating value runs over fixed chunks in a fixed order, so the
 //   results do not depend on the thread count.
+#include <array>
+#include <cstring>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -539,6 +541,60 @@ at::Tensor ckpt_random_bits(int64_t key, int64_t start, int64_t n) {
     for (int64_t i = i0; i < i1; ++i) o[i] = int32_t(stream_bits(uint64_t(key), start + i));
   });
   return out;
+}
+
+// ------------------------------------------------------------------------------- CRC-32C
+
+// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78, the checksum of iSCSI and ext4) of an output
+// tensor's bytes, for the record that --resume checks. Streaming: the CRC of a buffer cut anywhere
+// equals the CRC of the pieces chained. SSE4.2's crc32 instruction does 8 bytes per step where the CPU
+// has it (about 3x zlib's CRC-32 here); elsewhere a table does a byte per step.
+namespace {
+
+uint32_t crc32c_table(uint32_t crc, const uint8_t* p, int64_t n) {
+  static const auto table = [] {
+    std::array<uint32_t, 256> t{};
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c >> 1) ^ (0x82F63B78u & (0u - (c & 1u)));
+      t[i] = c;
+    }
+    return t;
+  }();
+  for (int64_t i = 0; i < n; ++i) crc = table[(crc ^ p[i]) & 0xFFu] ^ (crc >> 8);
+  return crc;
+}
+
+#if defined(__x86_64__)
+__attribute__((target("sse4.2"))) uint32_t crc32c_sse42(uint32_t crc, const uint8_t* p, int64_t n) {
+  uint64_t c = crc;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t w;
+    std::memcpy(&w, p + i, 8);
+    c = __builtin_ia32_crc32di(c, w);
+  }
+  uint32_t c32 = uint32_t(c);
+  for (; i < n; ++i) c32 = __builtin_ia32_crc32qi(c32, p[i]);
+  return c32;
+}
+#endif
+
+}  // namespace
+
+int64_t ckpt_crc32c(const at::Tensor& bytes, int64_t crc) {
+  TORCH_CHECK_VALUE(bytes.device().is_cpu() && bytes.is_contiguous() && bytes.scalar_type() == at::kByte,
+                    "ckpt_crc32c: a contiguous uint8 CPU tensor");
+  const uint8_t* p = bytes.data_ptr<uint8_t>();
+  const int64_t n = bytes.numel();
+  uint32_t c = ~uint32_t(crc);
+#if defined(__x86_64__)
+  static const bool hw = __builtin_cpu_supports("sse4.2");
+  c = hw ? crc32c_sse42(c, p, n) : crc32c_table(c, p, n);
+#else
+  c = crc32c_table(c, p, n);
+#endif
+  return int64_t(~c);
 }
 
 }  // namespace cpu

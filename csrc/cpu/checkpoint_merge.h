@@ -44,6 +44,7 @@ std::vector<at::Tensor> ckpt_key_hist(const c10::optional<at::Tensor>& base, con
 
 // Entries [start, start + n) of the counter-based stream `key`: 24 random bits each (int32).
 at::Tensor ckpt_random_bits(int64_t key, int64_t start, int64_t n);
+int64_t ckpt_crc32c(const at::Tensor& bytes, int64_t crc);
 
 }  // namespace cpu
 }  // namespace fastmerge

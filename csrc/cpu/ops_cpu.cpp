@@ -519,6 +519,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ckpt_key_hist", &C::ckpt_key_hist, py::arg("base"), py::arg("thetas"), py::arg("prefix"),
         py::arg("offset") = 0, py::arg("record") = false);
   m.def("ckpt_random_bits", &C::ckpt_random_bits, py::arg("key"), py::arg("start"), py::arg("n"));
+  m.def("ckpt_crc32c", &C::ckpt_crc32c, py::arg("bytes"), py::arg("crc") = 0, py::call_guard<py::gil_scoped_release>(),
+        "CRC-32C of a uint8 tensor, chained from crc (releases the GIL)");
   m.def("empty_cache", &C::empty_cache, "Free the cached output blocks; returns the bytes freed");
   m.def("ties_last_stats", &C::ties_last_stats, "Diagnostics of the last merge_ties call on this thread");
   m.def("stream_read", &C::stream_read, "Read every byte of a buffer as `streams` interleaved streams per thread (bandwidth probe)",

@@ -7,9 +7,10 @@ then views of read-only memory maps; :meth:`Checkpoint.release` drops the pages 
 process once it has been merged (the page cache keeps them), so the resident memory stays a few
 tensors whatever the model size.
 
-Writing is planned: :class:`ShardWriter` knows every output tensor's name, shape and dtype before the
-first byte is written, assigns them to shards, writes each shard's header first and then appends the
-tensor bytes as they are computed, in plan order.
+Writing is planned: :class:`ShardLayout` knows every output tensor's name, shape, dtype, shard and
+byte offset before the first byte is written, and creates each shard file at its full size with its
+header; :class:`ShardWriter` then writes tensors at their offsets as they are computed, so that any
+number of processes can each write their share of the same files.
 """
 
 from __future__ import annotations
@@ -293,43 +294,85 @@ def shard_names(n: int) -> List[str]:
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
-def _write_all(f, data) -> None:
-    """Write bytes (a hook point: the full-disk test replaces it)."""
-    f.write(data)
+def checksum_kind() -> str:
+    """The checksum that records written tensors: CRC-32C from the compiled extension (hardware
+    instruction where the CPU has one), else zlib's CRC-32."""
+    from .._ops import _C
+
+    return "crc32c" if _C is not None and hasattr(_C, "ckpt_crc32c") else "crc32"
 
 
-class ShardWriter:
-    """Writes the planned tensors, in order, into shards under ``folder``.
+def checksum(data, crc: int = 0, kind: Optional[str] = None) -> int:
+    """Chain ``crc`` over the bytes of ``data`` (a buffer); ``kind`` as :func:`checksum_kind`."""
+    if (kind or checksum_kind()) == "crc32c":
+        from .._ops import _C
 
-    ``add(name, tensor)`` (or ``add_part`` for a tensor produced in pieces) must be called in plan order
-    with the planned shapes and dtypes; the bytes are written by a background thread (at most ``queue``
-    pieces of 8 MB wait), so writing overlaps the merge of the next tensors. Each shard is preallocated when it is opened (a full disk fails there,
-    before the data). ``finish()`` waits for the writes, writes
-    the index (for more than one shard) and returns the shard file names. A write error is raised by
-    the next ``add`` or by ``finish``.
-    """
+        view = memoryview(data).cast("B")
+        if not len(view):
+            return crc
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only buffers are only read
+            return int(_C.ckpt_crc32c(torch.frombuffer(view, dtype=torch.uint8), crc))
+    import zlib
 
-    PIECE = 8 << 20  # bytes per queued write: at most QUEUE x PIECE bytes wait for the disk
-    QUEUE = 4
+    return zlib.crc32(data, crc)
 
-    def __init__(self, folder: str, tensors: Sequence[OutTensor], shard_size: int, metadata: Optional[dict] = None,
-                 queue: int = QUEUE):
-        import queue as _queue
-        import threading
 
-        self.folder = folder
+def _write_at(fd: int, data, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` of an open file (a hook point: the full-disk test replaces it)."""
+    view = memoryview(data).cast("B")
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _allocate(fd: int, size: int) -> None:
+    """Reserve ``size`` bytes for a new file, so that a full disk fails here, before any data is written.
+
+    The fallocate system call reserves the blocks without writing them. Where the file system does not
+    support it, the file is only extended (sparse) and the writes allocate as they go: glibc's
+    posix_fallocate would instead write a zero into every block, which on a large output is a second
+    full write."""
+    import ctypes
+    import errno
+
+    if size == 0:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fallocate = libc.fallocate64
+        fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        if fallocate(fd, 0, 0, size) == 0:
+            return
+        err = ctypes.get_errno()
+        if err in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(err, os.strerror(err))
+    except (OSError, AttributeError) as e:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+    os.ftruncate(fd, size)
+
+
+class ShardLayout:
+    """Where every output tensor goes: the shards (greedy in plan order, at most ``shard_size`` bytes
+    each, as one process would write them), each shard's header, and each tensor's byte range.
+
+    The layout depends only on the planned tensors and the shard size, so any number of processes
+    writing their share of the tensors produce the same files."""
+
+    def __init__(self, tensors: Sequence[OutTensor], shard_size: int, metadata: Optional[dict] = None):
         self.shards = plan_shards(tensors, shard_size)
         self.names = shard_names(len(self.shards))
         self.metadata = {"format": "pt", **(metadata or {})}
-        self._order = [(si, t) for si, shard in enumerate(self.shards) for t in shard]
-        self._next = 0
-        self._part = 0  # bytes of the current tensor handed over so far (add_part)
-        self._file = None
-        self._shard = -1
-        self._q: "_queue.Queue" = _queue.Queue(maxsize=max(1, queue))
-        self._error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._work, name="fastmerge-writer", daemon=True)
-        self._thread.start()
+        self.headers = [self._header(si) for si in range(len(self.shards))]
+        self.where: Dict[str, Tuple[int, int, int]] = {}  # name -> (shard, absolute offset, bytes)
+        self.sizes = []
+        for si, shard in enumerate(self.shards):
+            off = len(self.headers[si])
+            for t in shard:
+                self.where[t.name] = (si, off, t.nbytes)
+                off += t.nbytes
+            self.sizes.append(off)
 
     def _header(self, si: int) -> bytes:
         header: dict = {"__metadata__": self.metadata}
@@ -341,27 +384,98 @@ class ShardWriter:
         raw += b" " * (-len(raw) % 8)  # 8-byte aligned data, as the safetensors library writes it
         return struct.pack("<Q", len(raw)) + raw
 
-    def _close_file(self) -> None:
-        if self._file is not None:  # no fsync: the folder's rename is what marks a merge complete
-            self._file.flush()
-            self._file.close()
-            self._file = None
-
-    def _open(self, si: int) -> None:
-        self._close_file()
-        head = self._header(si)
-        path = os.path.join(self.folder, self.names[si])
-        self._file = open(path, "wb")
-        self._shard = si
+    def _intact(self, path: str, si: int) -> bool:
         try:
-            os.posix_fallocate(self._file.fileno(), 0, len(head) + sum(t.nbytes for t in self.shards[si]))
-        except OSError as e:
-            import errno
+            if os.path.getsize(path) != self.sizes[si]:
+                return False
+            with open(path, "rb") as f:
+                return f.read(len(self.headers[si])) == self.headers[si]
+        except OSError:
+            return False
 
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            # a file system without preallocation: the writes allocate as they go
-        _write_all(self._file, head)
+    def create(self, folder: str, keep: bool = False) -> int:
+        """Create every shard file at its full size with its header (``keep``: leave the files of an
+        earlier attempt that have the right size and header). Returns the number of files kept."""
+        kept = 0
+        for si, name in enumerate(self.names):
+            path = os.path.join(folder, name)
+            if keep and self._intact(path, si):
+                kept += 1
+                continue
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                _allocate(fd, self.sizes[si])
+                _write_at(fd, self.headers[si], 0)
+            finally:
+                os.close(fd)
+        return kept
+
+    def write_index(self, folder: str) -> None:
+        if len(self.shards) > 1:
+            index = {"metadata": {"total_size": sum(t.nbytes for s in self.shards for t in s)},
+                     "weight_map": {t.name: self.names[si] for si, s in enumerate(self.shards) for t in s}}
+            with open(os.path.join(folder, INDEX_NAME), "w") as f:
+                json.dump(index, f, indent=2)
+                f.write("\n")
+
+    def checksum(self, folder: str, name: str, kind: Optional[str] = None) -> Optional[int]:
+        """The checksum (:func:`checksum`) of a tensor's bytes as they are on disk (None when they cannot
+        be read)."""
+        si, off, n = self.where[name]
+        crc = 0
+        try:
+            with open(os.path.join(folder, self.names[si]), "rb") as f:
+                f.seek(off)
+                while n:
+                    b = f.read(min(n, ShardWriter.PIECE))
+                    if not b:
+                        return None
+                    crc = checksum(b, crc, kind)
+                    n -= len(b)
+        except OSError:
+            return None
+        return crc
+
+
+class ShardWriter:
+    """Writes one process's share of the planned tensors into the shard files of a
+    :class:`ShardLayout` (created beforehand), each tensor at its planned offset.
+
+    ``add(name, tensor)`` (or ``add_part`` for a tensor produced in pieces) must be called in the order
+    of ``names`` with the planned shapes and dtypes. A background thread writes the bytes (at most
+    ``queue`` pieces of 8 MB wait), so writing overlaps the merge of the next tensors, and keeps a
+    checksum (:func:`checksum`) of each tensor; ``on_done(name, crc)`` is called from that thread once a
+    tensor's last byte is written. ``finish()`` waits for the writes. A write error is raised by the next ``add`` or by
+    ``finish``.
+    """
+
+    PIECE = 8 << 20  # bytes per queued write: at most QUEUE x PIECE bytes wait for the disk
+    QUEUE = 4
+
+    def __init__(self, folder: str, layout: ShardLayout, names: Optional[Sequence[str]] = None, on_done=None,
+                 queue: int = QUEUE):
+        import queue as _queue
+
+        self.folder = folder
+        self.layout = layout
+        order = names if names is not None else [t.name for s in layout.shards for t in s]
+        by_name = {t.name: t for s in layout.shards for t in s}
+        self._order = [by_name[n] for n in order]
+        self._next = 0
+        self._part = 0  # bytes of the current tensor handed over so far (add_part)
+        self._fds: Dict[int, int] = {}
+        self._crc = 0
+        self.kind = checksum_kind()
+        self._on_done = on_done
+        self._q: "_queue.Queue" = _queue.Queue(maxsize=max(1, queue))
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._work, name="fastmerge-writer", daemon=True)
+        self._thread.start()
+
+    def _fd(self, si: int) -> int:
+        if si not in self._fds:
+            self._fds[si] = os.open(os.path.join(self.folder, self.layout.names[si]), os.O_WRONLY)
+        return self._fds[si]
 
     def _work(self) -> None:
         while True:
@@ -370,12 +484,16 @@ class ShardWriter:
                 return
             if self._error is not None:
                 continue
-            si, data = job
+            name, data, offset, last = job
             try:
-                if si != self._shard:
-                    self._open(si)
-                if data is not None:
-                    _write_all(self._file, data)
+                si = self.layout.where[name][0]
+                if data is not None and len(data):
+                    _write_at(self._fd(si), data, offset)
+                    self._crc = checksum(data, self._crc, self.kind)
+                if last:
+                    if self._on_done is not None:
+                        self._on_done(name, self._crc)
+                    self._crc = 0
             except BaseException as e:  # reported to the caller by add() / finish()
                 self._error = e
 
@@ -383,32 +501,40 @@ class ShardWriter:
         if self._error is not None:
             raise self._error
 
-    def _planned(self, name: str, dtype: torch.dtype):
+    def _planned(self, name: str, dtype: torch.dtype) -> OutTensor:
         self._raise()
-        si, planned = self._order[self._next]
+        if self._next >= len(self._order):
+            raise RuntimeError(f"writer: {name} is not one of this writer's tensors (internal error)")
+        planned = self._order[self._next]
         if planned.name != name or dtype != planned.dtype:
             raise RuntimeError(f"writer: expected {planned.name} {planned.dtype}, got {name} {dtype} (internal error)")
-        return si, planned
+        return planned
 
-    def _put(self, si: int, t: torch.Tensor) -> None:
+    def _put(self, name: str, t: Optional[torch.Tensor], last: bool) -> None:
+        offset = self.layout.where[name][1] + self._part
+        if t is None or t.numel() == 0:
+            self._q.put((name, None, offset, last))
+            return
         data = memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
         for a in range(0, len(data), self.PIECE):
-            self._q.put((si, data[a:a + self.PIECE]))
+            piece = data[a:a + self.PIECE]
+            self._q.put((name, piece, offset + a, last and a + self.PIECE >= len(data)))
+        self._part += len(data)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Write a whole tensor (the next one of the plan)."""
-        si, planned = self._planned(name, tensor.dtype)
+        """Write a whole tensor (the next one of this writer's order)."""
+        planned = self._planned(name, tensor.dtype)
         if tuple(tensor.shape) != planned.shape or self._part:
             raise RuntimeError(f"writer: expected {planned.name} {list(planned.shape)}, got {list(tensor.shape)} "
                                f"(internal error)")
-        self._put(si, tensor) if tensor.numel() else self._q.put((si, None))
+        self._put(name, tensor, True)
+        self._part = 0
         self._next += 1
 
     def add_part(self, name: str, part: torch.Tensor, last: bool) -> None:
-        """Write the next entries of the next tensor of the plan (flat, in order); ``last`` closes it."""
-        si, planned = self._planned(name, part.dtype)
-        self._put(si, part) if part.numel() else self._q.put((si, None))
-        self._part += part.numel() * part.element_size()
+        """Write the next entries of the next tensor (flat, in order); ``last`` closes it."""
+        planned = self._planned(name, part.dtype)
+        self._put(name, part, last)
         if last:
             if self._part != planned.nbytes:
                 raise RuntimeError(f"writer: {planned.name} got {self._part} bytes of {planned.nbytes} (internal error)")
@@ -420,22 +546,29 @@ class ShardWriter:
             self._q.put(None)
             self._thread.join()
 
-    def finish(self) -> List[str]:
+    def _close_files(self) -> None:
+        for fd in self._fds.values():  # no fsync: the folder's rename is what marks a merge complete
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
+
+    def finish(self) -> None:
+        """Wait until every byte handed over is written (raises the first write error)."""
         if self._next != len(self._order):
             raise RuntimeError(f"writer: {len(self._order) - self._next} planned tensors were not written (internal error)")
         self._stop()
         self._raise()
-        self._close_file()
-        if len(self.shards) > 1:
-            index = {"metadata": {"total_size": sum(t.nbytes for s in self.shards for t in s)},
-                     "weight_map": {t.name: self.names[si] for si, s in enumerate(self.shards) for t in s}}
-            with open(os.path.join(self.folder, INDEX_NAME), "w") as f:
-                json.dump(index, f, indent=2)
-                f.write("\n")
-        return list(self.names)
+        self._close_files()
+
+    def drain(self) -> None:
+        """Write what was handed over (a tensor cut short stays unrecorded), then close the files."""
+        self._stop()
+        self._close_files()
 
     def abort(self) -> None:
-        """Stop the writer thread (dropping what waits) and close the open shard."""
+        """Stop the writer thread (dropping what waits) and close the files."""
         import queue as _queue
 
         while True:
@@ -444,12 +577,7 @@ class ShardWriter:
             except _queue.Empty:
                 break
         self._stop()
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError:
-                pass
-            self._file = None
+        self._close_files()
 
 
 def parse_size(text) -> int:

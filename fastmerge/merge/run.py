@@ -11,14 +11,15 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from . import methods as M
 from . import reference as R
 from .config import ConfigError, MergeConfig, load_config
-from .io import DTYPE_NAMES, CheckpointError, ShardWriter, copy_files, parse_size
+from .dist import Failure, Group, MergeError, MergeInterrupted, RankFailed, first_failure, partition
+from .io import CheckpointError, ShardLayout, ShardWriter, checksum_kind, copy_files, parse_size
 from .plan import Item, Plan, build_plan
 from .rng import stream_key
 from .select import pick
@@ -31,14 +32,6 @@ TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.b
 
 
 PREFETCH_BYTES = 64 << 20  # input bytes faulted in ahead, shared by the prefetched tensors
-
-
-class MergeError(RuntimeError):
-    """A merge that failed while running; nothing was left in the output folder."""
-
-
-class MergeInterrupted(MergeError):
-    pass
 
 
 @dataclass
@@ -55,6 +48,9 @@ class MergeOptions:
     progress: Optional[bool] = None  # None: a bar when stderr is a terminal
     prefetch: int = 2  # tensors read ahead
     reference: bool = False  # run the pure-PyTorch twins (verification)
+    resume: bool = False  # finish the partial output of an earlier attempt (its verified tensors are skipped)
+    timeout: float = 1800.0  # seconds a rank waits for the others at a sync point (under torchrun)
+    distributed: Optional[bool] = None  # None: several processes when torchrun started this one
 
 
 @dataclass
@@ -67,14 +63,31 @@ class MergeResult:
     shards: List[str]
     method: str
     notes: List[str] = field(default_factory=list)
+    rank: int = 0
+    world: int = 1
+    ranks: List[dict] = field(default_factory=list)  # per rank: tensors, bytes, seconds, peak_rss, ...
+    resumed: int = 0  # tensors verified from an earlier attempt and skipped
 
     @property
     def gbps(self) -> float:
         return self.in_bytes / max(self.seconds, 1e-9) / 1e9
 
     def summary(self) -> str:
-        return (f"merged {self.tensors} tensors with {self.method}: {self.in_bytes / 1e9:.2f} GB read, "
-                f"{self.out_bytes / 1e9:.2f} GB written in {self.seconds:.2f} s ({self.gbps:.2f} GB/s) -> {self.out_dir}")
+        read = sum(r["in_bytes"] for r in self.ranks) if self.ranks else self.in_bytes
+        text = (f"merged {self.tensors} tensors with {self.method}: {read / 1e9:.2f} GB read, "
+                f"{self.out_bytes / 1e9:.2f} GB written in {self.seconds:.2f} s "
+                f"({read / max(self.seconds, 1e-9) / 1e9:.2f} GB/s)")
+        if self.world > 1:
+            text += f" on {self.world} ranks"
+        if self.resumed:
+            text += f", {self.resumed} tensors kept from an earlier attempt"
+        text += f" -> {self.out_dir}"
+        if self.world > 1:
+            text += "".join(f"\n  rank {r['rank']} ({r['host']}): {r['tensors']} tensors, {r['in_bytes'] / 1e9:.2f} GB "
+                            f"read in {r['seconds']:.2f} s, peak RSS {r['peak_rss'] / 1e9:.2f} GB"
+                            + (f", {r['bytes_all_reduced']} bytes all-reduced" if r["bytes_all_reduced"] else "")
+                            for r in self.ranks)
+        return text
 
 
 def _fmt_bytes(n: int) -> str:
@@ -161,13 +174,17 @@ def _name_nonfinite(plan: Plan, item: Item, job: M.Job) -> str:
             f"or lambda, or merge in float32 (dtype: float32)")
 
 
-def global_thresholds(plan: Plan, fast: bool) -> Optional[List[int]]:
+def global_thresholds(plan: Plan, fast: bool, group: Optional[Group] = None,
+                      share: Optional[List[int]] = None) -> Optional[List[int]]:
     """``ties`` with ``scope: global``: each model's exact magnitude threshold over all of its tensors.
 
     Two streaming passes over the inputs, each summing per-model histograms of the float32 bits of
     |delta| (the top 16 bits, then the low 16 bits inside the bin that holds the rank), so the memory is
-    O(models x 65536) whatever the model size. With ``fast=False`` the reference concatenates every
-    |delta| and takes a kthvalue (verification only)."""
+    O(models x 65536) whatever the model size. Under ``torchrun`` each rank counts the tensors of its
+    ``share`` (indices into the plan's items) and the ranks all-reduce the histograms: 2 x models x 65536
+    int64 numbers in all, whatever the model size, and the thresholds equal one process's exactly. With
+    ``fast=False`` the reference concatenates every |delta| and takes a kthvalue (verification only)."""
+    group = group or Group(distributed=False)
     items = [it for it in plan.items if not it.copy]
     scopes = {it.shared.get("scope", "tensor") for it in items}
     if "global" not in scopes:
@@ -186,7 +203,7 @@ def global_thresholds(plan: Plan, fast: bool) -> Optional[List[int]]:
         dens.append(ds.pop())
     N = sum(math.prod(it.shape) for it in items)
     ranks = [N - max(1, int(d * N)) for d in dens]  # 0-based ascending rank of the k-th largest
-    if not fast:
+    if not fast:  # every rank computes the whole reference (verification only)
         deltas = [[] for _ in models]
         for it in items:
             job = _job(plan, it, None, torch.device("cpu"), False)
@@ -196,26 +213,58 @@ def global_thresholds(plan: Plan, fast: bool) -> Optional[List[int]]:
     from .._ops import _C
 
     T = len(models)
+    mine = [plan.items[i] for i in share if not plan.items[i].copy] if share is not None else items
 
-    def hist(prefix):
+    def hist(prefix, stage):
         h = torch.zeros(T, 1 << 16, dtype=torch.int64)
-        for it in items:
-            job = _job(plan, it, None, torch.device("cpu"), True)
-            flat = M._common([job.base] + job.inputs)
-            h += _C.ckpt_key_hist(flat[0], flat[1:], prefix)[0]
-            del job, flat
-            for m, name in [it.base] + it.inputs:
-                plan.checkpoints[m].release(name)
-        return h
+        failure = None
+        try:
+            for it in mine:
+                job = _job(plan, it, None, torch.device("cpu"), True)
+                flat = M._common([job.base] + job.inputs)
+                for a, b in M._chunks(flat[0].numel()):  # a large tensor's pages leave chunk by chunk
+                    h += _C.ckpt_key_hist(flat[0][a:b], [x[a:b] for x in flat[1:]], prefix)[0]
+                    for m, name in [it.base] + it.inputs:
+                        plan.checkpoints[m].release(name, a, b)
+                del job, flat
+        except (OSError, ValueError, RuntimeError) as e:
+            if group.world == 1:
+                raise
+            failure = Failure(group.rank, f"{stage}: {e}", resumable=False)
+        _raise_if_failed(group, group.exchange(stage, failure), failure)
+        return group.all_reduce_sum(h, stage)
 
-    h1 = hist([-1] * T)
+    h1 = hist([-1] * T, "global TIES, first histogram pass")
     coarse = [pick(h1[t], ranks[t]) for t in range(T)]
-    h2 = hist([c[0] for c in coarse])
+    h2 = hist([c[0] for c in coarse], "global TIES, second histogram pass")
     keys = []
     for t in range(T):
         d = pick(h2[t], ranks[t] - coarse[t][1])[0]
         keys.append(0 if dens[t] >= 1 else (coarse[t][0] << 16) | d)
     return keys
+
+
+def _raise_if_failed(group: Group, got, own: Optional[Failure], own_exc: Optional[BaseException] = None,
+                     suffix: str = "") -> None:
+    """After a sync point: raise on every rank when any rank failed (the failing rank raises its own error)."""
+    f = first_failure([g[0] for g in got])
+    if f is None:
+        return
+    if own is not None and own_exc is not None and (f.rank == group.rank or own.primary):
+        raise _with_suffix(own_exc, suffix)
+    if own is not None and own_exc is None and f.rank == group.rank:
+        raise MergeError(own.message + suffix)
+    raise RankFailed(f.text() + suffix)
+
+
+def _with_suffix(exc: BaseException, suffix: str) -> BaseException:
+    if not suffix:
+        return exc
+    try:
+        new = type(exc)(str(exc) + suffix)
+    except Exception:
+        return exc
+    return new
 
 
 def _merge_one(plan: Plan, item: Item, seed: Optional[int], device: torch.device, fast: bool,
@@ -314,21 +363,191 @@ def _return_large_buffers_to_the_os() -> None:
         pass
 
 
+META = ".fastmerge"  # the bookkeeping folder inside a partial output (removed before the rename)
+
+
+def partial_dir(out_dir: str) -> str:
+    """The hidden folder beside ``out_dir`` where a merge is written until it is complete."""
+    out_dir = os.path.abspath(out_dir)
+    return os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.partial")
+
+
+def _fingerprint(plan: Plan, opts: MergeOptions, device: torch.device) -> str:
+    """What the output bytes depend on: the config, the options that change them, fastmerge's version and
+    every input tensor's file, dtype, shape and byte range (an attempt is resumed only when they match)."""
+    import hashlib
+
+    from .. import __version__
+
+    h = hashlib.sha256(plan.config.to_yaml().encode())
+    h.update(json.dumps({"seed": opts.random_seed or 0, "shard_size": opts.out_shard_size, "reference": opts.reference,
+                         "device": device.type, "version": __version__}, sort_keys=True).encode())
+    for m in sorted(plan.checkpoints):
+        for name, t in sorted(plan.checkpoints[m].tensors.items()):
+            h.update(f"{m}|{name}|{os.path.basename(t.file)}|{t.dtype}|{t.shape}|{t.start}|{t.nbytes}\n".encode())
+    return h.hexdigest()
+
+
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def _lock(partial: str) -> int:
+    """Hold the partial folder's lock for the life of the merge (rank 0 only)."""
+    import fcntl
+
+    fd = os.open(os.path.join(partial, META, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise MergeError(f"another fastmerge merge is writing {partial} (it holds the lock); wait for it to end or "
+                         f"stop it") from None
+    return fd
+
+
+class _Log:
+    """This rank's record of the tensors it finished (name, place and checksum), one JSON line each, appended
+    by the writer thread once a tensor's last byte is written: what ``--resume`` checks and skips."""
+
+    def __init__(self, partial: str, rank: int, layout: ShardLayout, kind: str):
+        self.layout = layout
+        self.kind = kind
+        self.f = open(os.path.join(partial, META, f"written-rank{rank}.jsonl"), "a")
+        self.count = 0
+
+    def record(self, name: str, crc: int) -> None:
+        si, off, n = self.layout.where[name]
+        self.f.write(json.dumps({"tensor": name, "shard": self.layout.names[si], "offset": off, "nbytes": n,
+                                 "checksum": crc, "kind": self.kind}) + "\n")
+        self.f.flush()
+        self.count += 1
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _logged(partial: str) -> Dict[str, dict]:
+    """Every tensor recorded as written by any rank of any earlier attempt."""
+    done: Dict[str, dict] = {}
+    meta = os.path.join(partial, META)
+    for fn in sorted(os.listdir(meta)) if os.path.isdir(meta) else []:
+        if fn.startswith("written-") and fn.endswith(".jsonl"):
+            with open(os.path.join(meta, fn)) as f:
+                for line in f:
+                    try:
+                        e = json.loads(line)
+                        done[e["tensor"]] = e
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a line cut short by a kill
+    return done
+
+
+def _prepare(partial: str, opts: MergeOptions, fp: str, layout: ShardLayout, world: int):
+    """Rank 0: make (or, with --resume, reopen) the partial folder and its shard files.
+
+    Returns (lock fd, info for the other ranks, notes)."""
+    meta = os.path.join(partial, META)
+    notes = []
+    resumed = False
+    if os.path.isdir(partial):
+        old = _read_json(os.path.join(meta, "run.json"))
+        if opts.resume and old is not None and old.get("fingerprint") == fp:
+            resumed = True
+        elif opts.resume and old is not None:
+            raise MergeError(f"--resume: the partial output in {partial} was made from another config, other inputs, "
+                             f"seed, shard size, device or fastmerge version; start over with --overwrite")
+        elif opts.overwrite or (opts.resume and old is None):
+            if os.path.isdir(meta):
+                os.close(_lock(partial))  # not while another merge writes it
+            shutil.rmtree(partial)
+            notes.append(f"removed the partial output of an earlier attempt in {partial}")
+        else:
+            raise MergeError(f"an earlier attempt left a partial output in {partial}: pass --resume to finish it, or "
+                             f"--overwrite to start over")
+    elif opts.resume:
+        notes.append("--resume: no partial output was found, so the merge starts from the beginning")
+    os.makedirs(meta, exist_ok=True)
+    lock = _lock(partial)
+    try:
+        import uuid
+
+        token = uuid.uuid4().hex
+        _write_json(os.path.join(meta, "run.json"), {"fingerprint": fp, "token": token, "ranks": world,
+                                                     "started": time.time()})
+        kept = layout.create(partial, keep=resumed)
+        thresholds = (_read_json(os.path.join(meta, "thresholds.json")) or {}).get("keys") if resumed else None
+    except BaseException:
+        os.close(lock)
+        raise
+    if resumed:
+        notes.append(f"--resume: continuing the partial output in {partial} ({kept} of {len(layout.names)} shard "
+                     f"files kept)")
+    return lock, {"token": token, "resumed": resumed, "thresholds": thresholds}, notes
+
+
+def _as_failure(e: BaseException, rank: int, out_dir: str, parent: str, plan: Plan) -> Tuple[Failure, BaseException]:
+    """A failure while merging -> (what the other ranks learn, what this rank raises)."""
+    import errno
+
+    if isinstance(e, RankFailed):
+        return Failure(rank, str(e), resumable=True, primary=False), e
+    if isinstance(e, MergeError):
+        return Failure(rank, str(e), resumable=False), e
+    if isinstance(e, OSError):
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            exc = MergeError(f"no space left on the device of {parent} while writing the merged model; free at least "
+                             f"{_fmt_bytes(plan.out_bytes)} there or choose another output folder")
+            return Failure(rank, str(exc), resumable=False), exc
+        exc = MergeError(f"writing {out_dir} failed: {e}")
+        return Failure(rank, str(exc), resumable=True), exc
+    return Failure(rank, f"{type(e).__name__}: {e}", resumable=False), e
+
+
+def _peak_rss() -> int:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except (ImportError, OSError):
+        return 0
+
+
 def merge_checkpoints(config, out_dir: str, options: Optional[MergeOptions] = None, **kwargs) -> MergeResult:
     """Merge the checkpoints of a mergekit-style config into ``out_dir``.
+
+    Under ``torchrun`` (or with a ``torch.distributed`` process group already initialised) every rank
+    calls this with the same arguments: the output tensors are split among the ranks, balanced by the
+    bytes they read, each rank writes its tensors into the shared output files, and rank 0 publishes
+    the folder once every rank has finished. The files are the same, bit for bit, for any number of
+    ranks. ``out_dir`` must then be on storage that every rank can see.
 
     Args:
         config: a path to a YAML file, a YAML string, a mapping, or a :class:`MergeConfig`.
         out_dir: the output folder. It must not exist unless ``overwrite=True``; it appears only when
-            the merge is complete (the work happens in a hidden temporary folder beside it).
+            the merge is complete (the work happens in the hidden folder ``.NAME.partial`` beside it).
         options: a :class:`MergeOptions`, or its fields as keyword arguments.
 
     Returns:
-        A :class:`MergeResult` (tensors, bytes, seconds, shard names).
+        A :class:`MergeResult` (tensors, bytes, seconds, shard names; under torchrun, every rank's figures).
 
     Raises:
         ConfigError / PlanError / CheckpointError (ValueError): before any weight is read.
-        MergeError: while merging (a NaN/Inf input, a full disk, an interrupt); nothing is left behind.
+        MergeError: while merging (a NaN/Inf input, a full disk, an interrupt, another rank's failure, a
+            timeout); the output folder is not created. After an interrupt or a lost rank the finished
+            tensors are kept in the partial folder for ``resume=True``; after a bad input or a full disk
+            the partial folder is removed.
 
     Example:
         >>> import fastmerge  # doctest: +SKIP
@@ -339,92 +558,261 @@ def merge_checkpoints(config, out_dir: str, options: Optional[MergeOptions] = No
         opts = MergeOptions(**{**opts.__dict__, **kwargs})
     if isinstance(opts.out_shard_size, str):
         opts.out_shard_size = parse_size(opts.out_shard_size)
-    cfg = load_config(config)
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not opts.overwrite:
-        raise CheckpointError(f"the output folder {out_dir} exists; pass --overwrite (overwrite=True) to replace it")
-    device = torch.device(opts.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
+    group = Group(opts.timeout, opts.device, opts.distributed)
+    try:
+        return _merge(group, config, os.path.abspath(out_dir), opts)
+    finally:
+        group.close()
+
+
+def _merge(group: Group, config, out_dir: str, opts: MergeOptions) -> MergeResult:
+    start = time.perf_counter()
+    rank, world = group.rank, group.world
+    # ---- planning: every rank reads the headers and checks everything before any weight is read
+    plan = None
+    failure = exc = None
+    try:
+        cfg = load_config(config)
+        if os.path.exists(out_dir) and not opts.overwrite:
+            raise CheckpointError(f"the output folder {out_dir} exists; pass --overwrite (overwrite=True) to replace it")
+        device = group.device or torch.device(opts.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available")
+        plan = build_plan(cfg, allow_crimes=opts.allow_crimes)
+    except (ValueError, OSError) as e:
+        if world == 1:
+            raise
+        failure, exc = Failure(rank, str(e), resumable=False), e
+    try:
+        _raise_if_failed(group, group.exchange("planning", failure), failure, exc)
+        return _merge_planned(group, plan, out_dir, opts, device, start)
+    finally:
+        if plan is not None:
+            plan.close()
+
+
+def _merge_planned(group: Group, plan: Plan, out_dir: str, opts: MergeOptions, device: torch.device,
+                   start: float) -> MergeResult:
+    rank, world = group.rank, group.world
     if opts.threads:
         torch.set_num_threads(opts.threads)
     _return_large_buffers_to_the_os()
-    plan = build_plan(cfg, allow_crimes=opts.allow_crimes)
     parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.incomplete-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    writer = prog = None
-    show = (not opts.quiet) and (opts.progress if opts.progress is not None else sys.stderr.isatty())
+    partial = partial_dir(out_dir)
     notes = list(plan.warnings)
-    if not opts.quiet:
+    if not opts.quiet and rank == 0:
         for w in plan.warnings:
             print(f"warning: {w}", file=sys.stderr)
     if device.type == "cuda":
         notes.append("--device cuda runs the methods' PyTorch formulations on the GPU (no fused GPU kernels yet)")
     fast = not opts.reference
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastmerge-prefetch") if opts.prefetch > 0 else None
-    start = time.perf_counter()
-    ok = False
+    items = plan.items
+    layout = ShardLayout(plan.out_tensors(), opts.out_shard_size,
+                         {"merge_method": plan.method.name, "producer": "fastmerge"})
+    fp = _fingerprint(plan, opts, device)
+
+    # ---- rank 0 prepares the partial folder; the others check that they see it
+    lock = None
+    failure = exc = None
+    info = None
     try:
-        writer = ShardWriter(tmp, plan.out_tensors(), opts.out_shard_size,
-                             {"merge_method": plan.method.name, "producer": "fastmerge"})
-        prog = _Progress(plan.in_bytes, len(plan.items), show)
-        items = plan.items
-        pending: Dict[int, object] = {}
+        if rank == 0:
+            os.makedirs(parent, exist_ok=True)
+            lock, info, more = _prepare(partial, opts, fp, layout, world)
+            notes += more
+            if not opts.quiet:
+                for n in more:
+                    print(f"note: {n}", file=sys.stderr)
+    except (OSError, MergeError) as e:
+        failure, exc = _as_failure(e, rank, out_dir, parent, plan)
+    try:
+        got = group.exchange("preparing the output folder", failure, info)
+        _raise_if_failed(group, got, failure, exc)
+        info = got[0][1]
+        try:
+            done, mine, thresholds = _before_merging(group, plan, layout, partial, opts, info, fast)
+        except BaseException:
+            if rank == 0 and not info["resumed"]:  # nothing was merged: leave nothing behind
+                _discard(partial, lock)
+                lock = None
+            raise
+        result = _merge_share(group, plan, [items[i] for i in mine], layout, partial, out_dir, opts, device,
+                              thresholds, fast)
+        stats = {"rank": rank, "host": group.host, "tensors": len(mine), "resumed": len(done),
+                 "in_bytes": sum(items[i].in_bytes for i in mine),
+                 "out_bytes": sum(layout.where[items[i].out_name][2] for i in mine),
+                 "seconds": time.perf_counter() - start, "peak_rss": _peak_rss(),
+                 "bytes_all_reduced": group.bytes_reduced}
+        failure, exc = result
+        try:
+            got = group.exchange("finishing", failure, stats)
+        except MergeError as e:  # another rank was lost: what is written stays valid for --resume
+            raise _with_suffix(e, _kept(partial)) from None
+        f = first_failure([g[0] for g in got])
+        if f is not None:
+            # a bad input or a full disk discards the partial folder; an interrupt or a lost rank keeps it
+            keep = all(g[0].resumable for g in got if g[0] is not None and g[0].primary)
+            if rank == 0 and not keep:
+                _discard(partial, lock)
+                lock = None
+            _raise_if_failed(group, got, failure, exc, _kept(partial) if keep else "")
+        ranks = [g[1] for g in got]
+
+        # ---- rank 0 publishes the folder
+        failure = exc = None
+        if rank == 0:
+            try:
+                result_dtype = next((it.out_dtype for it in items if it.out_dtype.is_floating_point), torch.float32)
+                layout.write_index(partial)
+                _output_files(plan, partial, opts, result_dtype)
+                shutil.rmtree(os.path.join(partial, META))
+                _publish(partial, out_dir)
+            except OSError as e:
+                failure, exc = _as_failure(e, rank, out_dir, parent, plan)
+        _raise_if_failed(group, group.exchange("publishing the output folder", failure), failure, exc,
+                         _kept(partial) if rank == 0 and failure is not None else "")
+    finally:
+        if lock is not None:
+            os.close(lock)
+    return MergeResult(out_dir, len(items), plan.in_bytes, plan.out_bytes, time.perf_counter() - start,
+                       list(layout.names), plan.method.name, notes, rank=rank, world=world, ranks=ranks,
+                       resumed=len(done))
+
+
+def _before_merging(group: Group, plan: Plan, layout: ShardLayout, partial: str, opts: MergeOptions, info: dict,
+                    fast: bool):
+    """After rank 0 prepared the partial folder: check that every rank sees it, verify the tensors of an
+    earlier attempt (--resume), share out the rest, and find the global-TIES thresholds.
+
+    Returns (indices already done, this rank's indices, thresholds or None)."""
+    rank, world, items = group.rank, group.world, plan.items
+    failure = exc = None
+    if rank != 0:
+        seen = _read_json(os.path.join(partial, META, "run.json")) or {}
+        if seen.get("token") != info["token"]:
+            failure = Failure(rank, f"rank {rank} on {group.host} cannot see {partial}, which rank 0 created: the "
+                                    f"output folder must be on storage that every rank shares", resumable=False)
+            exc = MergeError(failure.message)
+    _raise_if_failed(group, group.exchange("checking the shared output folder", failure), failure, exc)
+
+    # ---- with --resume: the ranks check the tensors of the earlier attempts, then share out the rest
+    done: set = set()
+    if info["resumed"]:
+        logged = _logged(partial)
+        share = partition([layout.where[it.out_name][2] for it in items], world)[rank]
+        ok = []
+        for i in share:
+            e = logged.get(items[i].out_name)
+            si, off, n = layout.where[items[i].out_name]
+            if e and (e.get("shard"), e.get("offset"), e.get("nbytes")) == (layout.names[si], off, n) and \
+                    layout.checksum(partial, items[i].out_name, e.get("kind")) == e.get("checksum"):
+                ok.append(i)
+        for _, verified in group.exchange("checking the tensors of the earlier attempt", None, ok):
+            done.update(verified)
+        if rank == 0 and not opts.quiet:
+            print(f"note: --resume: {len(done)} of {len(items)} tensors were written and verified in an earlier "
+                  f"attempt and are skipped", file=sys.stderr)
+    remaining = [i for i in range(len(items)) if i not in done]
+    mine = [remaining[j] for j in partition([items[i].in_bytes for i in remaining], world)[rank]]
+
+    thresholds = info["thresholds"]
+    if thresholds is None:
+        share = list(partition([it.in_bytes for it in items], world)[rank])
+        thresholds = global_thresholds(plan, fast, group, share)
+        if thresholds is not None and rank == 0:
+            _write_json(os.path.join(partial, META, "thresholds.json"), {"keys": thresholds})
+    return done, mine, thresholds
+
+
+def _kept(partial: str) -> str:
+    return f"; the finished tensors are kept in {partial}: rerun with --resume to finish the merge"
+
+
+def _discard(partial: str, lock: Optional[int]) -> None:
+    if lock is not None:
+        os.close(lock)
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+def _publish(partial: str, out_dir: str) -> None:
+    """Rename the complete folder into place (replacing an old output only once the new one is whole)."""
+    if os.path.exists(out_dir):
+        old = f"{partial}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out_dir, old)
+        try:
+            os.rename(partial, out_dir)
+        except OSError:
+            os.rename(old, out_dir)  # put the previous output back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(partial, out_dir)
+
+
+def _merge_share(group: Group, plan: Plan, mine: List[Item], layout: ShardLayout, partial: str, out_dir: str,
+                 opts: MergeOptions, device: torch.device, thresholds, fast: bool):
+    """Merge this rank's tensors into the shard files. Returns (failure, exception) or (None, None).
+
+    An interrupt stops here: the other ranks learn it through the store, the finished tensors stay
+    recorded for ``--resume``, and :class:`MergeInterrupted` is raised without waiting for anyone."""
+    rank = group.rank
+    show = rank == 0 and (not opts.quiet) and (opts.progress if opts.progress is not None else sys.stderr.isatty())
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastmerge-prefetch") if opts.prefetch > 0 else None
+    log = _Log(partial, rank, layout, checksum_kind())
+    writer = prog = None
+    pending: Dict[int, object] = {}
+    try:
+        writer = ShardWriter(partial, layout, [it.out_name for it in mine], on_done=log.record)
+        prog = _Progress(sum(it.in_bytes for it in mine), len(mine), show)
 
         def prefetch(k: int) -> None:
-            if pool is None or k >= len(items) or k in pending:
+            if pool is None or k >= len(mine) or k in pending:
                 return
-            it = items[k]
+            it = mine[k]
             refs = ([it.base] if it.base else []) + it.inputs
             # the budget is shared by the tensors in flight: a large one is faulted in only partly
             budget = PREFETCH_BYTES // (max(1, opts.prefetch) * max(1, len(refs)))
             pending[k] = pool.submit(lambda: [plan.checkpoints[m].prefetch(n, budget) for m, n in refs])
 
-        thresholds = global_thresholds(plan, fast)
-        for k in range(min(opts.prefetch, len(items))):
+        for k in range(min(opts.prefetch, len(mine))):
             prefetch(k)
-        result_dtype = None
-        for k, it in enumerate(items):
+        polled = time.perf_counter()
+        for k, it in enumerate(mine):
+            if group.world > 1 and time.perf_counter() - polled > 0.2:
+                polled = time.perf_counter()
+                posted = group.posted_failure()
+                if posted is not None and posted.rank != rank:
+                    raise RankFailed(posted.text())
             fut = pending.pop(k, None)
             if fut is not None:
                 fut.result()
             prefetch(k + opts.prefetch)
             sink = (lambda piece, last, name=it.out_name: writer.add_part(name, piece, last)) if not it.copy else None
             out = _merge_one(plan, it, opts.random_seed, device, fast, thresholds, sink)
-            if it.out_dtype.is_floating_point and result_dtype is None:
-                result_dtype = it.out_dtype
             if out is not None:
                 writer.add(it.out_name, out)
             del out
             for m, n in ([it.base] if it.base else []) + it.inputs:
                 plan.checkpoints[m].release(n)
             prog.update(it.in_bytes)
-        shards = writer.finish()
-        _output_files(plan, tmp, opts, result_dtype or torch.float32)
-        if os.path.exists(out_dir):
-            old = f"{tmp}.old"
-            os.rename(out_dir, old)
-            try:
-                os.rename(tmp, out_dir)
-            except OSError:
-                os.rename(old, out_dir)  # put the previous output back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-        ok = True
-    except KeyboardInterrupt:
-        raise MergeInterrupted(f"interrupted: the merge stopped cleanly and nothing was written to {out_dir}") from None
-    except OSError as e:
-        import errno
-
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise MergeError(f"no space left on the device of {parent} while writing the merged model; free at least "
-                             f"{_fmt_bytes(plan.out_bytes)} there or choose another output folder") from None
-        raise MergeError(f"writing {out_dir} failed: {e}") from None
+        writer.finish()
+        return None, None
+    except KeyboardInterrupt as e:
+        why = f"terminated by {e}" if str(e) else "interrupted"
+        group.post_failure(Failure(rank, why, resumable=True))
+        if writer is not None:
+            writer.drain()  # what is finished counts for --resume
+            writer = None
+        if str(e) == "SIGTERM" and group.world > 1:
+            why += " (torchrun stops every rank this way when one fails: see its report)"
+        raise MergeInterrupted(f"{why}: the merge stopped cleanly and {out_dir} was not created; "
+                               f"{log.count} finished tensors are kept in {partial}: rerun with --resume to "
+                               f"finish the merge") from None
+    except Exception as e:
+        failure, exc = _as_failure(e, rank, out_dir, os.path.dirname(out_dir), plan)
+        group.post_failure(failure)
+        return failure, exc
     finally:
         if prog is not None:
             prog.close()
@@ -432,12 +820,7 @@ def merge_checkpoints(config, out_dir: str, options: Optional[MergeOptions] = No
             pool.shutdown(wait=True, cancel_futures=True)
         if writer is not None:
             writer.abort()
-        plan.close()
-        if not ok:
-            shutil.rmtree(tmp, ignore_errors=True)
-    res = MergeResult(out_dir, len(plan.items), plan.in_bytes, plan.out_bytes, time.perf_counter() - start, shards,
-                      plan.method.name, notes)
-    return res
+        log.close()
 
 
 def dry_run(config, options: Optional[MergeOptions] = None, **kwargs) -> str:
