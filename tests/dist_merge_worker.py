@@ -3,9 +3,10 @@
     python -m torch.distributed.run --standalone --nproc_per_node=P tests/dist_merge_worker.py JOBS.json
 
 JOBS.json holds ``{"jobs": [{"config": YAML, "out": folder, "options": {...}}, ...], "fault": {...},
-"results": folder}``. Every rank runs the merges in order through ``fastmerge.merge_checkpoints`` (one
-process group for all of them) and writes its results, or its error, to ``results/rank-R.json``. A fault
+"results": folder}``. Every rank runs the merges in order through ``fastmerge.merge_checkpoints`` (each merge
+starts and ends its own process group) and writes its results, or its error, to ``results/rank-R.json``. A fault
 makes one rank misbehave after a number of merged tensors: ``kill`` (SIGKILL, as the OOM killer does),
+``interrupt`` (Ctrl-C in that rank only),
 ``hang`` (sleeps, so the others time out), ``blind`` (the rank cannot see the shared output folder), or
 ``enospc`` (the rank's disk is full).
 """
@@ -40,6 +41,8 @@ def main() -> int:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if fault["kind"] == "hang":
                     time.sleep(600)
+                if fault["kind"] == "interrupt":
+                    raise KeyboardInterrupt
             count["n"] += 1
             return real(*a, **k)
 

@@ -343,8 +343,8 @@ def test_interrupt_stops_cleanly_and_resume_finishes(llamas, tmp_path, monkeypat
     merge_checkpoints(ties_config(llamas), whole, quiet=True, out_shard_size="30K")
     monkeypatch.setattr(mrun, "_merge_one", merge_one)
     out = str(tmp_path / "o")
-    with pytest.raises(MergeInterrupted, match=r"stopped cleanly and .* was not created; 4 finished tensors are kept "
-                                               r"in .*\.o\.partial: rerun with --resume"):
+    with pytest.raises(MergeInterrupted, match=r"^interrupted: the merge stopped cleanly and .* was not created; the "
+                                               r"finished tensors are kept in .*\.o\.partial: rerun with --resume"):
         merge_checkpoints(ties_config(llamas), out, quiet=True, out_shard_size="30K")
     assert not os.path.exists(out) and os.path.isdir(mrun.partial_dir(out))
     # a plain rerun refuses to throw the work away
@@ -466,3 +466,56 @@ def test_written_tensors_checksum_is_crc32c_and_chains():
         for cut in {0, n // 3, n - 1 if n else 0, n}:
             assert mio.checksum(memoryview(data)[cut:], mio.checksum(data[:cut], kind="crc32c"), kind="crc32c") == whole
         assert mio.checksum(data, kind="crc32") == zlib.crc32(data)
+
+
+def test_full_disk_while_reserving_the_shards_leaves_nothing(llamas, tmp_path, monkeypatch):
+    def full(fd, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mio, "_allocate", full)
+    out = str(tmp_path / "o")
+    with pytest.raises(MergeError, match=r"no space left on the device of .* free at least"):
+        merge_checkpoints(ties_config(llamas), out, quiet=True)
+    no_leftovers(out)
+
+
+def test_a_failed_publish_keeps_everything_for_resume(llamas, tmp_path, monkeypatch):
+    real = mrun._publish
+    monkeypatch.setattr(mrun, "_publish", lambda a, b: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    out = str(tmp_path / "o")
+    with pytest.raises(MergeError, match=r"writing .* failed: .*I/O error; the finished tensors are kept in .*--resume"):
+        merge_checkpoints(ties_config(llamas), out, quiet=True)
+    assert not os.path.exists(out)
+    monkeypatch.setattr(mrun, "_publish", real)
+    res = merge_checkpoints(ties_config(llamas), out, quiet=True, resume=True)
+    assert res.resumed == res.tensors
+    assert ".fastmerge" not in os.listdir(out) and not os.path.exists(mrun.partial_dir(out))
+    whole = str(tmp_path / "whole")
+    merge_checkpoints(ties_config(llamas), whole, quiet=True)
+    for f in os.listdir(whole):
+        assert open(os.path.join(out, f), "rb").read() == open(os.path.join(whole, f), "rb").read(), f
+
+
+def test_interrupt_in_the_global_histogram_passes(llamas, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = mrun._job
+
+    def job(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(mrun, "_job", job)
+    out = str(tmp_path / "o")
+    with pytest.raises(MergeInterrupted, match="during the global-TIES histogram passes: nothing was merged yet"):
+        merge_checkpoints(ties_config(llamas, extra="parameters: {scope: global}\n"), out, quiet=True)
+    no_leftovers(out)
+
+
+def test_a_missing_tokenizer_source_fails_before_merging(llamas, tmp_path, monkeypatch):
+    monkeypatch.setattr(mrun, "_merge_one", lambda *a, **k: pytest.fail("merged before the check"))
+    out = str(tmp_path / "o")
+    with pytest.raises(CheckpointError, match=r"model \./no-such-tokenizer: not a local folder"):
+        merge_checkpoints(ties_config(llamas, extra="tokenizer_source: ./no-such-tokenizer\n"), out, quiet=True)
+    no_leftovers(out)

@@ -74,8 +74,18 @@ CONFIGS = {
 OPTIONS = {"out_shard_size": "100K", "random_seed": 7}
 
 
+def child_env(**extra):
+    """The environment of the processes the tests start: they import the fastmerge that this test
+    imported, wherever the installed one points."""
+    import fastmerge
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastmerge.__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=path, **extra)
+
+
 def torchrun(nproc, args, timeout=300, extra_env=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **(extra_env or {}))
+    env = child_env(OMP_NUM_THREADS="1", **(extra_env or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "--monitor-interval=0.2"] + args
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
@@ -175,6 +185,25 @@ def test_killed_rank_fails_the_job_and_resume_finishes_it(toys, single, tmp_path
     assert not os.path.exists(partial_dir(out))
 
 
+def test_interrupted_rank_stops_the_others_and_resume_finishes(toys, single, tmp_path):
+    out = str(tmp_path / "o")
+    job = [{"config": CONFIGS["ties_global"](toys), "out": out, "options": OPTIONS}]
+    r, res = run_worker(tmp_path, 2, job, fault={"rank": 1, "after": 1, "kind": "interrupt"}, name="int")
+    assert r.returncode != 0
+    assert res[1][0]["error"].startswith("MergeInterrupted: interrupted: the merge stopped cleanly")
+    assert res[0][0]["error"].startswith("RankFailed: rank 1 failed: interrupted")
+    for x in (res[0][0]["error"], res[1][0]["error"]):
+        assert "kept in" in x and "--resume" in x
+    assert not os.path.exists(out) and os.path.isdir(partial_dir(out))
+    assert os.path.exists(os.path.join(partial_dir(out), ".fastmerge", "thresholds.json"))
+    job[0]["options"] = dict(OPTIONS, resume=True)
+    r, res = run_worker(tmp_path, 2, job, name="int-resumed")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert res[0][0]["resumed"] >= 1
+    assert [x["bytes_all_reduced"] for x in res[0][0]["ranks"]] == [0, 0]  # the thresholds were kept
+    same_files(single["ties_global"], out)
+
+
 def test_bad_input_on_one_rank_stops_every_rank(toys, tmp_path):
     out = str(tmp_path / "o")
     fts = [toys["fts"][0], toys["bad"], toys["fts"][2]]
@@ -220,7 +249,7 @@ def test_bench_merge_with_two_ranks(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fastmerge", "bench-merge", "--size", "tiny", "--models", "2", "--dtypes",
                         "float32", "--methods", "ties", "ties_global", "--nproc", "1", "2", "--no-mergekit",
                         "--workdir", str(tmp_path / "w"), "--json", str(report)],
-                       capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+                       capture_output=True, text=True, timeout=600, env=child_env())
     assert r.returncode == 0, r.stderr[-3000:]
     runs = json.loads(report.read_text())["runs"]
     assert [e["method"] for e in runs] == ["ties", "ties_global"]

@@ -217,7 +217,7 @@ def global_thresholds(plan: Plan, fast: bool, group: Optional[Group] = None,
 
     def hist(prefix, stage):
         h = torch.zeros(T, 1 << 16, dtype=torch.int64)
-        failure = None
+        failure = own = None
         try:
             for it in mine:
                 job = _job(plan, it, None, torch.device("cpu"), True)
@@ -227,11 +227,18 @@ def global_thresholds(plan: Plan, fast: bool, group: Optional[Group] = None,
                     for m, name in [it.base] + it.inputs:
                         plan.checkpoints[m].release(name, a, b)
                 del job, flat
-        except (OSError, ValueError, RuntimeError) as e:
+        except KeyboardInterrupt as e:
+            failure = Failure(group.rank, _why(e, group), resumable=True)
+            own = MergeInterrupted(f"{failure.message} during the global-TIES histogram passes: nothing was merged "
+                                   f"yet and the output folder was not created")
+        except Exception as e:
             if group.world == 1:
                 raise
             failure = Failure(group.rank, f"{stage}: {e}", resumable=False)
-        _raise_if_failed(group, group.exchange(stage, failure), failure)
+            own = e
+        if failure is not None:
+            group.post_failure(failure)
+        _raise_if_failed(group, group.exchange(stage, failure), failure, own)
         return group.all_reduce_sum(h, stage)
 
     h1 = hist([-1] * T, "global TIES, first histogram pass")
@@ -424,7 +431,13 @@ class _Log:
     def __init__(self, partial: str, rank: int, layout: ShardLayout, kind: str):
         self.layout = layout
         self.kind = kind
-        self.f = open(os.path.join(partial, META, f"written-rank{rank}.jsonl"), "a")
+        path = os.path.join(partial, META, f"written-rank{rank}.jsonl")
+        self.f = open(path, "a")
+        if self.f.tell() > 0:
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    self.f.write("\n")  # a line cut short by a kill stays on its own line
         self.count = 0
 
     def record(self, name: str, crc: int) -> None:
@@ -457,30 +470,43 @@ def _logged(partial: str) -> Dict[str, dict]:
 def _prepare(partial: str, opts: MergeOptions, fp: str, layout: ShardLayout, world: int):
     """Rank 0: make (or, with --resume, reopen) the partial folder and its shard files.
 
-    Returns (lock fd, info for the other ranks, notes)."""
+    Returns (lock fd, info for the other ranks, notes). A failure here (a full disk while the shards are
+    reserved, say) leaves nothing behind unless an earlier attempt is being resumed."""
     meta = os.path.join(partial, META)
     notes = []
     resumed = False
+    lock = None
     if os.path.isdir(partial):
-        old = _read_json(os.path.join(meta, "run.json"))
-        if opts.resume and old is not None and old.get("fingerprint") == fp:
-            resumed = True
-        elif opts.resume and old is not None:
-            raise MergeError(f"--resume: the partial output in {partial} was made from another config, other inputs, "
-                             f"seed, shard size, device or fastmerge version; start over with --overwrite")
-        elif opts.overwrite or (opts.resume and old is None):
-            if os.path.isdir(meta):
-                os.close(_lock(partial))  # not while another merge writes it
-            shutil.rmtree(partial)
-            notes.append(f"removed the partial output of an earlier attempt in {partial}")
-        else:
-            raise MergeError(f"an earlier attempt left a partial output in {partial}: pass --resume to finish it, or "
-                             f"--overwrite to start over")
+        if os.path.isdir(meta):
+            lock = _lock(partial)  # a merge that is still writing the folder stops this one here
+        try:
+            old = _read_json(os.path.join(meta, "run.json"))
+            if opts.resume and old is not None and old.get("fingerprint") == fp:
+                resumed = True
+            elif opts.resume and old is not None:
+                raise MergeError(f"--resume: the partial output in {partial} was made from another config, other "
+                                 f"inputs, seed, shard size, device or fastmerge version; start over with --overwrite")
+            elif opts.overwrite or (opts.resume and old is None):
+                shutil.rmtree(partial)
+                notes.append(f"removed the partial output of an earlier attempt in {partial}")
+            else:
+                raise MergeError(f"an earlier attempt left a partial output in {partial}: pass --resume to finish it, "
+                                 f"or --overwrite to start over")
+        except BaseException:
+            if lock is not None:
+                os.close(lock)
+            raise
+        if not resumed and lock is not None:
+            os.close(lock)  # its file went with the folder
+            lock = None
     elif opts.resume:
         notes.append("--resume: no partial output was found, so the merge starts from the beginning")
-    os.makedirs(meta, exist_ok=True)
-    lock = _lock(partial)
+    ours = resumed  # whether the folder may be removed on failure: only once this merge holds its lock
     try:
+        os.makedirs(meta, exist_ok=True)
+        if lock is None:
+            lock = _lock(partial)
+        ours = True
         import uuid
 
         token = uuid.uuid4().hex
@@ -489,7 +515,10 @@ def _prepare(partial: str, opts: MergeOptions, fp: str, layout: ShardLayout, wor
         kept = layout.create(partial, keep=resumed)
         thresholds = (_read_json(os.path.join(meta, "thresholds.json")) or {}).get("keys") if resumed else None
     except BaseException:
-        os.close(lock)
+        if lock is not None:
+            os.close(lock)
+        if ours and not resumed:
+            shutil.rmtree(partial, ignore_errors=True)
         raise
     if resumed:
         notes.append(f"--resume: continuing the partial output in {partial} ({kept} of {len(layout.names)} shard "
@@ -503,7 +532,9 @@ def _as_failure(e: BaseException, rank: int, out_dir: str, parent: str, plan: Pl
 
     if isinstance(e, RankFailed):
         return Failure(rank, str(e), resumable=True, primary=False), e
-    if isinstance(e, MergeError):
+    if isinstance(e, MergeInterrupted):
+        return Failure(rank, str(e), resumable=True), e
+    if isinstance(e, (MergeError, ValueError)):
         return Failure(rank, str(e), resumable=False), e
     if isinstance(e, OSError):
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -579,10 +610,16 @@ def _merge(group: Group, config, out_dir: str, opts: MergeOptions) -> MergeResul
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is available")
         plan = build_plan(cfg, allow_crimes=opts.allow_crimes)
-    except (ValueError, OSError) as e:
+        ts = cfg.tokenizer_source
+        if opts.copy_tokenizer and ts not in (None, "base") and ts not in plan.folders:
+            from .io import resolve_model
+
+            resolve_model(ts, cfg.base_dir)  # a missing tokenizer source fails now, not after the merge
+    except Exception as e:
         if world == 1:
             raise
-        failure, exc = Failure(rank, str(e), resumable=False), e
+        failure, exc = Failure(rank, str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}",
+                               resumable=False), e
     try:
         _raise_if_failed(group, group.exchange("planning", failure), failure, exc)
         return _merge_planned(group, plan, out_dir, opts, device, start)
@@ -623,7 +660,7 @@ def _merge_planned(group: Group, plan: Plan, out_dir: str, opts: MergeOptions, d
             if not opts.quiet:
                 for n in more:
                     print(f"note: {n}", file=sys.stderr)
-    except (OSError, MergeError) as e:
+    except Exception as e:
         failure, exc = _as_failure(e, rank, out_dir, parent, plan)
     try:
         got = group.exchange("preparing the output folder", failure, info)
@@ -647,7 +684,7 @@ def _merge_planned(group: Group, plan: Plan, out_dir: str, opts: MergeOptions, d
         try:
             got = group.exchange("finishing", failure, stats)
         except MergeError as e:  # another rank was lost: what is written stays valid for --resume
-            raise _with_suffix(e, _kept(partial)) from None
+            raise _with_suffix(exc if isinstance(exc, MergeInterrupted) else e, _kept(partial)) from None
         f = first_failure([g[0] for g in got])
         if f is not None:
             # a bad input or a full disk discards the partial folder; an interrupt or a lost rank keeps it
@@ -660,17 +697,25 @@ def _merge_planned(group: Group, plan: Plan, out_dir: str, opts: MergeOptions, d
 
         # ---- rank 0 publishes the folder
         failure = exc = None
+        published = False
         if rank == 0:
             try:
                 result_dtype = next((it.out_dtype for it in items if it.out_dtype.is_floating_point), torch.float32)
                 layout.write_index(partial)
                 _output_files(plan, partial, opts, result_dtype)
-                shutil.rmtree(os.path.join(partial, META))
                 _publish(partial, out_dir)
-            except OSError as e:
+                published = True
+                shutil.rmtree(os.path.join(out_dir, META), ignore_errors=True)  # the bookkeeping, once in place
+            except Exception as e:
                 failure, exc = _as_failure(e, rank, out_dir, parent, plan)
-        _raise_if_failed(group, group.exchange("publishing the output folder", failure), failure, exc,
-                         _kept(partial) if rank == 0 and failure is not None else "")
+        try:
+            got = group.exchange("publishing the output folder", failure)
+        except MergeError:
+            if not published:
+                raise
+            got = [(None, None)]  # the folder is complete; a rank lost after it reported success changes nothing
+            notes.append("a rank was lost after the output folder was published")
+        _raise_if_failed(group, got, failure, exc, _kept(partial) if rank == 0 and failure is not None else "")
     finally:
         if lock is not None:
             os.close(lock)
@@ -704,9 +749,12 @@ def _before_merging(group: Group, plan: Plan, layout: ShardLayout, partial: str,
         for i in share:
             e = logged.get(items[i].out_name)
             si, off, n = layout.where[items[i].out_name]
-            if e and (e.get("shard"), e.get("offset"), e.get("nbytes")) == (layout.names[si], off, n) and \
-                    layout.checksum(partial, items[i].out_name, e.get("kind")) == e.get("checksum"):
-                ok.append(i)
+            try:
+                if e and (e.get("shard"), e.get("offset"), e.get("nbytes")) == (layout.names[si], off, n) and \
+                        layout.checksum(partial, items[i].out_name, e.get("kind")) == e.get("checksum"):
+                    ok.append(i)
+            except Exception:  # unreadable, or a checksum this build cannot compute: merged again
+                pass
         for _, verified in group.exchange("checking the tensors of the earlier attempt", None, ok):
             done.update(verified)
         if rank == 0 and not opts.quiet:
@@ -720,8 +768,20 @@ def _before_merging(group: Group, plan: Plan, layout: ShardLayout, partial: str,
         share = list(partition([it.in_bytes for it in items], world)[rank])
         thresholds = global_thresholds(plan, fast, group, share)
         if thresholds is not None and rank == 0:
-            _write_json(os.path.join(partial, META, "thresholds.json"), {"keys": thresholds})
+            try:  # kept for --resume, which then skips the histogram passes
+                _write_json(os.path.join(partial, META, "thresholds.json"), {"keys": thresholds})
+            except OSError:
+                pass
     return done, mine, thresholds
+
+
+def _why(e: KeyboardInterrupt, group: Group) -> str:
+    """How an interrupt is reported: Ctrl-C, or SIGTERM (how torchrun stops the ranks when one fails)."""
+    if str(e) != "SIGTERM":
+        return "interrupted"
+    if group.world > 1:
+        return "terminated by SIGTERM (torchrun stops every rank this way when one fails: see its report)"
+    return "terminated by SIGTERM"
 
 
 def _kept(partial: str) -> str:
@@ -754,15 +814,16 @@ def _merge_share(group: Group, plan: Plan, mine: List[Item], layout: ShardLayout
                  opts: MergeOptions, device: torch.device, thresholds, fast: bool):
     """Merge this rank's tensors into the shard files. Returns (failure, exception) or (None, None).
 
-    An interrupt stops here: the other ranks learn it through the store, the finished tensors stay
-    recorded for ``--resume``, and :class:`MergeInterrupted` is raised without waiting for anyone."""
+    A failure or an interrupt stops the loop: the other ranks learn it through the store (and stop at
+    their next tensor), the finished tensors stay recorded for ``--resume``, and the caller reports it
+    at the next sync point."""
     rank = group.rank
     show = rank == 0 and (not opts.quiet) and (opts.progress if opts.progress is not None else sys.stderr.isatty())
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastmerge-prefetch") if opts.prefetch > 0 else None
-    log = _Log(partial, rank, layout, checksum_kind())
-    writer = prog = None
+    log = writer = prog = None
     pending: Dict[int, object] = {}
     try:
+        log = _Log(partial, rank, layout, checksum_kind())
         writer = ShardWriter(partial, layout, [it.out_name for it in mine], on_done=log.record)
         prog = _Progress(sum(it.in_bytes for it in mine), len(mine), show)
 
@@ -799,16 +860,12 @@ def _merge_share(group: Group, plan: Plan, mine: List[Item], layout: ShardLayout
         writer.finish()
         return None, None
     except KeyboardInterrupt as e:
-        why = f"terminated by {e}" if str(e) else "interrupted"
-        group.post_failure(Failure(rank, why, resumable=True))
+        failure = Failure(rank, _why(e, group), resumable=True)
+        group.post_failure(failure)
         if writer is not None:
             writer.drain()  # what is finished counts for --resume
             writer = None
-        if str(e) == "SIGTERM" and group.world > 1:
-            why += " (torchrun stops every rank this way when one fails: see its report)"
-        raise MergeInterrupted(f"{why}: the merge stopped cleanly and {out_dir} was not created; "
-                               f"{log.count} finished tensors are kept in {partial}: rerun with --resume to "
-                               f"finish the merge") from None
+        return failure, MergeInterrupted(f"{failure.message}: the merge stopped cleanly and {out_dir} was not created")
     except Exception as e:
         failure, exc = _as_failure(e, rank, out_dir, os.path.dirname(out_dir), plan)
         group.post_failure(failure)
@@ -820,7 +877,8 @@ def _merge_share(group: Group, plan: Plan, mine: List[Item], layout: ShardLayout
             pool.shutdown(wait=True, cancel_futures=True)
         if writer is not None:
             writer.abort()
-        log.close()
+        if log is not None:
+            log.close()
 
 
 def dry_run(config, options: Optional[MergeOptions] = None, **kwargs) -> str:
