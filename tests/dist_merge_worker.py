@@ -63,7 +63,8 @@ def main() -> int:
     for job in spec["jobs"]:
         try:
             res = merge_checkpoints(job["config"], job["out"], quiet=True, **job.get("options", {}))
-        except Exception as e:  # noqa: BLE001 - reported to the test
+        except BaseException as e:  # noqa: BLE001 - reported to the test (SIGTERM included)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher's stop must not cut the report short
             results.append({"error": f"{type(e).__name__}: {e}"})
             with open(out, "w") as f:
                 json.dump(results, f)

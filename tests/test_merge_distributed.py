@@ -174,6 +174,8 @@ def test_killed_rank_fails_the_job_and_resume_finishes_it(toys, single, tmp_path
     assert r.returncode != 0
     assert "SIGKILL" in r.stderr or "Signal 9" in r.stderr or "exitcode  : -9" in r.stderr, r.stderr[-3000:]
     assert not os.path.exists(out) and os.path.isdir(partial_dir(out))
+    # rank 0 names the dead rank, whether it lost contact first or got the launcher's SIGTERM first
+    assert "rank 1 (pid " in res[0][0]["error"] and "is no longer running (killed or crashed)" in res[0][0]["error"]
     logs = [f for f in os.listdir(os.path.join(partial_dir(out), ".fastmerge")) if f.startswith("written-")]
     assert "written-rank1.jsonl" in logs
     # a different rank count resumes it: the verified tensors are skipped, the result is identical

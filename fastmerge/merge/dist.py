@@ -123,6 +123,13 @@ class Group:
             self.store = dist.PrefixStore(self.tag, self.store)
             dist.init_process_group(backend, store=self.store, rank=self.rank, world_size=self.world, timeout=td)
             self.owns = True
+        if self.world > 1 and self.store is not None:
+            import json
+
+            try:  # who runs each rank: a rank that dies without a word can then be named (see gone())
+                self.store.set(self.tag + f"who/{self.rank}", json.dumps({"host": self.host, "pid": os.getpid()}))
+            except Exception:
+                pass
         elif distributed:
             raise MergeError("distributed=True, but this process was not started by torchrun (WORLD_SIZE is not set "
                              "above 1) and no process group is initialised")
@@ -158,6 +165,35 @@ class Group:
         except Exception:
             return None
 
+    def gone(self) -> List[str]:
+        """The ranks on this host whose process no longer runs (killed or crashed), as
+        "rank R (pid P on HOST)"; ranks on other hosts cannot be checked from here."""
+        if self.store is None or self.world == 1:
+            return []
+        import json
+
+        out = []
+        for r in range(self.world):
+            if r == self.rank:
+                continue
+            try:
+                if not self.store.check([self.tag + f"who/{r}"]):
+                    continue
+                who = json.loads(self.store.get(self.tag + f"who/{r}").decode())
+            except Exception:
+                continue
+            if who.get("host") != self.host:
+                continue
+            if not _running(int(who.get("pid", 0))):
+                out.append(f"rank {r} (pid {who['pid']} on {who['host']})")
+        return out
+
+    def gone_text(self) -> str:
+        dead = self.gone()
+        if not dead:
+            return ""
+        return f"; {', '.join(dead)} {'is' if len(dead) == 1 else 'are'} no longer running (killed or crashed)"
+
     # ------------------------------------------------------------------ collectives
 
     def _lost(self, exc: BaseException, stage: str) -> MergeError:
@@ -168,11 +204,12 @@ class Group:
         if "timed out" in text.lower() or "timeout" in text.lower():
             return CollectiveTimeout(
                 f"rank {self.rank} ({self.host}): timed out after {self.timeout:g} s waiting for the other ranks "
-                f"({stage}); a rank is stuck or has died (see the launcher's report), or raise --timeout if the "
-                f"storage is slow")
+                f"({stage}){self.gone_text()}; a rank is stuck or has died (see the launcher's report), or raise "
+                f"--timeout if the storage is slow")
         first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-        return RankFailed(f"rank {self.rank} ({self.host}): lost contact with the other ranks ({stage}): {first}; "
-                          f"another rank has probably died: see the launcher's report")
+        dead = self.gone_text()
+        return RankFailed(f"rank {self.rank} ({self.host}): lost contact with the other ranks ({stage}): {first}"
+                          + (dead or "; another rank has probably died: see the launcher's report"))
 
     def gather(self, obj: Any, stage: str) -> List[Any]:
         """Every rank's ``obj`` (picklable), in rank order."""
@@ -215,6 +252,26 @@ class Group:
             except Exception:
                 pass
             self.owns = False
+
+
+def _running(pid: int) -> bool:
+    """Whether a process of this host runs (a zombie, killed but not yet reaped by its parent, does not)."""
+    if pid <= 0:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
 
 
 def first_failure(records: Sequence[Optional[Failure]]) -> Optional[Failure]:

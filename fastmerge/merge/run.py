@@ -780,7 +780,8 @@ def _why(e: KeyboardInterrupt, group: Group) -> str:
     if str(e) != "SIGTERM":
         return "interrupted"
     if group.world > 1:
-        return "terminated by SIGTERM (torchrun stops every rank this way when one fails: see its report)"
+        return (f"terminated by SIGTERM{group.gone_text()} (torchrun stops every rank this way when one fails: see "
+                f"its report)")
     return "terminated by SIGTERM"
 
 
