@@ -141,6 +141,7 @@ inline float delta_at(const Inputs& in, int t, int64_t i) {
 // ------------------------------------------------------------------------- key histograms
 
 constexpr int kBins = 1 << 16;
+constexpr int kTop = 1 << 15;  // bins of the top 16 bits of a key (its sign bit is clear)
 
 // Histograms of magnitude keys, one row of kBins per request j, over model models[j]: with
 // prefix[j] < 0 the top 16 bits of every key (the sign bit is clear, so rows use bins < 2^15), else the
@@ -155,21 +156,49 @@ void key_hist(const Inputs& in, const std::vector<int>& models, const std::vecto
   std::vector<uint32_t> h(size_t(nt) * J * kBins, 0);
   std::vector<char> bad(nt, 0);
   if (where) where->assign(size_t(nt) * J, {});
+  bool any_top = false;
+  for (int64_t p : prefix) any_top |= p < 0;
+  std::vector<uint32_t> quad(any_top ? size_t(nt) * J * 4 * kTop : 0, 0);
   at::parallel_for(0, in.n, kChunk, [&](int64_t i0, int64_t i1) {
     const int tid = at::get_thread_num();
     for (int j = 0; j < J; ++j) {
       uint32_t* hj = h.data() + (size_t(tid) * J + j) * kBins;
       const int t = models[j];
       const int64_t pre = prefix[j];
+      if (pre < 0) {
+        // four copies of the histogram, one per entry mod 4: a run of equal bins (the usual case, as
+        // magnitudes cluster) makes four independent increments instead of one chain through memory
+        uint32_t* q = quad.data() + (size_t(tid) * J + j) * 4 * kTop;
+        int64_t i = i0;
+        uint32_t nonfinite = 0;
+        for (; i + 4 <= i1; i += 4) {
+          const uint32_t k0 = key_of(delta_at<in_t>(in, t, i)), k1 = key_of(delta_at<in_t>(in, t, i + 1));
+          const uint32_t k2 = key_of(delta_at<in_t>(in, t, i + 2)), k3 = key_of(delta_at<in_t>(in, t, i + 3));
+          nonfinite |= uint32_t(k0 >= 0x7f800000u) | uint32_t(k1 >= 0x7f800000u) | uint32_t(k2 >= 0x7f800000u) |
+                       uint32_t(k3 >= 0x7f800000u);
+          if (nonfinite) break;
+          ++q[k0 >> 16];
+          ++q[kTop + (k1 >> 16)];
+          ++q[2 * kTop + (k2 >> 16)];
+          ++q[3 * kTop + (k3 >> 16)];
+        }
+        for (; i < i1; ++i) {
+          const uint32_t k = key_of(delta_at<in_t>(in, t, i));
+          if (k >= 0x7f800000u) {
+            bad[tid] = 1;
+            return;
+          }
+          ++q[k >> 16];
+        }
+        continue;
+      }
       for (int64_t i = i0; i < i1; ++i) {
         const uint32_t k = key_of(delta_at<in_t>(in, t, i));
         if (k >= 0x7f800000u) {
           bad[tid] = 1;
           return;
         }
-        if (pre < 0) {
-          ++hj[k >> 16];
-        } else if (int64_t(k >> 16) == pre) {
+        if (int64_t(k >> 16) == pre) {
           ++hj[k & 0xffffu];
           if (where) (*where)[size_t(tid) * J + j].push_back(uint64_t(k & 0xffffu) << 40 | uint64_t(i));
         }
@@ -181,6 +210,10 @@ void key_hist(const Inputs& in, const std::vector<int>& models, const std::vecto
   std::fill(out, out + size_t(J) * kBins, int64_t(0));
   for (int tid = 0; tid < nt; ++tid)
     for (size_t x = 0; x < size_t(J) * kBins; ++x) out[x] += h[size_t(tid) * J * kBins + x];
+  for (int tid = 0; tid < nt && any_top; ++tid)
+    for (int j = 0; j < J; ++j)
+      for (int c = 0; c < 4; ++c)
+        for (int x = 0; x < kTop; ++x) out[size_t(j) * kBins + x] += quad[((size_t(tid) * J + j) * 4 + c) * kTop + x];
 }
 
 }  // namespace
@@ -248,10 +281,12 @@ void merge_block(const Inputs& in, const MergeSpec& s, int64_t i0, int m, float*
       const int32_t hi = int32_t(std::max<int64_t>(-1, std::min<int64_t>(r.hi_key, INT32_MAX)));
       const int32_t bin = s.defer_bins ? int32_t(s.defer_bins[t]) : -1;
       uint32_t edge = 0, inbin = 0;
+      int32_t keys[kBlock];  // kept for the deferred bin below, so it need not form the deltas again
       for (int j = 0; j < m; ++j) {
         int32_t k;
         std::memcpy(&k, &vt[j], 4);
         k &= 0x7fffffff;
+        keys[j] = k;
         edge |= uint32_t((k == lo) | (k == hi));
         inbin |= uint32_t((k >> 16) == bin);
         vt[j] = (k > lo && k < hi) ? vt[j] : 0.0f;
@@ -268,11 +303,19 @@ void merge_block(const Inputs& in, const MergeSpec& s, int64_t i0, int m, float*
         const int tid = at::get_thread_num();
         uint32_t* h = s.defer_hist->data() + (size_t(tid) * T + t) * 65536;
         auto& where = (*s.defer_where)[size_t(tid) * T + t];
-        for (int j = 0; j < m; ++j) {
-          const uint32_t k = key_of(to_f(x[j]) - b[j]);
-          if (int32_t(k >> 16) == bin) {
-            ++h[k & 0xffffu];
-            where.push_back(uint64_t(k & 0xffffu) << 40 | uint64_t(s.entry(i0 + j)));
+        // a bin holds well under 1 % of the entries: groups of 16 without one are passed over with a
+        // vector test, and only the others take the scalar loop
+        for (int j0 = 0; j0 < m; j0 += 16) {
+          const int e = std::min(m, j0 + 16);
+          uint32_t any = 0;
+          for (int j = j0; j < e; ++j) any |= uint32_t((keys[j] >> 16) == bin);
+          if (!any) continue;
+          for (int j = j0; j < e; ++j) {
+            const uint32_t k = uint32_t(keys[j]);
+            if (int32_t(k >> 16) == bin) {
+              ++h[k & 0xffffu];
+              where.push_back(uint64_t(k & 0xffffu) << 40 | uint64_t(s.entry(i0 + j)));
+            }
           }
         }
       }
