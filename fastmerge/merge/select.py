@@ -99,10 +99,10 @@ def merge_top_k(C, base: Tensor, thetas: Sequence[Tensor], rank_lo: Sequence[int
             rules[t][0:3] = exact_boundary(h2[t], where[t], c, int(rank_lo[t]), True, bool(by_high[t]), n,
                                            lambda key: None)  # every position was recorded
     idx = torch.unique(torch.cat([w & INDEX_MASK for w in where]))
-    if idx.numel():
-        fixed = C.ckpt_merge(base[idx], [x[idx] for x in thetas], list(weights),
-                             torch.tensor(rules, dtype=torch.int64), *rest, 0, None, idx)
-        out[idx] = fixed
+    if idx.numel():  # index_select / index_copy_: advanced indexing takes 20x longer on these sizes
+        fixed = C.ckpt_merge(torch.index_select(base, 0, idx), [torch.index_select(x, 0, idx) for x in thetas],
+                             list(weights), torch.tensor(rules, dtype=torch.int64), *rest, 0, None, idx)
+        out.index_copy_(0, idx, fixed)
     return True
 
 
