@@ -88,7 +88,18 @@ def torchrun(nproc, args, timeout=300, extra_env=None):
     env = child_env(OMP_NUM_THREADS="1", **(extra_env or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "--monitor-interval=0.2"] + args
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    # a session of its own, so that a job that outlives the timeout is killed with all of its ranks
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        import signal
+
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def run_worker(tmp_path, nproc, jobs, fault=None, name="w", timeout=300):
