@@ -191,7 +191,8 @@ def _merge_arguments(p: argparse.ArgumentParser) -> None:
                    help="copy the tokenizer files of tokenizer_source (default: the base model)")
     p.add_argument("--write-model-card", action=argparse.BooleanOptionalAction, default=True,
                    help="write README.md naming the inputs, the method and the config")
-    p.add_argument("--device", default="cpu", help="cpu (fused C++ kernels) or cuda (PyTorch formulations on the GPU)")
+    p.add_argument("--device", default="cpu", help="cpu (fused C++ kernels) or cuda (PyTorch formulations on the GPU; under torchrun "
+                        "cuda:LOCAL_RANK, with NCCL)")
     p.add_argument("--allow-crimes", action="store_true", help="merge models of different architectures")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of the kernels (default: torch's choice)")
     p.add_argument("--dry-run", action="store_true",
@@ -342,7 +343,9 @@ COMMANDS: dict[str, Command] = {
             "breadcrumbs_ties, della, della_linear, slerp, model_stock, passthrough) over folders of safetensors "
             "shards. Everything is checked from the headers before any weight is read; tensors are read "
             "memory-mapped and prefetched, merged by fused kernels, and written into shards as they fill. "
-            "The output folder appears only when the merge is complete."
+            "The output folder appears only when the merge is complete; an interrupted merge is finished with "
+            "--resume. Under torchrun (torchrun --nproc_per_node=P -m fastmerge merge ...) the ranks share the "
+            "tensors and write the same files as one process."
         ),
         add_arguments=_merge_arguments,
         run=_merge_run,
