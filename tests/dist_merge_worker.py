@@ -3,7 +3,7 @@
     python -m torch.distributed.run --standalone --nproc_per_node=P tests/dist_merge_worker.py JOBS.json
 
 JOBS.json holds ``{"jobs": [{"config": YAML, "out": folder, "options": {...}}, ...], "fault": {...},
-"results": folder}``. Every rank runs the merges in order through ``fastmerge.merge_checkpoints`` (each merge
+"results": folder, "init_group": bool}`` (``init_group``: the worker starts the process group itself). Every rank runs the merges in order through ``fastmerge.merge_checkpoints`` (each merge
 starts and ends its own process group) and writes its results, or its error, to ``results/rank-R.json``. A fault
 makes one rank misbehave after a number of merged tensors: ``kill`` (SIGKILL, as the OOM killer does),
 ``interrupt`` (Ctrl-C in that rank only),
@@ -58,6 +58,10 @@ def main() -> int:
                 raise OSError(errno.ENOSPC, "No space left on device")
 
             mio._write_at = full
+    if spec.get("init_group"):  # the caller's own process group, as a training script would have
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
     results = []
     out = os.path.join(spec["results"], f"rank-{rank}.json")
     for job in spec["jobs"]:
@@ -72,6 +76,11 @@ def main() -> int:
             return 3
         results.append({"world": res.world, "rank": res.rank, "resumed": res.resumed, "ranks": res.ranks,
                         "shards": res.shards})
+    if spec.get("init_group"):
+        import torch.distributed as dist
+
+        results.append({"group_still_initialised": dist.is_initialized()})
+        dist.destroy_process_group()
     with open(out, "w") as f:
         json.dump(results, f)
     return 0

@@ -102,11 +102,11 @@ def torchrun(nproc, args, timeout=300, extra_env=None):
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
-def run_worker(tmp_path, nproc, jobs, fault=None, name="w", timeout=300):
+def run_worker(tmp_path, nproc, jobs, fault=None, name="w", timeout=300, init_group=False):
     results = tmp_path / f"{name}-results"
     results.mkdir()
     spec = tmp_path / f"{name}.json"
-    spec.write_text(json.dumps({"jobs": jobs, "fault": fault, "results": str(results)}))
+    spec.write_text(json.dumps({"jobs": jobs, "fault": fault, "results": str(results), "init_group": init_group}))
     r = torchrun(nproc, [WORKER, str(spec)], timeout=timeout)
     per_rank = {}
     for f in os.listdir(results):
@@ -162,6 +162,17 @@ def test_any_rank_count_writes_the_same_files(toys, single, tmp_path, nproc):
         # global TIES all-reduces two passes of models x 65536 int64 counts per rank, whatever the size
         expect = 2 * MODELS * 65536 * 8 if (name == "ties_global" and nproc > 1) else 0
         assert [x["bytes_all_reduced"] for x in ranks] == [expect] * nproc
+
+
+def test_a_process_group_of_the_caller_is_used_and_left_alone(toys, single, tmp_path):
+    jobs = [{"config": CONFIGS[name](toys), "out": str(tmp_path / name), "options": OPTIONS}
+            for name in ("ties_global", "dare_ties")]
+    r, res = run_worker(tmp_path, 2, jobs, init_group=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("ties_global", "dare_ties"):
+        same_files(single[name], str(tmp_path / name))
+    assert res[0][0]["world"] == 2 and res[0][0]["ranks"][1]["bytes_all_reduced"] == 2 * MODELS * 65536 * 8
+    assert res[0][-1] == res[1][-1] == {"group_still_initialised": True}
 
 
 def test_the_cli_under_torchrun(toys, single, tmp_path):
