@@ -238,14 +238,20 @@ def test_bad_input_on_one_rank_stops_every_rank(toys, tmp_path):
     assert not os.path.exists(out) and not os.path.exists(partial_dir(out))  # a bad input: nothing kept
 
 
-def test_a_full_disk_on_one_rank_stops_every_rank(toys, tmp_path):
+@pytest.mark.parametrize("kind, own, told", [
+    ("enospc", "MergeError: no space left on the device of", "RankFailed: rank 1 failed: no space left on the device of "),
+    ("blind", "must be on storage that every rank shares", "RankFailed: rank 1 failed: rank 1 on "),
+])
+def test_a_failure_on_one_rank_stops_every_rank_and_keeps_nothing(toys, tmp_path, kind, own, told):
+    """A full disk on one rank (the space is given back), or a rank that cannot see the output folder
+    that rank 0 created (nothing was merged)."""
     out = str(tmp_path / "o")
     r, res = run_worker(tmp_path, 2, [{"config": CONFIGS["ties"](toys), "out": out, "options": OPTIONS}],
-                        fault={"rank": 1, "kind": "enospc"})
+                        fault={"rank": 1, "kind": kind})
     assert r.returncode != 0
-    assert "MergeError: no space left on the device of" in res[1][0]["error"]
-    assert res[0][0]["error"].startswith("RankFailed: rank 1 failed: no space left on the device of ")
-    assert not os.path.exists(out) and not os.path.exists(partial_dir(out))  # the space is given back
+    assert own in res[1][0]["error"]
+    assert res[0][0]["error"].startswith(told)
+    assert not os.path.exists(out) and not os.path.exists(partial_dir(out))
 
 
 def test_a_stuck_rank_is_reported_as_a_timeout(toys, tmp_path):
@@ -256,16 +262,6 @@ def test_a_stuck_rank_is_reported_as_a_timeout(toys, tmp_path):
     assert res[0][0]["error"].startswith("CollectiveTimeout: rank 0 ") and "timed out after 4 s" in res[0][0]["error"]
     assert "--resume" in res[0][0]["error"]
     assert not os.path.exists(out)
-
-
-def test_output_folder_must_be_shared(toys, tmp_path):
-    out = str(tmp_path / "o")
-    r, res = run_worker(tmp_path, 2, [{"config": CONFIGS["linear"](toys), "out": out, "options": OPTIONS}],
-                        fault={"rank": 1, "kind": "blind"})
-    assert r.returncode != 0
-    assert "must be on storage that every rank shares" in res[1][0]["error"]
-    assert res[0][0]["error"].startswith("RankFailed: rank 1 failed: rank 1 on ")
-    assert not os.path.exists(out) and not os.path.exists(partial_dir(out))  # nothing was merged: nothing kept
 
 
 def test_bench_merge_with_two_ranks(tmp_path):
