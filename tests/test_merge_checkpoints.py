@@ -519,3 +519,30 @@ def test_a_missing_tokenizer_source_fails_before_merging(llamas, tmp_path, monke
     with pytest.raises(CheckpointError, match=r"model \./no-such-tokenizer: not a local folder"):
         merge_checkpoints(ties_config(llamas, extra="tokenizer_source: ./no-such-tokenizer\n"), out, quiet=True)
     no_leftovers(out)
+
+
+def test_sigterm_outside_the_merge_loop_is_a_clean_interrupt(llamas, tmp_path, monkeypatch):
+    """A SIGTERM (raised as KeyboardInterrupt("SIGTERM") by the CLI's handler) that lands in a sync point
+    or while the process group closes, not in the merge loop: still a clean, resumable interrupt."""
+    from fastmerge.merge.dist import Group
+
+    real = Group.exchange
+
+    def exchange(self, stage, failure, payload=None):
+        if stage == "finishing":
+            raise KeyboardInterrupt("SIGTERM")
+        return real(self, stage, failure, payload)
+
+    monkeypatch.setattr(Group, "exchange", exchange)
+    out = str(tmp_path / "o")
+    with pytest.raises(MergeInterrupted, match=r"^terminated by SIGTERM: the merge stopped and .* was not created; "
+                                               r"finished tensors, if any, are kept in .*: rerun with --resume"):
+        merge_checkpoints(ties_config(llamas), out, quiet=True)
+    assert not os.path.exists(out) and os.path.isdir(mrun.partial_dir(out))
+    monkeypatch.setattr(Group, "exchange", real)
+    monkeypatch.setattr(Group, "close", lambda self: (_ for _ in ()).throw(KeyboardInterrupt("SIGTERM")))
+    with pytest.raises(MergeInterrupted, match=r"^terminated by SIGTERM"):
+        merge_checkpoints(ties_config(llamas), str(tmp_path / "o2"), quiet=True)
+    monkeypatch.undo()
+    res = merge_checkpoints(ties_config(llamas), out, quiet=True, resume=True)
+    assert res.resumed == res.tensors

@@ -591,9 +591,13 @@ def merge_checkpoints(config, out_dir: str, options: Optional[MergeOptions] = No
         opts.out_shard_size = parse_size(opts.out_shard_size)
     group = Group(opts.timeout, opts.device, opts.distributed)
     try:
-        return _merge(group, config, os.path.abspath(out_dir), opts)
-    finally:
-        group.close()
+        try:
+            return _merge(group, config, os.path.abspath(out_dir), opts)
+        finally:
+            group.close()
+    except KeyboardInterrupt as e:  # one that arrived outside the merge loop (a SIGTERM in a collective, say)
+        raise MergeInterrupted(f"{_why(e, group)}: the merge stopped and {out_dir} was not created; finished "
+                               f"tensors, if any, are kept in {partial_dir(out_dir)}: rerun with --resume") from None
 
 
 def _merge(group: Group, config, out_dir: str, opts: MergeOptions) -> MergeResult:
