@@ -153,16 +153,16 @@ void key_hist(const Inputs& in, const std::vector<int>& models, const std::vecto
               std::vector<std::vector<uint64_t>>* where = nullptr) {
   const int J = int(models.size());
   const int nt = at::get_num_threads();
-  std::vector<uint32_t> h(size_t(nt) * J * kBins, 0);
   std::vector<char> bad(nt, 0);
   if (where) where->assign(size_t(nt) * J, {});
-  bool any_top = false;
-  for (int64_t p : prefix) any_top |= p < 0;
+  bool any_top = false, any_inner = false;
+  for (int64_t p : prefix) (p < 0 ? any_top : any_inner) = true;
+  // counts per thread and request: four copies of the top-16-bit bins, or the low-16-bit bins
   std::vector<uint32_t> quad(any_top ? size_t(nt) * J * 4 * kTop : 0, 0);
+  std::vector<uint32_t> h(any_inner ? size_t(nt) * J * kBins : 0, 0);
   at::parallel_for(0, in.n, kChunk, [&](int64_t i0, int64_t i1) {
     const int tid = at::get_thread_num();
     for (int j = 0; j < J; ++j) {
-      uint32_t* hj = h.data() + (size_t(tid) * J + j) * kBins;
       const int t = models[j];
       const int64_t pre = prefix[j];
       if (pre < 0) {
@@ -192,6 +192,7 @@ void key_hist(const Inputs& in, const std::vector<int>& models, const std::vecto
         }
         continue;
       }
+      uint32_t* hj = h.data() + (size_t(tid) * J + j) * kBins;
       for (int64_t i = i0; i < i1; ++i) {
         const uint32_t k = key_of(delta_at<in_t>(in, t, i));
         if (k >= 0x7f800000u) {
@@ -208,7 +209,7 @@ void key_hist(const Inputs& in, const std::vector<int>& models, const std::vecto
   for (char b : bad)
     if (b) raise_nonfinite(in);
   std::fill(out, out + size_t(J) * kBins, int64_t(0));
-  for (int tid = 0; tid < nt; ++tid)
+  for (int tid = 0; tid < nt && any_inner; ++tid)
     for (size_t x = 0; x < size_t(J) * kBins; ++x) out[x] += h[size_t(tid) * J * kBins + x];
   for (int tid = 0; tid < nt && any_top; ++tid)
     for (int j = 0; j < J; ++j)

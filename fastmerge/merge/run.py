@@ -438,14 +438,12 @@ class _Log:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
                     self.f.write("\n")  # a line cut short by a kill stays on its own line
-        self.count = 0
 
     def record(self, name: str, crc: int) -> None:
         si, off, n = self.layout.where[name]
         self.f.write(json.dumps({"tensor": name, "shard": self.layout.names[si], "offset": off, "nbytes": n,
                                  "checksum": crc, "kind": self.kind}) + "\n")
         self.f.flush()
-        self.count += 1
 
     def close(self) -> None:
         self.f.close()
