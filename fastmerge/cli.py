@@ -12,6 +12,11 @@ import sys
 from typing import Callable, NamedTuple, Optional, Sequence
 
 
+PRETRAINED_HELP = ("builtin (fastmerge-vit-tiny pretrained on fastmerge's generated image-caption corpus, trained "
+                   "and cached on first use), none (a seeded random initialisation), a checkpoint file written by "
+                   "`fastmerge pretrain --out`, or an open_clip tag such as openai")
+
+
 class Command(NamedTuple):
     help: str
     description: str
@@ -42,16 +47,19 @@ def _mima_arguments(p: argparse.ArgumentParser) -> None:
                    help="open_clip model: ViT-B-32, ViT-B-16, ViT-L-14 or fastmerge-vit-tiny "
                         "(default: fastmerge-vit-tiny on the built-in suite, ViT-B-32 with --data-root)")
     p.add_argument("--pretrained", default=None,
-                   help="open_clip pretrained tag (e.g. openai); default: random initialisation")
+                   help="the starting CLIP: " + PRETRAINED_HELP + ". Default: builtin on the built-in suite, none otherwise")
     p.add_argument("--data-root", default=None,
                    help="folder holding the paper's eight datasets (default: the built-in suite)")
     p.add_argument("--tasks", nargs="+", default=None, help="task names (default: all of the data source)")
     p.add_argument("--steps", "-S", type=int, default=None, help="fine-tuning budget S per task (default 480; 2000 with --data-root)")
     p.add_argument("--batch-size", type=int, default=None, help="default 64 (128 with --data-root)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 2e-3; 1e-5 with --data-root)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 5e-4 from the built-in pretrained CLIP, 2e-3 with --pretrained none, "
+                        "1e-5 with --data-root)")
     p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default 0.1)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps of the cosine schedule (default S/10)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--seeds", type=int, default=1, metavar="K",
+                   help="run K seeds (seed, seed+1, ...) into OUT/seed-S and report mean ± std over them (default 1)")
     p.add_argument("--eval-limit", type=int, default=None,
                    help="test images per task for the per-iteration evaluations (default: all)")
     p.add_argument("--ties-density", type=float, default=0.2)
@@ -74,7 +82,7 @@ def _mima_run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from fastmerge.mima import MimaConfig, _Stopped, run_mima
+    from fastmerge.mima import MimaConfig, _Stopped, run_mima_seeds
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,13 +96,79 @@ def _mima_run(args: argparse.Namespace) -> int:
                      landscape=landscape, landscape_grid=args.landscape_grid, device=args.device,
                      num_workers=args.num_workers, progress=not args.no_progress)
     try:
-        run_mima(cfg, resume=args.resume, stop_after=args.stop_after)
+        run_mima_seeds(cfg, args.seeds, resume=args.resume, stop_after=args.stop_after)
     except _Stopped as exc:
         print(f"{exc}; continue with --resume", file=sys.stderr)
         return 3
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"fastmerge mima: error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+# ------------------------------------------------------------------------------------ pretrain
+
+def _pretrain_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 2000)")
+    p.add_argument("--corpus-size", type=int, default=None, help="generated image-caption pairs (default 60000)")
+    p.add_argument("--batch-size", type=int, default=None, help="pairs per step (default 256)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-3)")
+    p.add_argument("--warmup", type=int, default=None, help="linear warm-up steps (default 150, at most steps / 10)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the initialisation, corpus and batches (default 0)")
+    p.add_argument("--force", action="store_true", help="train again even when a valid cached checkpoint exists")
+    p.add_argument("--out", default=None, metavar="FILE.pt",
+                   help="also copy the checkpoint (and its .json record) here, for --pretrained FILE.pt")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _pretrain_run(args: argparse.Namespace) -> int:
+    import json
+    import shutil
+    from dataclasses import replace
+    from pathlib import Path
+
+    import torch
+
+    from fastmerge.pretrain import DEFAULT, ensure_pretrained
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    given = dict(steps=args.steps, corpus_size=args.corpus_size, batch_size=args.batch_size, lr=args.lr,
+                 seed=args.seed, warmup=args.warmup)
+    if args.warmup is None and args.steps is not None:
+        given["warmup"] = min(DEFAULT.warmup, args.steps // 10)
+    try:
+        cfg = replace(DEFAULT, **{k: v for k, v in given.items() if v is not None}).check()
+        path = ensure_pretrained(cfg, progress=not args.no_progress, force=args.force)
+    except ValueError as exc:
+        print(f"fastmerge pretrain: error: {exc}", file=sys.stderr)
+        return 2
+    rec = json.loads(path.with_suffix(".json").read_text())
+    print(f"checkpoint: {path} (sha256 {rec['sha256'][:16]}…), trained in {rec['seconds']:.0f} s on "
+          f"{rec['threads']} threads")
+    if "zero_shot" in rec:
+        print("| task | zero-shot test accuracy (%) |\n|---|---|")
+        for name, acc in rec["zero_shot"].items():
+            print(f"| {name} | {acc:.1f} |")
+        print(f"| **mean** | **{rec['zero_shot_mean']:.1f}** |")
+        print(f"colour–shape pairs, classified among all {round(100 / rec['pairs_chance'])} captions: seen in the "
+              f"corpus {rec['pairs_seen']:.1f} %, held out from it {rec['pairs_held_out']:.1f} % "
+              f"(chance {rec['pairs_chance']:.1f} %)")
+    if args.out:
+        dest = Path(args.out)
+        if dest.suffix != ".pt":
+            print(f"fastmerge pretrain: error: --out must name a .pt file, got {dest}", file=sys.stderr)
+            return 2
+        if dest.resolve() != path.resolve():
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, dest)
+                shutil.copyfile(path.with_suffix(".json"), dest.with_suffix(".json"))
+            except OSError as exc:
+                print(f"fastmerge pretrain: error: cannot copy the checkpoint to {dest}: {exc}", file=sys.stderr)
+                return 2
+        print(f"copied to {dest}")
     return 0
 
 
@@ -139,13 +213,17 @@ def _edit_arguments(p: argparse.ArgumentParser, dv: bool) -> None:
         p.add_argument("--control", default=None, metavar="TASK",
                        help="task negation: keep >= 95 %% of the pretrained accuracy on this task")
     p.add_argument("--task-models", default=None,
-                   help="folder with task-<name>.safetensors fine-tuned models (default: fine-tune them first)")
+                   help="folder with task-<name>.safetensors fine-tuned models (default: fine-tune them first); "
+                        "{seed} in it is replaced by the run's seed, e.g. runs/mima/seed-{seed}/N1/checkpoints")
     p.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps per task when fine-tuning")
     p.add_argument("--model", default=None, help="open_clip model (default: fastmerge-vit-tiny on the built-in suite)")
-    p.add_argument("--pretrained", default=None, help="open_clip pretrained tag (default: random initialisation)")
+    p.add_argument("--pretrained", default=None,
+                   help="the starting CLIP: " + PRETRAINED_HELP + ". Default: builtin on the built-in suite, none otherwise")
     p.add_argument("--data-root", default=None, help="folder of the paper's datasets (default: the built-in suite)")
     p.add_argument("--tasks", nargs="+", default=None, help="task names (default: all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--seeds", type=int, default=1, metavar="K",
+                   help="run K seeds (seed, seed+1, ...) into OUT/seed-S and report mean ± std over them (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -153,7 +231,7 @@ def _edit_arguments(p: argparse.ArgumentParser, dv: bool) -> None:
 def _edit_run(args: argparse.Namespace, dv: bool) -> int:
     import torch
 
-    from fastmerge.dvbasi import CoefConfig, DVBasiConfig, run_dvbasi
+    from fastmerge.dvbasi import CoefConfig, DVBasiConfig, run_dvbasi_seeds
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -172,7 +250,7 @@ def _edit_run(args: argparse.Namespace, dv: bool) -> int:
                        pretrained=args.pretrained, data_root=args.data_root, tasks=args.tasks,
                        finetune_steps=args.finetune_steps, seed=args.seed, progress=not args.no_progress, **extra)
     try:
-        run_dvbasi(cfg, resume=args.resume)
+        run_dvbasi_seeds(cfg, args.seeds, resume=args.resume)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"fastmerge {'dvbasi' if dv else 'atlas'}: error: {exc}", file=sys.stderr)
         return 2
@@ -309,6 +387,19 @@ COMMANDS: dict[str, Command] = {
         ),
         add_arguments=lambda p: _edit_arguments(p, True),
         run=lambda a: _edit_run(a, True),
+    ),
+    "pretrain": Command(
+        help="pretrain the built-in CLIP (fastmerge-vit-tiny) on a generated image-caption corpus",
+        description=(
+            "Contrastive (CLIP) pretraining of fastmerge-vit-tiny's image and text towers on generated 16x16 "
+            "scenes (shapes, colours, places, dot counts, gratings, textures, digit glyphs) with captions that "
+            "compose their attributes; some colour-shape pairs are held out. Deterministic from the seed, "
+            "cached in FASTMERGE_CACHE (default ~/.cache/fastmerge) with its settings and a checksum, and "
+            "used by --pretrained builtin, the default start of mima, atlas and dvbasi on the built-in suite "
+            "(which train it on first use). Prints the zero-shot accuracy on every built-in task."
+        ),
+        add_arguments=_pretrain_arguments,
+        run=_pretrain_run,
     ),
     "mima": Command(
         help="MIMA: iterated averaging and fine-tuning of CLIP task models, swept over N",

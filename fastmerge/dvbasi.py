@@ -657,3 +657,78 @@ def _plot(results: dict, out: Path) -> list:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return [path]
+
+
+def seeds_table(all_results: list) -> tuple[str, dict]:
+    """Mean ± std over seeds of every row of the DV-BASI table, and the paired differences of the
+    final anisotropic iteration against each ablation. Returns ``(markdown, differences)``."""
+    from .report import mean_std, pm
+
+    names = all_results[0]["tasks"]
+    keys = list(all_results[0]["theta0"]["test"])
+    avg = lambda xs: sum(xs[names.index(k)] for k in keys) / len(keys)
+    lines = ["| model | test accuracy, abs. (%) | rel. (%) |", "|---|---|---|",
+             f"| pretrained (zero-shot) | {pm([avg(r['pretrained']) for r in all_results])} | – |",
+             f"| fine-tuned (own task) | {pm([avg(r['fine_tuned']) for r in all_results])} | 100 |",
+             f"| θ_0 ({all_results[0]['init']['method']}) | {pm([r['theta0']['abs'] for r in all_results])} | "
+             f"{pm([r['theta0']['rel'] for r in all_results])} |"]
+    runs = all_results[0].get("runs", {})
+    for variant in runs:
+        for m in range(len(runs[variant])):
+            its = [r["runs"][variant][m] for r in all_results]
+            lines.append(f"| DV-BASI {variant}, m = {m + 1} | {pm([i['abs'] for i in its])} | {pm([i['rel'] for i in its])} |")
+    diffs = {}
+    if "anisotropic" in runs:
+        for other in (v for v in runs if v != "anisotropic"):
+            d = [r["runs"]["anisotropic"][-1]["abs"] - r["runs"][other][-1]["abs"] for r in all_results]
+            m, sd = mean_std(d)
+            diffs[other] = dict(per_seed=d, mean=m, std=sd, beyond_one_std=m > sd if len(d) > 1 else None)
+        if diffs:
+            lines += ["", "Final anisotropic minus each ablation, paired by seed (points of average test accuracy):", "",
+                      "| ablation | per seed | mean ± std | mean > one std |", "|---|---|---|---|"]
+            for other, d in diffs.items():
+                lines.append(f"| {other} | {', '.join(f'{x:+.1f}' for x in d['per_seed'])} | {d['mean']:+.1f} ± "
+                             f"{d['std']:.1f} | {'yes' if d['beyond_one_std'] else 'no'} |")
+    return "\n".join(lines), diffs
+
+
+def _seed_path(path: Optional[str], seed: int) -> Optional[str]:
+    """``--task-models`` with ``{seed}`` replaced (for example ``runs/mima/seed-{seed}/N1/checkpoints``)."""
+    return None if path is None else path.replace("{seed}", str(seed))
+
+
+def run_dvbasi_seeds(cfg: DVBasiConfig, seeds: int = 1, resume: bool = False,
+                     log: Callable[[str], None] = print) -> dict:
+    """:func:`run_dvbasi` for ``seeds`` consecutive seeds, each in ``OUT/seed-S``, with
+    ``OUT/report.md`` and ``OUT/summary.json`` giving mean ± std over the seeds. The seed changes the
+    task data, the fine-tuning of the task models and the coefficient batches. A ``{seed}`` in
+    ``cfg.task_models`` is replaced by each seed, so every seed can use that seed's MIMA N = 1 task
+    models."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
+    from dataclasses import replace
+
+    if seeds == 1:
+        return run_dvbasi(replace(cfg, task_models=_seed_path(cfg.task_models, cfg.seed)), resume=resume, log=log)
+
+    out = Path(cfg.out)
+    chosen = [cfg.seed + k for k in range(seeds)]
+    if cfg.task_models is not None and "{seed}" not in cfg.task_models:
+        log(f"warning: every seed uses the task models in {cfg.task_models} while its task data changes; put "
+            "{seed} in the path to give each seed its own (e.g. runs/mima/seed-{seed}/N1/checkpoints)")
+    results = []
+    for k, s in enumerate(chosen):
+        log(f"=== seed {s} ({k + 1} of {seeds}) ===")
+        results.append(run_dvbasi(replace(cfg, seed=s, out=str(out / f"seed-{s}"), coef=replace(cfg.coef, seed=s),
+                                          task_models=_seed_path(cfg.task_models, s)), resume=resume, log=log))
+    table, diffs = seeds_table(results)
+    title = "aTLAS" if cfg.atlas_only else "DV-BASI"
+    (out / "summary.json").write_text(json.dumps(dict(seeds=chosen, table=table, differences=diffs,
+                                                      runs={str(s): f"seed-{s}/results.json" for s in chosen}), indent=1))
+    (out / "report.md").write_text(f"# {title} results over seeds\n\nseeds: {', '.join(map(str, chosen))}; mean ± "
+                                   f"standard deviation over the seeds\n\n{table}\n\nEach seed's own report: "
+                                   + ", ".join(f"`seed-{s}/`" for s in chosen) + "\n")
+    log(f"\nover {seeds} seeds (mean ± std):")
+    log(table)
+    log(f"\nreport: {out / 'report.md'}")
+    return dict(seeds=chosen, results=results, table=table, differences=diffs)

@@ -15,7 +15,8 @@ T x T cosine matrices of τ and δ come from :func:`fastmerge.task_vector_cosine
 Each task keeps one AdamW optimizer for the whole budget: its learning rate follows one cosine
 schedule with linear warm-up over the S steps, and its moment estimates carry across the averaging
 phases (the budget is one fine-tuning run, interrupted by averaging). Classification heads are the
-frozen zero-shot heads of :mod:`fastmerge.models`; only the image encoder trains.
+frozen zero-shot heads of :mod:`fastmerge.models`; only the image encoder trains. On the built-in
+suite θ0 is the built-in pretrained CLIP of :mod:`fastmerge.pretrain` unless ``pretrained="none"``.
 
 After N iterations the task models are merged by uniform averaging, task arithmetic and TIES, with
 λ chosen on validation data from the paper's grids and without validation (λ = 0.4 and λ = 1).
@@ -47,10 +48,14 @@ TA_GRID = tuple(round(0.05 * i, 2) for i in range(21))          # 0, 0.05, ..., 
 TIES_GRID = tuple(round(0.8 + 0.05 * i, 2) for i in range(21))  # 0.8, 0.85, ..., 1.8
 TA_NO_VAL, TIES_NO_VAL = 0.4, 1.0
 
-# Defaults per data source: the built-in suite (a small ViT from a random initialisation) and the
-# paper's settings for the eight datasets on a pretrained CLIP ViT.
+# The fine-tuning learning rate on the built-in suite: from the built-in pretrained CLIP, and from a
+# random initialisation (``pretrained="none"``, which needs larger steps to learn anything).
+LR_BUILTIN_PRETRAINED, LR_BUILTIN_RANDOM = 5e-4, 2e-3
+
+# Defaults per data source: the built-in suite (the small ViT, by default pretrained by
+# fastmerge.pretrain) and the paper's settings for the eight datasets on a pretrained CLIP ViT.
 # The warm-up defaults to S / 10 (the paper: 200 of 2000).
-BUILTIN_DEFAULTS = dict(model=models.TINY, steps=480, batch_size=64, lr=2e-3, weight_decay=0.1)
+BUILTIN_DEFAULTS = dict(model=models.TINY, steps=480, batch_size=64, lr=LR_BUILTIN_PRETRAINED, weight_decay=0.1)
 PAPER_DEFAULTS = dict(model="ViT-B-32", steps=2000, batch_size=128, lr=1e-5, weight_decay=0.1)
 
 
@@ -82,11 +87,14 @@ class MimaConfig:
     progress: bool = True
 
     def resolved(self) -> "MimaConfig":
-        base = BUILTIN_DEFAULTS if self.data_root is None else PAPER_DEFAULTS
+        base = dict(BUILTIN_DEFAULTS if self.data_root is None else PAPER_DEFAULTS)
         c = copy.copy(self)
         for k, v in base.items():
-            if getattr(c, k) is None:
+            if getattr(c, k) is None and k != "lr":
                 setattr(c, k, v)
+        c.pretrained = models.resolve_pretrained(c.model, c.pretrained, c.data_root is None)
+        if c.lr is None:
+            c.lr = LR_BUILTIN_RANDOM if c.data_root is None and c.pretrained == "none" else base["lr"]
         if c.warmup is None:
             c.warmup = c.steps // 10
         c.iterations = tuple(int(n) for n in c.iterations)
@@ -213,7 +221,8 @@ def build_suite(cfg: MimaConfig, log: Callable[[str], None] = print) -> Suite:
         from .data import check_root
 
         check_root(cfg.data_root, cfg.tasks)
-    clip, preprocess, tokenizer = models.load_clip(cfg.model, cfg.pretrained, seed=cfg.seed, device=cfg.device)
+    clip, preprocess, tokenizer = models.load_clip(cfg.model, cfg.pretrained, seed=cfg.seed, device=cfg.device,
+                                                   log=log, progress=cfg.progress)
     tasks = load_tasks(cfg, preprocess)
     digest = models.text_tower_digest(clip)
     heads = [models.zeroshot_head(clip, tokenizer, t.classnames, t.templates, digest=digest).to(cfg.device)
@@ -223,7 +232,7 @@ def build_suite(cfg: MimaConfig, log: Callable[[str], None] = print) -> Suite:
     encoder.requires_grad_(False)
     layout = FlatLayout.from_module(encoder)
     theta0 = layout.flatten(encoder).to(cfg.device)
-    log(f"model {cfg.model} ({'pretrained ' + cfg.pretrained if cfg.pretrained else 'random init, seed %d' % cfg.seed}), "
+    log(f"model {cfg.model} ({'random init, seed %d' % cfg.seed if cfg.pretrained == 'none' else 'pretrained ' + cfg.pretrained}), "
         f"d = {theta0.numel():,} encoder parameters; tasks: "
         + ", ".join(f"{t.name} ({t.num_classes} classes, {t.size('train')} train)" for t in tasks))
     return Suite(tasks, heads, encoder, layout, theta0)
@@ -572,3 +581,41 @@ def run_mima(cfg: MimaConfig, resume: bool = False, log: Callable[[str], None] =
         return results
     finally:
         dist.close()
+
+
+def run_mima_seeds(cfg: MimaConfig, seeds: int = 1, resume: bool = False, log: Callable[[str], None] = print,
+                   stop_after: Optional[int] = None) -> Optional[dict]:
+    """The sweep for ``seeds`` consecutive seeds (``cfg.seed``, ``cfg.seed + 1``, ...).
+
+    With one seed this is :func:`run_mima`. With several, seed S runs in ``OUT/seed-S`` (its own
+    report, plots and checkpoints) and ``OUT/report.md`` / ``OUT/summary.json`` give every accuracy,
+    cosine and gap as mean ± standard deviation over the seeds. The seed changes the generated
+    task data, the batch order and any random initialisation; the built-in pretrained CLIP is the
+    same for every seed, as one published CLIP is for the papers' runs.
+
+    Returns:
+        ``{"seeds": [...], "results": [...], "summary": {...}}`` on rank 0 (None on other ranks).
+    """
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
+    if seeds == 1:
+        return run_mima(cfg, resume=resume, log=log, stop_after=stop_after)
+    from dataclasses import replace
+
+    from .report import write_seed_reports
+
+    out = Path(cfg.out)
+    chosen = [cfg.seed + k for k in range(seeds)]
+    results = []
+    dist = Dist(cfg.device)      # one process group for all the seeds (each run_mima then uses it)
+    try:
+        for k, s in enumerate(chosen):
+            if dist.main:
+                log(f"=== seed {s} ({k + 1} of {seeds}) ===")
+            results.append(run_mima(replace(cfg, seed=s, out=str(out / f"seed-{s}")), resume=resume, log=log,
+                                    stop_after=stop_after))
+    finally:
+        dist.close()
+    if not dist.main:
+        return None
+    return dict(seeds=chosen, results=results, summary=write_seed_reports(results, chosen, out, log))

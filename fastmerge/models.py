@@ -16,7 +16,9 @@ weights, the class names and the templates. Only the image encoder trains.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 from pathlib import Path
 from typing import Optional, Sequence
@@ -44,13 +46,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FASTMERGE_CACHE", Path.home() / ".cache" / "fastmerge"))
 
 
-def load_clip(name: str, pretrained: Optional[str] = None, seed: int = 0, device="cpu"):
+def resolve_pretrained(name: str, pretrained: Optional[str], builtin_suite: bool) -> str:
+    """The default start: ``"builtin"`` for the tiny ViT on the built-in suite, else ``"none"``."""
+    if pretrained is None:
+        return "builtin" if builtin_suite and name == TINY else "none"
+    return pretrained
+
+
+def load_clip(name: str, pretrained: Optional[str] = None, seed: int = 0, device="cpu",
+              log=print, progress: bool = True):
     """Create an open_clip CLIP model.
 
     Args:
         name: one of :data:`MODELS` (any open_clip model name also works).
-        pretrained: an open_clip pretrained tag, or None for a random initialisation from ``seed``.
-        seed: seed of the random initialisation (ignored with ``pretrained``).
+        pretrained: None or ``"none"`` for a random initialisation from ``seed``; ``"builtin"``
+            for ``fastmerge-vit-tiny`` pretrained by :mod:`fastmerge.pretrain` (trained and cached
+            on first use); the path of a checkpoint file written by ``fastmerge pretrain --out``; or
+            an open_clip pretrained tag.
+        seed: seed of the random initialisation (the starting point before loaded weights).
+        log, progress: messages and a progress bar while a missing built-in checkpoint trains.
 
     Returns:
         ``(model, preprocess, tokenizer)``; ``preprocess`` is open_clip's evaluation transform.
@@ -61,11 +75,41 @@ def load_clip(name: str, pretrained: Optional[str] = None, seed: int = 0, device
     if name not in open_clip.list_models():
         raise ValueError(f"unknown model {name!r}; fastmerge supports {', '.join(MODELS)} "
                          "(and any other open_clip model name)")
-    with torch.random.fork_rng(devices=[]):
+    tag, weights = pretrained, None
+    if pretrained is None or pretrained == "none":
+        tag = None
+    elif pretrained == "builtin":
+        if name != TINY:
+            raise ValueError(f"--pretrained builtin exists only for {TINY}; give {name} an open_clip tag or 'none'")
+        from .pretrain import ensure_pretrained
+
+        tag, weights = None, ensure_pretrained(log=log, progress=progress)
+    elif pretrained.endswith(".pt") or os.sep in pretrained:
+        tag, weights = None, Path(pretrained)
+    with torch.random.fork_rng(devices=[]), _quiet_random_init(tag is None):
         torch.manual_seed(seed)
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, device=device)
+    if weights is not None:
+        from .pretrain import load_weights
+
+        load_weights(model, weights)
+        model.to(device)
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(name)
+
+
+@contextlib.contextmanager
+def _quiet_random_init(quiet: bool):
+    """Silence open_clip's "no pretrained weights loaded" warning when a random start is what was asked."""
+    if not quiet:
+        yield
+        return
+    before = logging.root.manager.disable
+    logging.disable(max(before, logging.WARNING))
+    try:
+        yield
+    finally:
+        logging.disable(before)
 
 
 def text_tower_digest(model) -> str:

@@ -156,3 +156,116 @@ def write_reports(results: dict, out: Path, say: Callable[[str], None] = print) 
     say(tab)
     say("")
     say(f"results: {out / 'results.json'}, report: {out / 'report.md'}, plots: {out / 'plots'}")
+
+
+# ----------------------------------------------------------------------------- several seeds
+
+def mean_std(xs) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    xs = [float(x) for x in xs]
+    m = sum(xs) / len(xs)
+    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    return m, sd
+
+
+def pm(xs, digits: int = 1) -> str:
+    """``mean ± std`` of ``xs`` as text."""
+    m, sd = mean_std(xs)
+    return f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+def seeds_table(all_results: list) -> str:
+    """The Table-1-style table of :func:`table` with every number as mean ± std over seeds."""
+    Ns = sorted(all_results[0]["runs"], key=int)
+    T = len(all_results[0]["tasks"])
+    finals = lambda n: [r["runs"][n]["final"] for r in all_results]
+    lines = ["| method | " + " | ".join(f"N = {n} abs. / rel." for n in Ns) + " |", "|---|" + "---|" * len(Ns)]
+    pre = pm([sum(r["pretrained"]) / T for r in all_results])
+    lines.append("| Pretrained (zero-shot) | " + " | ".join(f"{pre} / –" for _ in Ns) + " |")
+    lines.append("| Fine-tuned (own task) | " + " | ".join(f"{pm([f['fine_tuned_abs'] for f in finals(n)])} / 100"
+                                                          for n in Ns) + " |")
+    for key, label, _ in METHODS:
+        cells = []
+        for n in Ns:
+            ms = [f["merges"][key] for f in finals(n)]
+            lam = ""
+            if key in ("task_arithmetic", "ties"):
+                lam = " (λ " + ", ".join(f"{m['lam']:g}" for m in ms) + ")"
+            cells.append(f"{pm([m['abs'] for m in ms])} / {pm([m['rel'] for m in ms])}{lam}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("| single-task gap, uniform (points) | "
+                 + " | ".join(pm([f["merges"]["uniform"]["gap"] for f in finals(n)]) for n in Ns) + " |")
+    lines.append("| median pairwise cos τ (final) | "
+                 + " | ".join(pm([f["median_cos_tau"] for f in finals(n)], 3) for n in Ns) + " |")
+    lines.append("| median pairwise cos δ (last iteration) | "
+                 + " | ".join(pm([f["median_cos_delta"] for f in finals(n)], 3) for n in Ns) + " |")
+    lines.append("| wall time per seed (s) | "
+                 + " | ".join(pm([r["runs"][n].get("seconds", float("nan")) for r in all_results], 0) for n in Ns) + " |")
+    return "\n".join(lines)
+
+
+def seeds_per_task_table(all_results: list) -> str:
+    """Per-task zero-shot, fine-tuned and uniform-average accuracy, mean ± std over seeds."""
+    Ns = sorted(all_results[0]["runs"], key=int)
+    lines = ["| task | pretrained | " + " | ".join(f"N = {n} fine-tuned / uniform" for n in Ns) + " |",
+             "|---|---|" + "---|" * len(Ns)]
+    for t, name in enumerate(all_results[0]["tasks"]):
+        cells = [f"{pm([r['runs'][n]['final']['fine_tuned'][t] for r in all_results])} / "
+                 f"{pm([r['runs'][n]['final']['merges']['uniform']['test_acc'][t] for r in all_results])}" for n in Ns]
+        lines.append(f"| {name} | {pm([r['pretrained'][t] for r in all_results])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def seeds_plot(all_results: list, out: Path) -> list[Path]:
+    """Accuracy against N with error bars (one standard deviation over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    Ns = sorted(all_results[0]["runs"], key=int)
+    xs = [int(n) for n in Ns]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    series = [("fine-tuned", lambda f: f["fine_tuned_abs"], "--")]
+    series += [(label, (lambda f, k=key: f["merges"][k]["abs"]), ":" if val is False else "-")
+               for key, label, val in METHODS]
+    for label, get, style in series:
+        stats = [mean_std([get(r["runs"][n]["final"]) for r in all_results]) for n in Ns]
+        ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", linestyle=style,
+                    capsize=3, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel("iterations N")
+    ax.set_ylabel(f"average test accuracy (%), mean ± std of {len(all_results)} seeds")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "accuracy_vs_N_seeds.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+def write_seed_reports(all_results: list, seeds: list, out: Path, say: Callable[[str], None] = print) -> dict:
+    """``summary.json`` and ``report.md`` over the seeds' runs (each seed's own report is in ``seed-S/``)."""
+    out = Path(out)
+    tab, per_task = seeds_table(all_results), seeds_per_task_table(all_results)
+    try:
+        files = seeds_plot(all_results, out / "plots")
+    except ImportError:
+        files = []
+    summary = dict(seeds=seeds, tasks=all_results[0]["tasks"], table=tab, per_task=per_task,
+                   runs={str(s): f"seed-{s}/results.json" for s in seeds})
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    md = ["# MIMA results over seeds", "", f"seeds: {', '.join(map(str, seeds))}; every cell is mean ± standard "
+          "deviation over the seeds (λ: the value chosen for each seed)", "", tab, "",
+          "Per task (test accuracy, %):", "", per_task, ""]
+    md += [f"![{f.stem}](plots/{f.name})" for f in files]
+    md += ["", "Each seed's own report, plots and checkpoints: " + ", ".join(f"`seed-{s}/`" for s in seeds)]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    say("")
+    say(f"over {len(seeds)} seeds (mean ± std):")
+    say(tab)
+    say(f"\nreport: {out / 'report.md'}")
+    return summary

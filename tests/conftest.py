@@ -36,3 +36,44 @@ def _restore_threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
+
+
+_SESSION_CACHE = None
+
+
+def cache_with_builtin(path) -> str:
+    """A fresh cache folder (for tests of the cache itself) that still holds the session's stand-in
+    for the built-in pretrained CLIP."""
+    path.mkdir(parents=True, exist_ok=True)
+    link = path / "pretrained"
+    if not link.exists():
+        link.symlink_to(_SESSION_CACHE / "pretrained", target_is_directory=True)
+    return str(path)
+
+
+# Settings of a pretraining small enough for the tests (seconds, not minutes).
+TINY_PRETRAIN = dict(corpus_size=96, steps=6, batch_size=16, warmup=1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _test_cache(tmp_path_factory):
+    """Keep every test (and the subprocesses they start) out of the user's cache, and stand in for the
+    built-in pretrained CLIP with a few steps of the same pretraining stored under the default
+    settings' key, so that runs on the built-in suite load it instead of training for minutes."""
+    import os
+
+    from fastmerge import pretrain
+
+    global _SESSION_CACHE
+    cache = _SESSION_CACHE = tmp_path_factory.mktemp("fastmerge-cache")
+    old = os.environ.get("FASTMERGE_CACHE")
+    os.environ["FASTMERGE_CACHE"] = str(cache)
+    from dataclasses import replace
+
+    model, record = pretrain.pretrain(replace(pretrain.DEFAULT, **TINY_PRETRAIN), log=lambda _m: None, progress=False)
+    pretrain.save_checkpoint(model, dict(record, stand_in=True), pretrain.checkpoint_path())
+    yield cache
+    if old is None:
+        os.environ.pop("FASTMERGE_CACHE", None)
+    else:
+        os.environ["FASTMERGE_CACHE"] = old

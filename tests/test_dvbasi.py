@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from conftest import cache_with_builtin
 import fastmerge
 from fastmerge import reference
 from fastmerge.dvbasi import (BlockScaledModel, CoefConfig, DVBasiConfig, Objective, dvbasi_step, learn_coefs,
@@ -20,7 +21,7 @@ TASKS = ["shapes", "colors", "digits"]
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTMERGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FASTMERGE_CACHE", cache_with_builtin(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +244,7 @@ def test_cli_help_and_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fastmerge", "dvbasi", "--out", str(tmp_path / "x"), "--task-models",
                         str(tmp_path / "none"), "--tasks", "shapes", "digits", "--no-progress"],
                        capture_output=True, text=True, env={**__import__("os").environ,
-                                                            "FASTMERGE_CACHE": str(tmp_path / "c")})
+                                                            "FASTMERGE_CACHE": cache_with_builtin(tmp_path / "c")})
     assert r.returncode == 2 and "no task model for 'shapes'" in r.stderr
 
 
@@ -347,3 +348,22 @@ def test_unsupervised_loss_option_reaches_the_training_and_is_checked(suite, tmp
         run_dvbasi(DVBasiConfig(out=str(tmp_path / "x"), coef=bad, progress=False), log=lambda _m: None)
     r = subprocess.run([sys.executable, "-m", "fastmerge", "dvbasi", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--unsupervised-loss" in r.stdout
+
+
+def test_cli_seeds_report_paired_ablation_differences(tmp_path):
+    import os
+
+    out = tmp_path / "d"
+    r = subprocess.run([sys.executable, "-m", "fastmerge", "dvbasi", "--out", str(out), "--seeds", "2",
+                        "--tasks", "shapes", "colors", "--finetune-steps", "4", "--epochs", "1", "--steps-per-epoch", "1",
+                        "--iterations", "1", "--batch-size", "8", "--init-merge", "task_arithmetic",
+                        "--ablations", "isotropic", "random", "--no-progress"],
+                       capture_output=True, text=True, timeout=900, env=dict(os.environ))
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and set(summary["differences"]) == {"isotropic", "random"}
+    res = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
+    want = [x["runs"]["anisotropic"][-1]["abs"] - x["runs"]["isotropic"][-1]["abs"] for x in res]
+    assert summary["differences"]["isotropic"]["per_seed"] == pytest.approx(want)
+    assert res[0]["config"]["seed"] == 0 and res[1]["config"]["coef"]["seed"] == 1
+    assert "mean ± std" in (out / "report.md").read_text() and "over 2 seeds" in r.stdout

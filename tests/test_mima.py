@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import cache_with_builtin
 import fastmerge
 from fastmerge import models
 from fastmerge.data import BUILTIN_TASKS, builtin_suite, builtin_task, check_root, load_paper_dataset
@@ -24,7 +25,7 @@ TASKS3 = ["shapes", "colors", "digits"]
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTMERGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FASTMERGE_CACHE", cache_with_builtin(tmp_path / "cache"))
 
 
 def small_cfg(out, **kw):
@@ -270,6 +271,20 @@ def test_cli_errors_are_clear(tmp_path):
     assert p.returncode == 2 and "mnist" in out and "does not download" in out
 
 
+def _one_process_and_two_ranks(common: list, tmp_path) -> subprocess.CompletedProcess:
+    """Run ``python <common>`` in one process (into tmp/one) and under torchrun with 2 gloo ranks (into
+    tmp/two); both must succeed. Returns the torchrun run."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    single = subprocess.run([sys.executable, *common, "--threads", "1", "--out", str(tmp_path / "one")],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stdout + single.stderr
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            *common, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert multi.returncode == 0, multi.stdout + multi.stderr
+    return multi
+
+
 def test_distributed_two_processes_match_single_process(tmp_path):
     """torchrun with 2 gloo processes on loopback: the same task models and merges as one process.
 
@@ -279,14 +294,7 @@ def test_distributed_two_processes_match_single_process(tmp_path):
     """
     common = ["-m", "fastmerge", "mima", "-N", "1", "2", "--steps", "16", "--batch-size", "16", "--tasks", *TASKS3,
               "--no-progress", "--no-landscape", "--eval-limit", "60"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    single = subprocess.run([sys.executable, *common, "--threads", "1", "--out", str(tmp_path / "one")],
-                            env=env, capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stdout + single.stderr
-    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            *common, "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
-                           timeout=600)
-    assert multi.returncode == 0, multi.stdout + multi.stderr
+    _one_process_and_two_ranks(common, tmp_path)
     a = json.loads((tmp_path / "one" / "results.json").read_text())
     b = json.loads((tmp_path / "two" / "results.json").read_text())
     assert b["world_size"] == 2 and a["world_size"] == 1
@@ -297,6 +305,20 @@ def test_distributed_two_processes_match_single_process(tmp_path):
             pa = FlatLayout.load_safetensors(tmp_path / "one" / f"N{n}" / "checkpoints" / f"{f}.safetensors")[1]
             pb = FlatLayout.load_safetensors(tmp_path / "two" / f"N{n}" / "checkpoints" / f"{f}.safetensors")[1]
             assert torch.equal(pa, pb), (n, f)
+
+
+def test_distributed_seeds_share_one_process_group(tmp_path):
+    """``--seeds 2`` under torchrun: one process group for both seeds, and the single-process results."""
+    common = ["-m", "fastmerge", "mima", "-N", "2", "--steps", "8", "--batch-size", "16", "--tasks", "shapes", "digits",
+              "--no-progress", "--no-landscape", "--no-checkpoints", "--eval-limit", "40", "--seeds", "2"]
+    multi = _one_process_and_two_ranks(common, tmp_path)
+    assert multi.stdout.count("=== seed") == 2          # rank 0 only
+    for s in ("seed-0", "seed-1"):
+        a = json.loads((tmp_path / "one" / s / "results.json").read_text())
+        b = json.loads((tmp_path / "two" / s / "results.json").read_text())
+        assert b["world_size"] == 2 and a["runs"]["2"]["final"]["merges"] == b["runs"]["2"]["final"]["merges"]
+    tables = [json.loads((tmp_path / d / "summary.json").read_text())["table"].splitlines() for d in ("one", "two")]
+    assert [r for r in tables[0] if "wall time" not in r] == [r for r in tables[1] if "wall time" not in r]
 
 
 def test_error_landscape_geometry(tmp_path):
@@ -357,3 +379,36 @@ def test_paper_dataset_class_folders_must_match(tmp_path):
     _image_tree(tmp_path / "gtsrb", ["test"], classes=("a",))
     with pytest.raises(ValueError, match="class folders .* differ"):
         load_paper_dataset("GTSRB", tmp_path)
+
+
+def test_mean_std():
+    from fastmerge.report import mean_std, pm
+
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert mean_std([5.0]) == (5.0, 0.0)
+    assert pm([1.0, 2.0, 3.0]) == "2.0 ± 1.0"
+
+
+def test_seeds_report_mean_and_std_over_seed_runs(tmp_path):
+    from fastmerge.mima import run_mima_seeds
+    from fastmerge.report import pm
+
+    kw = dict(iterations=(1, 2), landscape=None, checkpoints=False)
+    res = run_mima_seeds(small_cfg(tmp_path / "s", **kw), seeds=2, log=lambda _m: None)
+    assert res["seeds"] == [0, 1]
+    r0, r1 = res["results"]
+    assert r0["config"]["seed"] == 0 and r1["config"]["seed"] == 1
+    # each seed's run is the single-seed run with that seed
+    one = run_mima(small_cfg(tmp_path / "one", seed=1, **kw), log=lambda _m: None)
+    assert one["runs"]["2"]["final"]["merges"]["uniform"]["abs"] == r1["runs"]["2"]["final"]["merges"]["uniform"]["abs"]
+    assert one["runs"]["2"]["final"]["cos_tau"] == r1["runs"]["2"]["final"]["cos_tau"]
+    md = (tmp_path / "s" / "report.md").read_text()
+    for n in ("1", "2"):
+        uni = [r["runs"][n]["final"]["merges"]["uniform"]["abs"] for r in res["results"]]
+        assert pm(uni) in md
+        cos = [r["runs"][n]["final"]["median_cos_tau"] for r in res["results"]]
+        assert pm(cos, 3) in md
+    for f in ("summary.json", "plots/accuracy_vs_N_seeds.png", "seed-0/report.md", "seed-1/results.json"):
+        assert (tmp_path / "s" / f).is_file(), f
+    with pytest.raises(ValueError, match="at least 1"):
+        run_mima_seeds(small_cfg(tmp_path / "z"), seeds=0)

@@ -92,13 +92,24 @@ def _gen_colors(rng, label):
 ORIENTATIONS = tuple(f"{a:g} degrees" for a in np.arange(0, 180, 22.5))
 
 
-def _gen_orientation(rng, label):
-    ang = math.radians(label * 22.5 + rng.uniform(-4, 4))
+def _grating(rng, degrees: float) -> np.ndarray:
+    """A sinusoidal grating [16, 16] in [0, 1] at ``degrees`` (random frequency and phase)."""
+    ang = math.radians(degrees)
     freq = rng.uniform(0.22, 0.4)
-    wave = 0.5 + 0.5 * np.sin(2 * math.pi * freq * (_XX * math.cos(ang) + _YY * math.sin(ang)) + rng.uniform(0, 2 * math.pi))
-    a, b = _bright_color(rng), rng.uniform(0, 0.3, size=3).astype(np.float32)
-    img = b[:, None, None] + (a - b)[:, None, None] * wave[None]
+    return 0.5 + 0.5 * np.sin(2 * math.pi * freq * (_XX * math.cos(ang) + _YY * math.sin(ang)) + rng.uniform(0, 2 * math.pi))
+
+
+def _colourize(rng, v: np.ndarray, dark: float, color: Optional[np.ndarray] = None) -> np.ndarray:
+    """Blend a dark random colour (channels below ``dark``) into ``color`` (default: a random bright
+    one) by the pattern ``v`` in [0, 1], plus pixel noise."""
+    a = _bright_color(rng) if color is None else color
+    b = rng.uniform(0, dark, size=3).astype(np.float32)
+    img = b[:, None, None] + (a - b)[:, None, None] * v.astype(np.float32)[None]
     return np.clip(img + rng.normal(0, 0.05, size=img.shape), 0, 1).astype(np.float32)
+
+
+def _gen_orientation(rng, label):
+    return _colourize(rng, _grating(rng, label * 22.5 + rng.uniform(-4, 4)), 0.3)
 
 
 COUNTS = ("one", "two", "three", "four", "five", "six")
@@ -131,11 +142,11 @@ def _gen_position(rng, label):
 TEXTURES = ("stripes", "checkerboard", "polka dots", "noise", "concentric rings", "smooth gradient")
 
 
-def _gen_texture(rng, label):
+def _texture(rng, name: str) -> np.ndarray:
+    """One of :data:`TEXTURES` as a pattern [16, 16] in [0, 1] (random period and offset)."""
     p = rng.uniform(2.5, 4.5)
     oy, ox = rng.uniform(0, p, size=2)
     y, x = _YY + oy, _XX + ox
-    name = TEXTURES[label]
     if name == "stripes":
         v = np.floor((x if rng.random() < 0.5 else y) / p) % 2
     elif name == "checkerboard":
@@ -147,13 +158,17 @@ def _gen_texture(rng, label):
     elif name == "concentric rings":
         cy, cx = rng.uniform(4, 12, size=2)
         v = np.floor(np.sqrt((_YY - cy) ** 2 + (_XX - cx) ** 2) / (p * 0.6)) % 2
-    else:
+    elif name == "smooth gradient":
         ang = rng.uniform(0, 2 * math.pi)
         v = (_XX * math.cos(ang) + _YY * math.sin(ang))
         v = (v - v.min()) / (v.max() - v.min() + 1e-6)
-    a, b = _bright_color(rng), rng.uniform(0, 0.35, size=3).astype(np.float32)
-    img = b[:, None, None] + (a - b)[:, None, None] * v.astype(np.float32)[None]
-    return np.clip(img + rng.normal(0, 0.05, size=img.shape), 0, 1).astype(np.float32)
+    else:
+        raise ValueError(name)
+    return v
+
+
+def _gen_texture(rng, label):
+    return _colourize(rng, _texture(rng, TEXTURES[label]), 0.35)
 
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
