@@ -279,3 +279,20 @@ def test_bench_merge_with_two_ranks(tmp_path):
         assert d["rc"] == 0 and d["identical_to_one_process"] is True and len(d["ranks"]) == 2
         assert all(x["peak_rss"] > 0 and x["tensors"] > 0 for x in d["ranks"])
     assert runs[1]["fastmerge_2_ranks"]["ranks"][0]["bytes_all_reduced"] == 2 * 2 * 65536 * 8
+
+
+def test_lost_contact_waits_for_a_killed_rank_to_be_seen_dead(monkeypatch):
+    """A killed peer's sockets close while its process is still exiting: the rank that lost contact
+    looks again for a moment, so the error names the dead rank (seen once under load)."""
+    from fastmerge.merge import dist as mdist
+
+    g = mdist.Group(distributed=False)
+    g.world = 2
+    seen = iter(["", "", "; rank 1 (pid 7 on h) is no longer running (killed or crashed)"])
+    monkeypatch.setattr(g, "gone_text", lambda: next(seen))
+    err = g._lost(RuntimeError("Connection closed by peer"), "finishing")
+    assert isinstance(err, mdist.RankFailed) and "rank 1 (pid 7 on h) is no longer running" in str(err)
+    monkeypatch.setattr(mdist, "LOST_GRACE_S", 0.2)
+    monkeypatch.setattr(g, "gone_text", lambda: "")
+    err = g._lost(RuntimeError("Connection closed by peer"), "finishing")
+    assert "another rank has probably died" in str(err)

@@ -15,10 +15,15 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence
 
 import torch
+
+# How long a rank that lost contact with the others looks for a dead rank on its host before it
+# reports that it could not name one.
+LOST_GRACE_S = 3.0
 
 
 class MergeError(RuntimeError):
@@ -208,6 +213,12 @@ class Group:
                 f"--timeout if the storage is slow")
         first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         dead = self.gone_text()
+        # A killed peer's sockets close while its process is still exiting, before it turns into a
+        # zombie: give a rank of this host a moment to be seen dead.
+        deadline = time.monotonic() + LOST_GRACE_S
+        while not dead and time.monotonic() < deadline:
+            time.sleep(0.05)
+            dead = self.gone_text()
         return RankFailed(f"rank {self.rank} ({self.host}): lost contact with the other ranks ({stage}): {first}"
                           + (dead or "; another rank has probably died: see the launcher's report"))
 
