@@ -704,15 +704,14 @@ def run_dvbasi_seeds(cfg: DVBasiConfig, seeds: int = 1, resume: bool = False,
     task data, the fine-tuning of the task models and the coefficient batches. A ``{seed}`` in
     ``cfg.task_models`` is replaced by each seed, so every seed can use that seed's MIMA N = 1 task
     models."""
-    if seeds < 1:
-        raise ValueError(f"seeds must be at least 1, got {seeds}")
     from dataclasses import replace
 
+    from .report import seed_list
+
+    chosen = seed_list(cfg.seed, seeds)
     if seeds == 1:
         return run_dvbasi(replace(cfg, task_models=_seed_path(cfg.task_models, cfg.seed)), resume=resume, log=log)
-
     out = Path(cfg.out)
-    chosen = [cfg.seed + k for k in range(seeds)]
     if cfg.task_models is not None and "{seed}" not in cfg.task_models:
         log(f"warning: every seed uses the task models in {cfg.task_models} while its task data changes; put "
             "{seed} in the path to give each seed its own (e.g. runs/mima/seed-{seed}/N1/checkpoints)")

@@ -596,16 +596,14 @@ def run_mima_seeds(cfg: MimaConfig, seeds: int = 1, resume: bool = False, log: C
     Returns:
         ``{"seeds": [...], "results": [...], "summary": {...}}`` on rank 0 (None on other ranks).
     """
-    if seeds < 1:
-        raise ValueError(f"seeds must be at least 1, got {seeds}")
-    if seeds == 1:
-        return run_mima(cfg, resume=resume, log=log, stop_after=stop_after)
     from dataclasses import replace
 
-    from .report import write_seed_reports
+    from .report import seed_list, write_seed_reports
 
+    chosen = seed_list(cfg.seed, seeds)
+    if seeds == 1:
+        return run_mima(cfg, resume=resume, log=log, stop_after=stop_after)
     out = Path(cfg.out)
-    chosen = [cfg.seed + k for k in range(seeds)]
     results = []
     dist = Dist(cfg.device)      # one process group for all the seeds (each run_mima then uses it)
     try:

@@ -197,18 +197,23 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def verify(path: Path) -> Optional[str]:
-    """Why the cached checkpoint at ``path`` cannot be used, or None when its checksum matches."""
+def _mismatch(path: Path, data: bytes) -> Optional[str]:
+    """Why ``data`` (the bytes of ``path``) fails the checksum in ``path``'s JSON record, or None."""
     meta = path.with_suffix(".json")
-    if not path.is_file() or not meta.is_file():
-        return "not cached"
     try:
         want = json.loads(meta.read_text())["sha256"]
     except (ValueError, KeyError, TypeError):
         return f"{meta} is unreadable"
-    if _sha256(path.read_bytes()) != want:
+    if _sha256(data) != want:
         return f"{path} does not match the checksum in {meta.name}"
     return None
+
+
+def verify(path: Path) -> Optional[str]:
+    """Why the cached checkpoint at ``path`` cannot be used, or None when its checksum matches."""
+    if not path.is_file() or not path.with_suffix(".json").is_file():
+        return "not cached"
+    return _mismatch(path, path.read_bytes())
 
 
 def save_checkpoint(model, record: dict, path: Path) -> dict:
@@ -262,16 +267,10 @@ def load_weights(model, path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"no pretrained checkpoint at {path}")
     data = path.read_bytes()                     # read once: the checksum and the weights are the same bytes
-    meta = path.with_suffix(".json")
-    if meta.is_file():
-        try:
-            want = json.loads(meta.read_text())["sha256"]
-        except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{meta} is unreadable: delete it to load {path} unchecked, or run "
-                             "`fastmerge pretrain --force`") from None
-        if _sha256(data) != want:
-            raise ValueError(f"{path} does not match the checksum in {meta.name}: delete both to retrain, or run "
-                             "`fastmerge pretrain --force`")
+    if path.with_suffix(".json").is_file():
+        why = _mismatch(path, data)
+        if why is not None:
+            raise ValueError(f"{why}: delete the checkpoint and its .json to retrain, or run `fastmerge pretrain --force`")
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -160,6 +160,13 @@ def write_reports(results: dict, out: Path, say: Callable[[str], None] = print) 
 
 # ----------------------------------------------------------------------------- several seeds
 
+def seed_list(first: int, seeds: int) -> list[int]:
+    """The seeds of a ``--seeds K`` run: ``first``, ``first + 1``, ..., ``first + K - 1``."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
+    return [first + k for k in range(seeds)]
+
+
 def mean_std(xs) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
     xs = [float(x) for x in xs]
