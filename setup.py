@@ -157,7 +157,8 @@ def ext_modules_and_cmdclass():
             cxx = os.environ.get("CXX", "c++")
             out_dir = os.path.join(os.path.abspath(self.build_temp), "isa")
             os.makedirs(out_dir, exist_ok=True)
-            deps = [os.path.join(CSRC, "cpu", f) for f in ("kernels.h", "ties.h", "common.h")]
+            deps = [os.path.join(CSRC, "cpu", f)
+                    for f in ("kernels.h", "ties.h", "common.h", "ckpt_kernels.h", "ckpt_types.h", "pool.h")]
             deps.append(os.path.join(CSRC, "include", "fastmerge", "entry_math.h"))
             jobs = []
             for isa in isas:
@@ -185,8 +186,8 @@ def ext_modules_and_cmdclass():
 
     ext = CppExtension(
         name="fastmerge._C",
-        sources=[os.path.relpath(os.path.join(CSRC, "cpu", f), ROOT) for f in ("ops_cpu.cpp", "checkpoint_merge.cpp")],
-        depends=[os.path.relpath(os.path.join(CSRC, "cpu", "checkpoint_merge.h"), ROOT)],
+        sources=[os.path.relpath(os.path.join(CSRC, "cpu", f), ROOT) for f in ("ops_cpu.cpp", "checkpoint_merge.cpp", "pool.cpp")],
+        depends=[os.path.relpath(os.path.join(CSRC, "cpu", f), ROOT) for f in ("checkpoint_merge.h", "ckpt_types.h", "common.h", "pool.h")],
         include_dirs=incs,
         extra_compile_args={"cxx": CXX_FLAGS + defines},
         extra_link_args=["-fopenmp"],

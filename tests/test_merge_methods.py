@@ -228,3 +228,114 @@ def test_tensor_of_several_chunks(name):
     j = job(name, base, thetas)
     m = M.METHODS[name]
     assert torch.equal(m.run(j), M.reference_run(m, j))
+
+
+@pytest.mark.parametrize("cap", ["DEFAULT", "AVX2", "AVX512"])
+def test_every_instruction_set_build_of_the_checkpoint_kernels_agrees(cap):
+    """The checkpoint kernels are compiled once per instruction set like the core ops: each build gives
+    the twin's tensors (bit for bit where the method is deterministic), the same key histograms, the
+    same random stream and the same non-finite error as the DEFAULT build."""
+    if cap not in _C.cpu_capabilities():
+        pytest.skip(f"this CPU cannot run the {cap} build")
+    before = _C.cpu_capability()
+
+    def everything():
+        got = {}
+        for n in (1, 257, 65537, 300007):
+            for dtype, _, _ in DTYPES:
+                base, thetas = awkward(n, 4, dtype, seed=n % 5)
+                for name in GTA:
+                    if name.startswith("della") and n == 1:
+                        continue
+                    j = job(name, base, thetas, seed=3)
+                    got[name, n, dtype] = M.METHODS[name].run(j)
+                got["hist", n, dtype] = _C.ckpt_key_hist(base, thetas, [-1] * 4)[0]
+                top = [int(torch.nonzero(r).reshape(-1)[-1]) for r in got["hist", n, dtype]]
+                got["hist2", n, dtype] = _C.ckpt_key_hist(base, thetas, top, 0, True)
+        got["bits"] = _C.ckpt_random_bits(rng.stream_key(1, "m", "w"), 12345, 100_003)
+        return got
+
+    try:
+        _C.set_cpu_capability("DEFAULT")
+        want = everything()
+        _C.set_cpu_capability(cap)
+        got = everything()
+        base, thetas = awkward(4097, 2, torch.float32)
+        thetas[1][4000] = float("inf")
+        with pytest.raises(ValueError, match=r"thetas\[1\] contains a non-finite value \(inf\) at index 4000"):
+            M.METHODS["ties"].run(job("ties", base, thetas))
+    finally:
+        _C.set_cpu_capability(before)
+    for key, w in want.items():
+        g = got[key]
+        if isinstance(w, list):  # histogram and records (records in thread order: compare as sets)
+            assert torch.equal(g[0], w[0]), key
+            for a, b in zip(g[1:], w[1:]):
+                assert torch.equal(torch.sort(a).values, torch.sort(b).values), key
+        else:
+            assert torch.equal(g, w), key
+    for name in GTA:  # and the twin, for the deterministic methods
+        if M.METHODS[name].gta["sparsification"] not in ("random", "della") or name == "task_arithmetic":
+            base, thetas = awkward(65537, 4, torch.bfloat16, seed=65537 % 5)
+            j = job(name, base, thetas, seed=3)
+            assert torch.equal(got[name, 65537, torch.bfloat16], M.reference_run(M.METHODS[name], j)), name
+
+
+def test_kernels_called_from_several_threads_at_once_give_the_same_results():
+    """The checkpoint kernels release the GIL and share one pool of worker threads: a call that finds
+    the pool busy runs on its own thread, and every result is the single-call one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = []
+    for seed in range(8):
+        base, thetas = awkward(150_001, 3, torch.float32, seed=seed)
+        cases.append(job("ties" if seed % 2 else "dare_ties", base, thetas, seed=seed))
+    want = [M.METHODS["ties" if k % 2 else "dare_ties"].run(j) for k, j in enumerate(cases)]
+    with ThreadPoolExecutor(max_workers=4) as ex:
+        for _ in range(3):
+            got = list(ex.map(lambda kj: M.METHODS["ties" if kj[0] % 2 else "dare_ties"].run(kj[1]),
+                              enumerate(cases)))
+            for g, w in zip(got, want):
+                assert torch.equal(g, w)
+
+
+def test_kernels_run_in_a_forked_child_after_the_parent_used_the_pool():
+    """A forked child has none of the parent's pool threads: its first parallel call starts its own.
+    (The child calls only the checkpoint kernels and sends bytes back: PyTorch's own OpenMP regions
+    are not safe after a fork once the parent has used them.)"""
+    import multiprocessing as mp
+
+    base, thetas = awkward(300_007, 3, torch.float32, seed=4)
+    args = (base, thetas, [1.0, 0.5, 2.0], None, None, [], [1.0] * 3, 1, True, 1.0, True, torch.float32)
+    want = _C.ckpt_merge(*args)  # the parent's pool is running now
+    want_hist = _C.ckpt_key_hist(base, thetas, [-1] * 3)[0]
+    with mp.get_context("fork").Pool(1) as p:
+        got, got_hist = p.apply_async(_kernels_in_child, (args,)).get(timeout=120)
+    assert got == want.numpy().tobytes() and got_hist == want_hist.numpy().tobytes()
+
+
+def _kernels_in_child(args):
+    torch.set_num_threads(2)
+    out, hist = _C.ckpt_merge(*args), _C.ckpt_key_hist(args[0], args[1], [-1] * 3)[0]
+    return out.numpy().tobytes(), hist.numpy().tobytes()  # as bytes: pickling a tensor copies it on OpenMP
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_merge_at_chosen_entries_writes_only_those(out_dtype):
+    """ckpt_merge_at (the re-merge of the entries in the threshold bins) gives ckpt_merge's value at each
+    chosen entry, with rules and the random stream seeing whole-tensor indices, and leaves the rest."""
+    n = 70_001
+    base, thetas = awkward(n, 3, torch.float32, seed=11)
+    rules = torch.tensor([[int(torch.tensor(0.25).view(torch.int32)), 0, n - 1, S.NO_UPPER, 0, n - 1]] * 3)
+    streams = torch.tensor([rng.stream_key(5, f"m{t}", "w") for t in range(3)])
+    args = ([1.0, 0.5, 2.0], rules, streams, [0.7, 0.9, 0.5], [1.0, 1.2, 0.8], 1, True, 1.0, True)
+    full = _C.ckpt_merge(base, thetas, *args, out_dtype)
+    idx = torch.unique(torch.randint(0, n, (5000,), generator=torch.Generator().manual_seed(2)))
+    out = torch.full((n,), 7.0, dtype=out_dtype)
+    _C.ckpt_merge_at(base, thetas, *args, out, idx)
+    assert torch.equal(out[idx], full[idx])
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[idx] = False
+    assert bool((out[rest] == 7.0).all())
+    with pytest.raises(ValueError, match=r"index\[1\] = 70001 is outside \[0, 70001\)"):
+        _C.ckpt_merge_at(base, thetas, *args, out, torch.tensor([0, n]))

@@ -20,8 +20,9 @@ at::Tensor ckpt_merge(const c10::optional<at::Tensor>& base, const std::vector<a
 
 // The same pass, which also counts, for each model t with defer_bins[t] >= 0, the low 16 bits of the
 // keys in that top-16-bit bin and records where they are: returns [out, hist int64 [T, 65536], then one
-// int64 tensor per model of (low 16 bits << 40 | index)]. fastmerge/merge/select.py uses it to find
-// the exact threshold in the merge pass itself and re-merge the few entries of the bin afterwards.
+// int64 tensor per model of (low 16 bits << 40 | index), ascending by index, then the ascending union of
+// those indices]. fastmerge/merge/select.py uses it to find the exact threshold in the merge pass
+// itself and re-merge the few entries of the bins afterwards (ckpt_merge_at).
 std::vector<at::Tensor> ckpt_merge_deferred(
     const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas, const std::vector<double>& weights,
     const c10::optional<at::Tensor>& rules, const c10::optional<at::Tensor>& streams,
@@ -29,6 +30,15 @@ std::vector<at::Tensor> ckpt_merge_deferred(
     double lam, bool guard_small_divisor, at::ScalarType out_dtype, int64_t offset,
     const c10::optional<at::Tensor>& out, const c10::optional<at::Tensor>& index,
     const std::vector<int64_t>& defer_bins);
+
+// The merge pass over entries index[0..k) only, of whole input tensors, written in place into the
+// whole-tensor output `out` (whose dtype is the output dtype); other entries of `out` are left as they
+// are. Returns out.
+at::Tensor ckpt_merge_at(const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas,
+                         const std::vector<double>& weights, const c10::optional<at::Tensor>& rules,
+                         const c10::optional<at::Tensor>& streams, const std::vector<double>& keep_prob,
+                         const std::vector<double>& scale, int64_t consensus, bool normalize, double lam,
+                         bool guard_small_divisor, at::Tensor& out, const at::Tensor& index);
 
 // Per model, sum |delta| over all entries and over the kept ones (float64 [T, 2]).
 at::Tensor ckpt_abs_sums(const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas,

@@ -99,6 +99,8 @@ struct TiesStats {
 
 // Every kernel returns true when it saw a non-finite value (input, or an overflow); the caller then
 // locates the offending input and raises, or accepts an overflow of finite inputs.
+struct CkptKernels;  // ckpt_types.h
+
 struct Kernels {
   const char* name;
   bool (*uniform_average)(const AvgArgs&);
@@ -107,6 +109,7 @@ struct Kernels {
   bool (*block_scale_fwd)(const BlockArgs&);
   bool (*block_scale_bwd)(const BlockArgs&);
   bool (*merge_ties)(const TiesArgs&, TiesStats*);
+  const CkptKernels* ckpt;  // the checkpoint-merging kernels of the same build
 };
 
 // Large scratch blocks for the kernels, from the same cache as the outputs (2 MiB aligned and kept

@@ -26,6 +26,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "ckpt_types.h"
 #include "common.h"
 #include "fastmerge/entry_math.h"
 
@@ -797,7 +798,8 @@ namespace cpu {
 const Kernels& FM_CAT(kernels_, CPU_CAPABILITY)() {
   namespace K = ::fastmerge::cpu::CPU_CAPABILITY;
   static const Kernels table{FM_STR(CPU_CAPABILITY), &K::uniform_average, &K::task_arithmetic, &K::gram,
-                             &K::block_scale_fwd, &K::block_scale_bwd, &K::merge_ties};
+                             &K::block_scale_fwd, &K::block_scale_bwd, &K::merge_ties,
+                             &FM_CAT(ckpt_kernels_, CPU_CAPABILITY)()};
   return table;
 }
 }  // namespace cpu

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "checkpoint_merge.h"
+#include "ckpt_types.h"
 #include "common.h"
 #include "fastmerge/checks.h"
 
@@ -482,6 +483,8 @@ std::vector<std::string> capabilities() {
 
 }  // namespace
 
+const CkptKernels& ckpt_kernels() { return *K().ckpt; }
+
 void* scratch_take(size_t bytes) {
   void* p = cached_block((bytes + kHuge - 1) / kHuge * kHuge, false);
   if (p == nullptr) throw std::bad_alloc();
@@ -509,16 +512,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ckpt_merge", &C::ckpt_merge, py::arg("base"), py::arg("thetas"), py::arg("weights"), py::arg("rules"),
         py::arg("streams"), py::arg("keep_prob"), py::arg("scale"), py::arg("consensus"), py::arg("normalize"),
         py::arg("lam"), py::arg("guard_small_divisor"), py::arg("out_dtype"), py::arg("offset") = 0,
-        py::arg("out") = py::none(), py::arg("index") = py::none());
+        py::arg("out") = py::none(), py::arg("index") = py::none(),
+        py::call_guard<py::gil_scoped_release>());
   m.def("ckpt_merge_deferred", &C::ckpt_merge_deferred, py::arg("base"), py::arg("thetas"), py::arg("weights"),
         py::arg("rules"), py::arg("streams"), py::arg("keep_prob"), py::arg("scale"), py::arg("consensus"),
         py::arg("normalize"), py::arg("lam"), py::arg("guard_small_divisor"), py::arg("out_dtype"), py::arg("offset"),
-        py::arg("out"), py::arg("index"), py::arg("defer_bins"));
+        py::arg("out"), py::arg("index"), py::arg("defer_bins"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("ckpt_merge_at", &C::ckpt_merge_at, py::arg("base"), py::arg("thetas"), py::arg("weights"), py::arg("rules"),
+        py::arg("streams"), py::arg("keep_prob"), py::arg("scale"), py::arg("consensus"), py::arg("normalize"),
+        py::arg("lam"), py::arg("guard_small_divisor"), py::arg("out"), py::arg("index"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("ckpt_abs_sums", &C::ckpt_abs_sums, py::arg("base"), py::arg("thetas"), py::arg("rules"), py::arg("streams"),
-        py::arg("keep_prob"), py::arg("offset") = 0);
+        py::arg("keep_prob"), py::arg("offset") = 0,
+        py::call_guard<py::gil_scoped_release>());
   m.def("ckpt_key_hist", &C::ckpt_key_hist, py::arg("base"), py::arg("thetas"), py::arg("prefix"),
-        py::arg("offset") = 0, py::arg("record") = false);
-  m.def("ckpt_random_bits", &C::ckpt_random_bits, py::arg("key"), py::arg("start"), py::arg("n"));
+        py::arg("offset") = 0, py::arg("record") = false,
+        py::call_guard<py::gil_scoped_release>());
+  m.def("ckpt_random_bits", &C::ckpt_random_bits, py::arg("key"), py::arg("start"), py::arg("n"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("ckpt_crc32c", &C::ckpt_crc32c, py::arg("bytes"), py::arg("crc") = 0, py::call_guard<py::gil_scoped_release>(),
         "CRC-32C of a uint8 tensor, chained from crc (releases the GIL)");
   m.def("empty_cache", &C::empty_cache, "Free the cached output blocks; returns the bytes freed");

@@ -92,17 +92,15 @@ def merge_top_k(C, base: Tensor, thetas: Sequence[Tensor], rank_lo: Sequence[int
                                dtype=torch.int64)
     res = C.ckpt_merge_deferred(base, list(thetas), list(weights), provisional, *rest, 0, out, None,
                                 [c[0] if c else -1 for c in coarse])
-    h2, where = res[1], res[2:]
+    h2, where, idx = res[1], res[2:2 + T], res[2 + T]
     rules = [full[:] for _ in range(T)]
     for t, c in enumerate(coarse):
         if c is not None:
             rules[t][0:3] = exact_boundary(h2[t], where[t], c, int(rank_lo[t]), True, bool(by_high[t]), n,
                                            lambda key: None)  # every position was recorded
-    idx = torch.unique(torch.cat([w & INDEX_MASK for w in where]))
-    if idx.numel():  # index_select / index_copy_: advanced indexing takes 20x longer on these sizes
-        fixed = C.ckpt_merge(torch.index_select(base, 0, idx), [torch.index_select(x, 0, idx) for x in thetas],
-                             list(weights), torch.tensor(rules, dtype=torch.int64), *rest, 0, None, idx)
-        out.index_copy_(0, idx, fixed)
+    if idx.numel():  # the entries some model's bin holds, merged again in place with the exact rules
+        C.ckpt_merge_at(base, list(thetas), list(weights), torch.tensor(rules, dtype=torch.int64), *rest[:-1], out,
+                        idx)
     return True
 
 
