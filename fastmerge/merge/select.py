@@ -63,8 +63,10 @@ def exact_boundary(row: Tensor, where: Optional[Tensor], coarse: Tuple[int, int,
     first, last = 0, n - 1
     k_from, k_to = _kept_ties(rank, below, equal, lower, by_high)
     if key != 0 and (k_from > 0 or k_to < equal - 1):  # a split tie (ties at zero change nothing)
-        if where is not None:
-            idx = torch.sort(where[(where >> 40) == d] & INDEX_MASK).values
+        if where is not None:  # the records come in ascending index order (see ckpt_merge_deferred)
+            idx = where[(where >> 40) == d] & INDEX_MASK
+            if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+                idx = torch.sort(idx).values
         else:
             idx = tie_positions(key)
         first = int(idx[k_from]) if k_from > 0 else 0
