@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -177,6 +178,28 @@ def timed(cmd: List[str]) -> Dict[str, object]:
     return res
 
 
+def repeated(cmd: List[str], files: List[str], repeat: int) -> Dict[str, object]:
+    """:func:`timed` ``repeat`` times, each after a plain read of the inputs: the medians of the wall and
+    merge times (the merge time is the one the command's summary line reports), the largest peak RSS,
+    the worst exit code, the last run's output, and every run under ``each``."""
+    runs = []
+    for _ in range(max(1, repeat)):
+        plain_read(files)
+        r = timed(cmd)
+        m = re.search(r" in ([0-9.]+) s \(", str(r["stdout_tail"]))
+        if m:  # the merge itself, without starting Python and importing torch
+            r["merge_seconds"] = float(m.group(1))
+        runs.append(r)
+    out = dict(runs[-1])
+    out["seconds"] = statistics.median(r["seconds"] for r in runs)
+    if all("merge_seconds" in r for r in runs):
+        out["merge_seconds"] = statistics.median(r["merge_seconds"] for r in runs)
+    out["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in runs)
+    out["rc"] = next((r["rc"] for r in runs if r["rc"] != 0), 0)
+    out["each"] = [{k: r[k] for k in ("seconds", "merge_seconds", "peak_rss_bytes", "rc") if k in r} for r in runs]
+    return out
+
+
 def same_files(a: str, b: str) -> bool:
     """Whether two output folders hold the same files with the same bytes (SHA-256 of each)."""
     import hashlib
@@ -257,6 +280,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mergekit-dtypes", nargs="+", default=["float32"],
                    help="dtypes on which mergekit is also run (default float32)")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--repeat", type=int, default=3,
+                   help="runs of each fastmerge merge; times are their medians (default 3; mergekit runs once)")
     p.add_argument("--json", default="fastmerge-bench-merge.json", help="report path")
     p.add_argument("--keep-outputs", action="store_true", help="keep the merged folders")
     p.add_argument("--nproc", nargs="+", type=int, default=[1],
@@ -287,20 +312,18 @@ def run(args: argparse.Namespace) -> int:
             cmd = [py, "-m", "fastmerge", "merge", cfg, out_fm, "--overwrite"]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
-            plain_read(files)
-            fm = timed(cmd)
+            fm = repeated(cmd, files, args.repeat)
             entry = {"dtype": dtype, "method": method, "input_bytes": rd["bytes"], "plain_read_gbps": read_gbps,
                      "fastmerge": fm}
             if fm["rc"] != 0:
                 print(f"[{dtype}] {method}: fastmerge failed: {fm['stderr_tail']}", file=sys.stderr)
             fm["input_gbps"] = rd["bytes"] / fm["seconds"] / 1e9
             fm["share_of_plain_read"] = fm["input_gbps"] / read_gbps
-            m = re.search(r" in ([0-9.]+) s \(", str(fm["stdout_tail"]))
-            if m:  # the merge itself, without starting Python and importing torch
-                fm["merge_seconds"] = float(m.group(1))
+            if "merge_seconds" in fm:
                 fm["merge_input_gbps"] = rd["bytes"] / fm["merge_seconds"] / 1e9
                 fm["merge_share_of_plain_read"] = fm["merge_input_gbps"] / read_gbps
-            line = (f"[{dtype}] {method}: fastmerge {fm['seconds']:.2f} s (merge {fm.get('merge_seconds', 0):.2f} s), "
+            line = (f"[{dtype}] {method}: fastmerge {fm['seconds']:.2f} s (merge {fm.get('merge_seconds', 0):.2f} s"
+                    f"{', medians of %d runs' % args.repeat if args.repeat > 1 else ''}), "
                     f"peak RSS {fm['peak_rss_bytes'] / 1e9:.2f} GB, {fm['input_gbps']:.2f} GB/s = "
                     f"{100 * fm['share_of_plain_read']:.0f} % of a plain read "
                     f"({100 * fm.get('merge_share_of_plain_read', 0):.0f} % for the merge alone)")

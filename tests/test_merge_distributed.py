@@ -268,13 +268,18 @@ def test_bench_merge_with_two_ranks(tmp_path):
     report = tmp_path / "r.json"
     r = subprocess.run([sys.executable, "-m", "fastmerge", "bench-merge", "--size", "tiny", "--models", "2", "--dtypes",
                         "float32", "--methods", "ties", "ties_global", "--nproc", "1", "2", "--no-mergekit",
-                        "--workdir", str(tmp_path / "w"), "--json", str(report)],
+                        "--repeat", "2", "--workdir", str(tmp_path / "w"), "--json", str(report)],
                        capture_output=True, text=True, timeout=600, env=child_env())
     assert r.returncode == 0, r.stderr[-3000:]
     runs = json.loads(report.read_text())["runs"]
     assert [e["method"] for e in runs] == ["ties", "ties_global"]
     for e in runs:
-        assert e["fastmerge"]["rc"] == 0
+        fm = e["fastmerge"]
+        assert fm["rc"] == 0 and [x["rc"] for x in fm["each"]] == [0, 0]
+        each = sorted(x["seconds"] for x in fm["each"])
+        assert fm["seconds"] == (each[0] + each[1]) / 2
+        assert fm["peak_rss_bytes"] == max(x["peak_rss_bytes"] for x in fm["each"])
+        assert fm["merge_seconds"] > 0
         d = e["fastmerge_2_ranks"]
         assert d["rc"] == 0 and d["identical_to_one_process"] is True and len(d["ranks"]) == 2
         assert all(x["peak_rss"] > 0 and x["tensors"] > 0 for x in d["ranks"])

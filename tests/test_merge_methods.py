@@ -339,3 +339,37 @@ def test_merge_at_chosen_entries_writes_only_those(out_dtype):
     assert bool((out[rest] == 7.0).all())
     with pytest.raises(ValueError, match=r"index\[1\] = 70001 is outside \[0, 70001\)"):
         _C.ckpt_merge_at(base, thetas, *args, out, torch.tensor([0, n]))
+
+
+def test_deferred_merge_records_ascend_and_do_not_depend_on_threads():
+    """The threads claim pieces of the range as they free up (a thread the system sets aside leaves its
+    share to the others), so which thread records an entry varies: the records must still come back in
+    ascending index order, the same for one thread or several, and their union sorted and unique."""
+    n, T = 1_000_003, 3
+    base, thetas = awkward(n, T, torch.float32, seed=12)
+    h1 = _C.ckpt_key_hist(base, thetas, [-1] * T)[0]
+    bins = [S.pick(h1[t], n // 2)[0] for t in range(T)]
+    rules = torch.tensor([[(b << 16) | 0xFFFF, 1, 0, S.NO_UPPER, 0, n - 1] for b in bins], dtype=torch.int64)
+
+    def run():
+        out = torch.empty(n)
+        res = _C.ckpt_merge_deferred(base, thetas, [1.0, 0.5, 2.0], rules, None, [1.0] * T, [1.0] * T, 1, False,
+                                     1.0, True, torch.float32, 0, out, None, bins)
+        return [out] + list(res[1:])
+
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        many = [run() for _ in range(3)]
+    finally:
+        torch.set_num_threads(old)
+    for got in many:
+        for a, b in zip(got, one):
+            assert torch.equal(a, b)
+    where, union = one[2:2 + T], one[2 + T]
+    for w in where:
+        idx = w & S.INDEX_MASK
+        assert w.numel() > 1000 and bool((idx[1:] > idx[:-1]).all())
+    assert torch.equal(union, torch.unique(torch.cat([w & S.INDEX_MASK for w in where])))

@@ -92,17 +92,31 @@ CkptSpec make_spec(int T, const c10::optional<at::Tensor>& rules, const c10::opt
 }
 
 // One int64 tensor per model of the records that the threads gathered ([threads * T] lists), each
-// record plus `add` (the chunk's offset), appended to `res`.
+// record plus `add` (the chunk's offset), appended to `res`. Lists whose records ascend by index (a
+// thread's pieces come in index order) are merged so that the result ascends too.
 void append_records(const std::vector<std::vector<uint64_t>>& where, int T, int64_t add, std::vector<at::Tensor>& res) {
   const int nt = int(where.size()) / std::max(T, 1);
+  constexpr uint64_t kIndex = (uint64_t(1) << 40) - 1;
+  const auto by_index = [](uint64_t a, uint64_t b) { return (a & kIndex) < (b & kIndex); };
+  std::vector<uint64_t> all, merged;
   for (int t = 0; t < T; ++t) {
-    size_t total = 0;
-    for (int tid = 0; tid < nt; ++tid) total += where[size_t(tid) * T + t].size();
-    at::Tensor w = at::empty({int64_t(total)}, at::kLong);
-    int64_t* p = w.data_ptr<int64_t>();
-    for (int tid = 0; tid < nt; ++tid)
-      for (uint64_t x : where[size_t(tid) * T + t]) *p++ = int64_t(x + uint64_t(add));
-    res.push_back(w);
+    all.clear();
+    bool ascending = true;
+    for (int tid = 0; tid < nt; ++tid) {
+      const std::vector<uint64_t>& w = where[size_t(tid) * T + t];
+      ascending = ascending && std::is_sorted(w.begin(), w.end(), by_index);
+      if (!ascending) {
+        all.insert(all.end(), w.begin(), w.end());
+        continue;
+      }
+      merged.resize(all.size() + w.size());
+      std::merge(all.begin(), all.end(), w.begin(), w.end(), merged.begin(), by_index);
+      all.swap(merged);
+    }
+    at::Tensor out = at::empty({int64_t(all.size())}, at::kLong);
+    int64_t* p = out.data_ptr<int64_t>();
+    for (uint64_t x : all) *p++ = int64_t(x + uint64_t(add));
+    res.push_back(out);
   }
 }
 

@@ -6,14 +6,16 @@
 // those threads need. This pool's workers block on a condition variable instead: waking them costs a
 // few microseconds per call, against kernels of milliseconds.
 //
-// The split of the range is at::parallel_for's (at most at::get_num_threads() contiguous pieces of at
-// least `grain`), and pool_thread_num() plays the part of at::get_thread_num(). A call made from inside
-// a running loop, or while another thread's loop runs, runs serially on the calling thread.
+// The range is cut into contiguous pieces of at least `grain` (up to kPiecesPerThread per thread, at
+// most at::get_num_threads() threads), which the threads claim in ascending order, so each thread sees
+// its pieces in index order. pool_thread_num() plays the part of at::get_thread_num(). A call made
+// from inside a running loop, or while another thread's loop runs, runs serially on the calling thread.
 #pragma once
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 namespace fastmerge {
@@ -26,24 +28,35 @@ int pool_thread_num();
 // all are done; the first exception thrown by a task is rethrown here.
 void pool_run(int tasks, void (*task)(void*, int), void* ctx);
 
+// Pieces per thread in pool_for: small enough to even out the threads, large enough to stream.
+constexpr int64_t kPiecesPerThread = 8;
+
 template <typename F>
 void pool_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
   if (begin >= end) return;
   const int64_t range = end - begin;
   const int64_t g = std::max<int64_t>(1, grain);
-  const int tasks = int(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (range + g - 1) / g)));
-  const int64_t step = (range + tasks - 1) / tasks;
+  const int64_t most = (range + g - 1) / g;  // pieces of at least `grain`
+  const int tasks = int(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), most)));
+  // Each thread claims the next piece until none is left. With several pieces per thread, a thread
+  // that the operating system sets aside (the writer or the prefetching reads need a core too) leaves
+  // its share to the others instead of holding up the whole loop.
+  const int64_t pieces = tasks == 1 ? 1 : std::min<int64_t>(most, int64_t(tasks) * kPiecesPerThread);
+  const int64_t step = (range + pieces - 1) / pieces;
   struct Ctx {
     const F* f;
-    int64_t begin, end, step;
-  } ctx{&f, begin, end, step};
+    int64_t begin, end, step, pieces;
+    std::atomic<int64_t> next{0};
+  } ctx{&f, begin, end, step, pieces};
   pool_run(
       tasks,
-      [](void* p, int k) {
-        const Ctx& c = *static_cast<const Ctx*>(p);
-        const int64_t a = c.begin + int64_t(k) * c.step;
-        const int64_t b = std::min(c.end, a + c.step);
-        if (a < b) (*c.f)(a, b);
+      [](void* p, int) {
+        Ctx& c = *static_cast<Ctx*>(p);
+        for (int64_t k = c.next.fetch_add(1); k < c.pieces; k = c.next.fetch_add(1)) {
+          const int64_t a = c.begin + k * c.step;
+          const int64_t b = std::min(c.end, a + c.step);
+          if (a < b) (*c.f)(a, b);
+        }
       },
       &ctx);
 }
