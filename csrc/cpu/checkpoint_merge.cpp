@@ -91,9 +91,23 @@ CkptSpec make_spec(int T, const c10::optional<at::Tensor>& rules, const c10::opt
   return s;
 }
 
+// The settings of the merge pass that combine the models' deltas into an entry (see CkptSpec).
+void set_combine(CkptSpec& s, int64_t consensus, bool normalize, double lam, bool guard_small_divisor) {
+  TORCH_CHECK_VALUE(0 <= consensus && consensus <= 2, "consensus must be 0 (none), 1 (sum) or 2 (count)");
+  s.consensus = int(consensus);
+  s.normalize = normalize;
+  s.lam = lam;
+  s.guard_small_divisor = guard_small_divisor;
+}
+
+void check_out_dtype(at::ScalarType dt, const char* what) {
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf || dt == at::kDouble, what,
+                    " must be float32, bfloat16, float16 or float64, got ", dt);
+}
+
 // One int64 tensor per model of the records that the threads gathered ([threads * T] lists), each
-// record plus `add` (the chunk's offset), appended to `res`. Lists whose records ascend by index (a
-// thread's pieces come in index order) are merged so that the result ascends too.
+// record plus `add` (the chunk's offset), appended to `res`. A thread claims the pieces of a loop in
+// ascending order (pool.h), so each list ascends by index; merging them keeps the result ascending.
 void append_records(const std::vector<std::vector<uint64_t>>& where, int T, int64_t add, std::vector<at::Tensor>& res) {
   const int nt = int(where.size()) / std::max(T, 1);
   constexpr uint64_t kIndex = (uint64_t(1) << 40) - 1;
@@ -101,14 +115,8 @@ void append_records(const std::vector<std::vector<uint64_t>>& where, int T, int6
   std::vector<uint64_t> all, merged;
   for (int t = 0; t < T; ++t) {
     all.clear();
-    bool ascending = true;
     for (int tid = 0; tid < nt; ++tid) {
       const std::vector<uint64_t>& w = where[size_t(tid) * T + t];
-      ascending = ascending && std::is_sorted(w.begin(), w.end(), by_index);
-      if (!ascending) {
-        all.insert(all.end(), w.begin(), w.end());
-        continue;
-      }
       merged.resize(all.size() + w.size());
       std::merge(all.begin(), all.end(), w.begin(), w.end(), merged.begin(), by_index);
       all.swap(merged);
@@ -128,7 +136,6 @@ at::Tensor record_union(const std::vector<at::Tensor>& res, int T) {
     const int64_t* p = w.data_ptr<int64_t>();
     std::vector<int64_t> idx(size_t(w.numel()));
     for (size_t j = 0; j < idx.size(); ++j) idx[j] = p[j] & ((int64_t(1) << 40) - 1);
-    if (!std::is_sorted(idx.begin(), idx.end())) std::sort(idx.begin(), idx.end());
     merged.resize(all.size() + idx.size());
     std::merge(all.begin(), all.end(), idx.begin(), idx.end(), merged.begin());
     all.swap(merged);
@@ -177,14 +184,8 @@ std::vector<at::Tensor> ckpt_merge_deferred(
     s.defer_hist = h.data_ptr<int64_t>();
     s.defer_where = &dwhere;
   }
-  TORCH_CHECK_VALUE(0 <= consensus && consensus <= 2, "consensus must be 0 (none), 1 (sum) or 2 (count)");
-  s.consensus = int(consensus);
-  s.normalize = normalize;
-  s.lam = lam;
-  s.guard_small_divisor = guard_small_divisor;
-  TORCH_CHECK_VALUE(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf ||
-                        out_dtype == at::kDouble,
-                    "out_dtype must be float32, bfloat16, float16 or float64, got ", out_dtype);
+  set_combine(s, consensus, normalize, lam, guard_small_divisor);
+  check_out_dtype(out_dtype, "out_dtype");
   at::Tensor out;
   if (out_buf.has_value()) {
     out = *out_buf;
@@ -216,20 +217,14 @@ at::Tensor ckpt_merge_at(const c10::optional<at::Tensor>& base, const std::vecto
   TORCH_CHECK_VALUE(out.device().is_cpu() && out.is_contiguous() && out.numel() == in.n,
                     "out must be a contiguous CPU tensor of ", in.n, " entries");
   const at::ScalarType out_dtype = out.scalar_type();
-  TORCH_CHECK_VALUE(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf ||
-                        out_dtype == at::kDouble,
-                    "out must be float32, bfloat16, float16 or float64, got ", out_dtype);
-  TORCH_CHECK_VALUE(0 <= consensus && consensus <= 2, "consensus must be 0 (none), 1 (sum) or 2 (count)");
+  check_out_dtype(out_dtype, "out");
+  set_combine(s, consensus, normalize, lam, guard_small_divisor);
   const int64_t* idx = index.data_ptr<int64_t>();
   for (int64_t j = 0; j < index.numel(); ++j)
     TORCH_CHECK_VALUE(0 <= idx[j] && idx[j] < in.n, "index[", j, "] = ", idx[j], " is outside [0, ", in.n, ")");
   s.index = idx;
   s.scatter = true;
   s.selected = index.numel();
-  s.consensus = int(consensus);
-  s.normalize = normalize;
-  s.lam = lam;
-  s.guard_small_divisor = guard_small_divisor;
   if (!ckpt_kernels().merge(in, s, out.data_ptr(), out_dtype)) raise_nonfinite(in);
   return out;
 }

@@ -140,7 +140,7 @@ inline bool block_keys(const in_t* __restrict x, const in_t* __restrict b, int m
 // low 16 bits of the keys whose top 16 bits equal prefix[j]. Counts only, so the result does not
 // depend on the thread count. A prefix of 2^15 or more (no key has it) leaves request j out of the pass.
 // Returns false, having counted part, when a delta is not finite. With `where`, the second kind also records
-// (low 16 bits << 40 | index) of each counted entry, per thread and request (in no fixed order).
+// (low 16 bits << 40 | index) of each counted entry, per thread and request (ascending by index: pool.h).
 template <typename in_t>
 bool key_hist(const Inputs& in, const std::vector<int>& models, const std::vector<int64_t>& prefix, int64_t* out,
               std::vector<std::vector<uint64_t>>* where = nullptr) {
