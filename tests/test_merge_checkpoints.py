@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -466,6 +467,15 @@ def test_written_tensors_checksum_is_crc32c_and_chains():
         for cut in {0, n // 3, n - 1 if n else 0, n}:
             assert mio.checksum(memoryview(data)[cut:], mio.checksum(data[:cut], kind="crc32c"), kind="crc32c") == whole
         assert mio.checksum(data, kind="crc32") == zlib.crc32(data)
+    # past 3 lanes of 8192 bytes the instruction runs three chains at once and combines them
+    lanes = 3 * 8192
+    for n in [lanes - 1, lanes, lanes + 1, 2 * lanes + 13, 100_003]:
+        data = bytes(rng.getrandbits(8) for _ in range(n))
+        whole = _crc32c_bitwise(data)
+        assert mio.checksum(data, kind="crc32c") == whole, n
+        for cut in (1, 8191, lanes + 5):
+            if cut < n:
+                assert mio.checksum(data[cut:], mio.checksum(data[:cut], kind="crc32c"), kind="crc32c") == whole
 
 
 def test_full_disk_while_reserving_the_shards_leaves_nothing(llamas, tmp_path, monkeypatch):
@@ -546,3 +556,50 @@ def test_sigterm_outside_the_merge_loop_is_a_clean_interrupt(llamas, tmp_path, m
     monkeypatch.undo()
     res = merge_checkpoints(ties_config(llamas), out, quiet=True, resume=True)
     assert res.resumed == res.tensors
+
+
+def test_writer_lends_its_buffers_again_once_written(tmp_path):
+    """The merge fills buffers that the writer lends (fresh pages per piece would cost more to fault in
+    than the merge): a buffer comes back once its bytes are written, a lent buffer that is never handed
+    over is only dropped, a piece larger than a buffer gets its own, and the file holds every piece."""
+    from safetensors.torch import load_file
+
+    lend = mio.ShardWriter.LEND // 4
+    tensors = [mio.OutTensor("a", torch.float32, (3 * lend - 5,)), mio.OutTensor("b", torch.bfloat16, (7,)),
+               mio.OutTensor("c", torch.float32, (2 * lend,))]
+    layout = mio.ShardLayout(tensors, 1 << 40)
+    layout.create(str(tmp_path))
+    done = []
+    w = mio.ShardWriter(str(tmp_path), layout, on_done=lambda name, crc: done.append(name))
+    want = {"a": torch.randn(3 * lend - 5), "b": torch.randn(7).bfloat16(), "c": torch.randn(2 * lend)}
+    ptrs = []
+    for a, b in [(0, lend), (lend, 2 * lend), (2 * lend, 3 * lend - 5)]:
+        piece = w.buffer(b - a, torch.float32)
+        ptrs.append(piece.data_ptr())
+        piece.copy_(want["a"][a:b])
+        w.add_part("a", piece, b == 3 * lend - 5)
+        start = time.monotonic()
+        while not w._free and time.monotonic() - start < 30:  # until the writer has taken it back
+            time.sleep(0.001)
+    w.buffer(3, torch.float32).fill_(float("nan"))  # lent, never handed over
+    small = w.buffer(7, torch.bfloat16)
+    small.copy_(want["b"])
+    w.add_part("b", small, True)
+    big = w.buffer(2 * lend, torch.float32)  # over one buffer: its own memory
+    assert big.data_ptr() not in ptrs + [small.data_ptr()]
+    big.copy_(want["c"])
+    w.add_part("c", big, True)
+    w.finish()
+    assert done == ["a", "b", "c"]
+    assert len(set(ptrs)) == 1, "a written buffer was not lent again"
+    got = load_file(os.path.join(str(tmp_path), layout.names[0]))
+    for name, t in want.items():
+        assert torch.equal(got[name], t), name
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_importing_leaves_the_collector_as_it_was(enabled):
+    """The package pauses the garbage collector while it imports torch, and leaves it as it found it."""
+    code = (f"import gc\n{'' if enabled else 'gc.disable()'}\nimport fastmerge\n"
+            f"assert gc.isenabled() is {enabled}, gc.isenabled()\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

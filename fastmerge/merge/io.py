@@ -15,6 +15,7 @@ number of processes can each write their share of the same files.
 
 from __future__ import annotations
 
+import collections
 import json
 import mmap
 import os
@@ -447,10 +448,15 @@ class ShardWriter:
     checksum (:func:`checksum`) of each tensor; ``on_done(name, crc)`` is called from that thread once a
     tensor's last byte is written. ``finish()`` waits for the writes. A write error is raised by the next ``add`` or by
     ``finish``.
+
+    ``buffer(n, dtype)`` lends a flat tensor to fill and hand to ``add_part``: the writer thread takes it
+    back once its bytes are written, and lends it again. A merge that allocated a fresh buffer per piece
+    would fault in (and zero) new pages for every byte it writes, which costs more than the merge itself.
     """
 
     PIECE = 8 << 20  # bytes per queued write: at most QUEUE x PIECE bytes wait for the disk
     QUEUE = 4
+    LEND = 16 << 20  # bytes of a lent buffer (a larger request gets a buffer of its own)
 
     def __init__(self, folder: str, layout: ShardLayout, names: Optional[Sequence[str]] = None, on_done=None,
                  queue: int = QUEUE):
@@ -469,6 +475,8 @@ class ShardWriter:
         self._on_done = on_done
         self._q: "_queue.Queue" = _queue.Queue(maxsize=max(1, queue))
         self._error: Optional[BaseException] = None
+        self._free: "collections.deque" = collections.deque()  # lent buffers written out, ready to lend again
+        self._lent: Dict[int, torch.Tensor] = {}  # data pointer of a lent piece -> its buffer
         self._thread = threading.Thread(target=self._work, name="fastmerge-writer", daemon=True)
         self._thread.start()
 
@@ -484,12 +492,15 @@ class ShardWriter:
                 return
             if self._error is not None:
                 continue
-            name, data, offset, last = job
+            name, data, offset, last, lent = job
             try:
                 si = self.layout.where[name][0]
                 if data is not None and len(data):
                     _write_at(self._fd(si), data, offset)
                     self._crc = checksum(data, self._crc, self.kind)
+                del data
+                if lent is not None and len(self._free) <= self._q.maxsize:
+                    self._free.append(lent)
                 if last:
                     if self._on_done is not None:
                         self._on_done(name, self._crc)
@@ -510,15 +521,32 @@ class ShardWriter:
             raise RuntimeError(f"writer: expected {planned.name} {planned.dtype}, got {name} {dtype} (internal error)")
         return planned
 
+    def buffer(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """A flat tensor of ``n`` entries to fill and pass to ``add_part`` (see the class notes)."""
+        nbytes = n * itemsize(dtype)
+        if nbytes > self.LEND or nbytes % itemsize(dtype):
+            return torch.empty(n, dtype=dtype)
+        try:
+            buf = self._free.pop()
+        except IndexError:
+            buf = torch.empty(self.LEND, dtype=torch.uint8)
+        piece = buf[:nbytes].view(dtype)
+        while len(self._lent) >= self.QUEUE:  # lent but never handed over (a pass that changed its plan)
+            del self._lent[next(iter(self._lent))]
+        self._lent[piece.data_ptr()] = buf
+        return piece
+
     def _put(self, name: str, t: Optional[torch.Tensor], last: bool) -> None:
         offset = self.layout.where[name][1] + self._part
         if t is None or t.numel() == 0:
-            self._q.put((name, None, offset, last))
+            self._q.put((name, None, offset, last, None))
             return
+        lent = self._lent.pop(t.data_ptr(), None)
         data = memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
         for a in range(0, len(data), self.PIECE):
             piece = data[a:a + self.PIECE]
-            self._q.put((name, piece, offset + a, last and a + self.PIECE >= len(data)))
+            end = a + self.PIECE >= len(data)
+            self._q.put((name, piece, offset + a, last and end, lent if end else None))
         self._part += len(data)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:

@@ -57,6 +57,7 @@ class Job:
     thresholds: Optional[List[int]] = None  # scope: global: each model's magnitude key threshold (keep >=)
     release: Optional[Callable[[int, int], None]] = None  # called with [a, b) when entries a..b-1 are merged
     sink: Optional[Callable[[Tensor, bool], None]] = None  # takes the output in flat pieces (then run returns None)
+    buffer: Optional[Callable[[int, torch.dtype], Tensor]] = None  # where the pieces handed to sink come from
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,14 @@ def _chunks(n: int):
     return [(a, min(n, a + CHUNK)) for a in range(0, max(n, 1), CHUNK)]
 
 
+def _piece(job: Job, n: int) -> Tensor:
+    """A flat output buffer of ``n`` entries for a piece that goes to ``job.sink``: the sink's own (reused)
+    buffers where it lends them, since fresh pages cost more to fault in than the merge costs to write."""
+    if job.sink is not None and job.buffer is not None:
+        return job.buffer(n, job.out_dtype)
+    return torch.empty(n, dtype=job.out_dtype)
+
+
 def _fused_merge(C, job: Job, base: Optional[Tensor], thetas: List[Tensor], weights, rules, streams, probs, scale,
                  code: int, normalize: bool, lam: float, guard: bool, shape) -> Optional[Tensor]:
     """``_C.ckpt_merge`` over the tensor in chunks; the inputs' pages of each merged chunk are handed to
@@ -116,7 +125,7 @@ def _fused_merge(C, job: Job, base: Optional[Tensor], thetas: List[Tensor], weig
     n = thetas[0].numel()
     out = None if job.sink is not None else torch.empty(n, dtype=job.out_dtype)
     for a, b in _chunks(n):
-        piece = out[a:b] if out is not None else torch.empty(b - a, dtype=job.out_dtype)
+        piece = out[a:b] if out is not None else _piece(job, b - a)
         C.ckpt_merge(None if base is None else base[a:b], [t[a:b] for t in thetas], weights, rules, streams, probs,
                      scale, code, normalize, lam, guard, job.out_dtype, a, piece)
         if job.release is not None:
@@ -192,7 +201,7 @@ def _gta_fast(job: Job, sparsification: Optional[str], consensus: Optional[str],
     code = {None: 0, "sum": 1, "count": 2}[consensus]
     lam = float(job.shared.get("lambda", 1.0))
     if top_k is not None:  # one chunk, no rescaling: the exact selection rides on the merge pass
-        out = torch.empty(n, dtype=job.out_dtype)
+        out = _piece(job, n)
         if merge_top_k(C, base, thetas, top_k[0], top_k[2], weights,
                        (None, probs, scale, code, normalize, lam, True, job.out_dtype), out):
             if job.release is not None:
@@ -321,4 +330,4 @@ def reference_run(method: Method, job: Job) -> Tensor:
                         bool(job.shared.get("normalize", True))).to(job.out_dtype)
     if method.name == "model_stock":
         return R.model_stock(job.base, job.inputs, bool(job.shared.get("filter_wise", False))).to(job.out_dtype)
-    return method.run(Job(**{**job.__dict__, "fast": False, "sink": None}))
+    return method.run(Job(**{**job.__dict__, "fast": False, "sink": None, "buffer": None}))

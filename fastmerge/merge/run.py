@@ -275,11 +275,13 @@ def _with_suffix(exc: BaseException, suffix: str) -> BaseException:
 
 
 def _merge_one(plan: Plan, item: Item, seed: Optional[int], device: torch.device, fast: bool,
-               thresholds: Optional[List[int]] = None, sink=None) -> Optional[torch.Tensor]:
-    """The merged tensor, or None when the fused path handed it to ``sink`` in pieces."""
+               thresholds: Optional[List[int]] = None, sink=None, buffer=None) -> Optional[torch.Tensor]:
+    """The merged tensor, or None when the fused path handed it to ``sink`` in pieces (taken from
+    ``buffer`` where given)."""
     job = _job(plan, item, seed, device, fast)
     job.thresholds = thresholds
     job.sink = sink
+    job.buffer = buffer
     refs = ([item.base] if item.base else []) + item.inputs
     if device.type == "cpu" and plan.config.dtype is None:
         def release(a: int, b: int) -> None:
@@ -853,7 +855,7 @@ def _merge_share(group: Group, plan: Plan, mine: List[Item], layout: ShardLayout
                 fut.result()
             prefetch(k + opts.prefetch)
             sink = (lambda piece, last, name=it.out_name: writer.add_part(name, piece, last)) if not it.copy else None
-            out = _merge_one(plan, it, opts.random_seed, device, fast, thresholds, sink)
+            out = _merge_one(plan, it, opts.random_seed, device, fast, thresholds, sink, writer.buffer)
             if out is not None:
                 writer.add(it.out_name, out)
             del out
