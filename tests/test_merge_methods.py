@@ -252,6 +252,7 @@ def test_every_instruction_set_build_of_the_checkpoint_kernels_agrees(cap):
                 got["hist", n, dtype] = _C.ckpt_key_hist(base, thetas, [-1] * 4)[0]
                 top = [int(torch.nonzero(r).reshape(-1)[-1]) for r in got["hist", n, dtype]]
                 got["hist2", n, dtype] = _C.ckpt_key_hist(base, thetas, top, 0, True)
+                got["bracket", n, dtype] = _C.ckpt_key_bracket(base, thetas, [0, 1, 2, 3], [n // 2] * 4, 3.5, 1 << 21)
         got["bits"] = _C.ckpt_random_bits(rng.stream_key(1, "m", "w"), 12345, 100_003)
         return got
 
@@ -268,7 +269,9 @@ def test_every_instruction_set_build_of_the_checkpoint_kernels_agrees(cap):
         _C.set_cpu_capability(before)
     for key, w in want.items():
         g = got[key]
-        if isinstance(w, list):  # histogram and records (records in thread order: compare as sets)
+        if isinstance(w, list) and key[0] == "bracket":
+            assert all(torch.equal(a, b) for a, b in zip(g, w)), key
+        elif isinstance(w, list):  # histogram and records (records in thread order: compare as sets)
             assert torch.equal(g[0], w[0]), key
             for a, b in zip(g[1:], w[1:]):
                 assert torch.equal(torch.sort(a).values, torch.sort(b).values), key
@@ -373,3 +376,83 @@ def test_deferred_merge_records_ascend_and_do_not_depend_on_threads():
         idx = w & S.INDEX_MASK
         assert w.numel() > 1000 and bool((idx[1:] > idx[:-1]).all())
     assert torch.equal(union, torch.unique(torch.cat([w & S.INDEX_MASK for w in where])))
+
+
+def _exact_rules(base, thetas, lo, hi, by_high, monkeypatch):
+    with monkeypatch.context() as mp:
+        mp.setattr(S, "SAMPLE_FROM", 1 << 62)
+        return S.select_rules(_C, base, thetas, lo, hi, by_high, [(0, base.numel())])
+
+
+SELECTIONS = [("magnitude", 0.5), ("magnitude", 0.2), ("magnitude", 0.999), ("magnitude", 0.001), ("outliers", 0.5)]
+
+
+@pytest.mark.parametrize("n", [1024, 1031, 4095, 4097, 65537, 300007])
+@pytest.mark.parametrize("dtype", [d for d, _, _ in DTYPES])
+@pytest.mark.parametrize("margin", [3.5, 0.0])
+def test_one_pass_selection_gives_the_exact_rules(n, dtype, margin, monkeypatch):
+    """The one-pass selection (a bracket per boundary from a sample, then a pass that counts the keys
+    above it and records those in it) gives the rules of the exact histogram passes, ties at the
+    boundary split by index alike, wherever it does not report a miss."""
+    monkeypatch.setattr(S, "SAMPLE_MARGIN", margin)
+    base, thetas = awkward(n, 4, dtype, seed=n % 7)
+    for method, density in SELECTIONS:
+        p = {"density": density, "gamma": 0.05}
+        lo, hi, by_high = zip(*[M._ranks(method, p, n)] * 4)
+        got = S.bracket_rules(_C, base, thetas, lo, hi, by_high)
+        if margin > 0 and n >= 65537 and density in (0.2, 0.5):  # a sample large enough, a bracket away from 0
+            assert got is not None, (method, density)
+        if got is not None:
+            assert torch.equal(got, _exact_rules(base, thetas, lo, hi, by_high, monkeypatch)), (method, density)
+
+
+def test_a_missed_bracket_falls_back_to_the_exact_passes(monkeypatch):
+    """With no margin the sampled brackets of continuous deltas miss most boundaries: the miss is
+    reported, and the methods then take the exact passes and still give the twin's tensors."""
+    n = 300_007
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(n, generator=g)
+    thetas = [base + torch.randn(n, generator=g) * (0.5 + t) for t in range(4)]
+    monkeypatch.setattr(S, "SAMPLE_MARGIN", 0.0)
+    misses = 0
+    for method, density in SELECTIONS:
+        lo, hi, by_high = zip(*[M._ranks(method, {"density": density, "gamma": 0.05}, n)] * 4)
+        got = S.bracket_rules(_C, base, thetas, lo, hi, by_high)
+        want = _exact_rules(base, thetas, lo, hi, by_high, monkeypatch)
+        misses += got is None
+        assert got is None or torch.equal(got, want)
+        assert torch.equal(S.select_rules(_C, base, thetas, lo, hi, by_high, [(0, n)]), want)
+    assert misses > 0, "no bracket missed: the fallback was not exercised"
+    for name in ["ties", "breadcrumbs", "breadcrumbs_ties"]:
+        j = job(name, base, thetas)
+        assert torch.equal(M.METHODS[name].run(j), M.reference_run(M.METHODS[name], j)), name
+
+
+@pytest.mark.parametrize("n", [1031, 4097, 65537])
+@pytest.mark.parametrize("dtype", [d for d, _, _ in DTYPES])
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs", "breadcrumbs_ties"])
+def test_methods_over_the_one_pass_selection_match_the_twin(name, n, dtype, monkeypatch):
+    """Every tensor from 1024 entries on takes the one-pass selection here (it is kept for the
+    larger tensors by default): bit for bit the twin's tensors."""
+    monkeypatch.setattr(S, "SAMPLE_FROM", 1024)
+    base, thetas = awkward(n, 4, dtype, seed=n % 5)
+    j = job(name, base, thetas)
+    assert torch.equal(M.METHODS[name].run(j), M.reference_run(M.METHODS[name], j))
+
+
+def test_key_bracket_bad_inputs():
+    base, thetas = awkward(65537, 2, torch.float32)
+    with pytest.raises(ValueError, match="ranks\\[0\\] = 65537 is outside"):
+        _C.ckpt_key_bracket(base, thetas, [0], [65537], 3.5, 1 << 20)
+    with pytest.raises(ValueError, match="models\\[1\\] = 2 is not one of the 2 models"):
+        _C.ckpt_key_bracket(base, thetas, [0, 2], [5, 5], 3.5, 1 << 20)
+    with pytest.raises(ValueError, match="margin and record_limit must be >= 0"):
+        _C.ckpt_key_bracket(base, thetas, [0], [5], -1.0, 1 << 20)
+    with pytest.raises(ValueError, match="one rank per request"):
+        _C.ckpt_key_bracket(base, thetas, [0, 1], [5], 3.5, 1 << 20)
+    thetas[1][40_000] = float("nan")
+    with pytest.raises(ValueError, match=r"thetas\[1\] contains a non-finite value \(nan\) at index 40000"):
+        _C.ckpt_key_bracket(base, thetas, [0, 1], [30_000, 30_000], 3.5, 1 << 20)
+    # no bracket where the brackets would hold more entries than the limit: a miss, not an error
+    info = _C.ckpt_key_bracket(base, thetas[:1], [0], [30_000], 3.5, 10)[0]
+    assert info.tolist() == [[-1, 0, 0]]

@@ -263,6 +263,72 @@ std::vector<at::Tensor> ckpt_key_hist(const c10::optional<at::Tensor>& base, con
   return res;
 }
 
+std::vector<at::Tensor> ckpt_key_bracket(const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas,
+                                         const std::vector<int64_t>& models, const std::vector<int64_t>& ranks,
+                                         double margin, int64_t record_limit) {
+  const CkptInputs in = gather(base, thetas);
+  const int T = int(in.th.size());
+  const int J = int(models.size());
+  TORCH_CHECK_VALUE(int(ranks.size()) == J, "ckpt_key_bracket: one rank per request");
+  TORCH_CHECK_VALUE(margin >= 0 && record_limit >= 0, "ckpt_key_bracket: margin and record_limit must be >= 0");
+  TORCH_CHECK_VALUE(in.n < (int64_t(1) << 40), "ckpt_key_bracket: a tensor of under 2^40 entries");
+  std::vector<int> mods(J);
+  for (int j = 0; j < J; ++j) {
+    TORCH_CHECK_VALUE(0 <= models[j] && models[j] < T, "ckpt_key_bracket: models[", j, "] = ", models[j],
+                      " is not one of the ", T, " models");
+    TORCH_CHECK_VALUE(0 <= ranks[j] && ranks[j] < in.n, "ckpt_key_bracket: ranks[", j, "] = ", ranks[j],
+                      " is outside [0, ", in.n, ")");
+    mods[j] = int(models[j]);
+  }
+  const int nt = at::get_num_threads();
+  std::vector<int64_t> first(J, -1), last(J, -1), above(size_t(nt) * J, 0);
+  std::vector<std::vector<uint64_t>> where;
+  if (!ckpt_kernels().key_bracket(in, mods, ranks, margin, record_limit / std::max(J, 1), first.data(), last.data(),
+                                  above.data(), where))
+    raise_nonfinite(in);
+  at::Tensor info = at::empty({J, 3}, at::kLong);
+  int64_t* ip = info.data_ptr<int64_t>();
+  std::vector<at::Tensor> res{info};
+  constexpr uint64_t kIndex = (uint64_t(1) << 40) - 1;
+  std::vector<uint64_t> recs, merged;
+  std::vector<uint32_t> keys;
+  for (int j = 0; j < J; ++j) {
+    int64_t* it = ip + 3 * j;
+    it[0] = -1, it[1] = 0, it[2] = 0;
+    at::Tensor pos = at::empty({0}, at::kLong);
+    int64_t up = 0;
+    recs.clear();
+    for (int tid = 0; tid < nt && first[j] >= 0; ++tid) {  // each thread's list ascends: merged by index
+      up += above[size_t(tid) * J + j];
+      const std::vector<uint64_t>& w = where[size_t(tid) * J + j];
+      merged.resize(recs.size() + w.size());
+      std::merge(recs.begin(), recs.end(), w.begin(), w.end(), merged.begin(),
+                 [](uint64_t a, uint64_t b) { return (a & kIndex) < (b & kIndex); });
+      recs.swap(merged);
+    }
+    const int64_t inside = int64_t(recs.size()), below = in.n - up - inside;
+    if (first[j] >= 0 && below <= ranks[j] && ranks[j] < below + inside) {
+      keys.resize(recs.size());
+      for (size_t x = 0; x < recs.size(); ++x) keys[x] = uint32_t(recs[x] >> 40);
+      std::nth_element(keys.begin(), keys.begin() + (ranks[j] - below), keys.end());
+      const uint32_t key = keys[size_t(ranks[j] - below)];
+      int64_t less = 0, equal = 0;
+      for (uint64_t r : recs) {
+        const uint32_t k = uint32_t(r >> 40);
+        less += k < key;
+        equal += k == key;
+      }
+      it[0] = first[j] + int64_t(key), it[1] = below + less, it[2] = equal;
+      pos = at::empty({equal}, at::kLong);
+      int64_t* pp = pos.data_ptr<int64_t>();
+      for (uint64_t r : recs)
+        if (uint32_t(r >> 40) == key) *pp++ = int64_t(r & kIndex);
+    }
+    res.push_back(pos);
+  }
+  return res;
+}
+
 at::Tensor ckpt_random_bits(int64_t key, int64_t start, int64_t n) {
   at::Tensor out = at::empty({n}, at::kInt);
   ckpt_kernels().random_bits(key, start, n, out.data_ptr<int32_t>());

@@ -233,6 +233,112 @@ bool key_hist(const Inputs& in, const std::vector<int>& models, const std::vecto
 }
 
 
+// ------------------------------------------------------------------------- sampled key brackets
+
+// The sample: one block of kSampleBlock entries in each group of kSampleEvery blocks, at a position
+// drawn from the group's number, so that it does not follow a periodic structure of the tensor (rows).
+constexpr int64_t kSampleBlock = 64;
+constexpr int64_t kSampleEvery = 16;
+
+// The keys [first, last] around the key of ascending rank `rank` of model t, from the sample: the
+// sample's keys at the ranks within `margin` standard deviations (plus 32) of where that rank falls in
+// it. False when there is no bracket: a tensor too small to sample, a non-finite delta in the sample
+// (the pass that follows names it), more than `limit` entries expected in the bracket, or a bracket of
+// 2^24 keys or more (from 0 to a nonzero key, say).
+template <typename in_t>
+bool sampled_bracket(const Inputs& in, int t, int64_t rank, double margin, int64_t limit, int64_t* first,
+                     int64_t* last) {
+  const int64_t groups = in.n / (kSampleBlock * kSampleEvery), s = groups * kSampleBlock;
+  if (s == 0) return false;
+  std::vector<uint32_t> keys(static_cast<size_t>(s));
+  const in_t* xt = static_cast<const in_t*>(in.th[t]);
+  const in_t* xb = static_cast<const in_t*>(in.base);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t i0 = (g * kSampleEvery + int64_t(mix64(uint64_t(g)) % uint64_t(kSampleEvery))) * kSampleBlock;
+    if (!block_keys(xt + i0, xb ? xb + i0 : nullptr, int(kSampleBlock), keys.data() + g * kSampleBlock)) return false;
+  }
+  const double p = double(rank) / double(in.n);
+  const double centre = p * double(s), spread = margin * std::sqrt(double(s) * p * (1.0 - p)) + 32.0;
+  const int64_t lo = std::max<int64_t>(0, std::min<int64_t>(s - 1, int64_t(std::floor(centre - spread))));
+  const int64_t hi = std::max<int64_t>(lo, std::min<int64_t>(s - 1, int64_t(std::ceil(centre + spread))));
+  if (double(hi - lo + 1) * double(in.n) / double(s) > double(limit)) return false;
+  // the sample's keys of ranks lo and hi: the bin of each in the histogram of the top 16 bits (a finite
+  // key's are below 2^15), then the rank among the few keys of that bin
+  std::vector<uint32_t> count(size_t(kTop), 0u), bin;
+  for (uint32_t k : keys) ++count[k >> 16];
+  const auto key_at = [&](int64_t r) {
+    int64_t under = 0;
+    uint32_t b = 0;
+    while (under + count[b] <= r) under += count[b++];
+    bin.clear();
+    for (uint32_t k : keys)
+      if ((k >> 16) == b) bin.push_back(k);
+    std::nth_element(bin.begin(), bin.begin() + (r - under), bin.end());
+    return int64_t(bin[size_t(r - under)]);
+  };
+  *first = key_at(lo);
+  *last = key_at(hi);
+  return *last - *first < (int64_t(1) << 24);  // a record holds the key's offset in 24 bits
+}
+
+// For each request j (model models[j], the ascending rank ranks[j] of its boundary): a bracket of keys
+// from the sample (first[j] = -1 where there is none), then one pass that counts, per thread, the keys
+// above each bracket (above[thread * J + j]) and records the keys in it ((key - first) << 40 | index,
+// ascending by index within each thread's list: pool.h). Returns false when a delta is not finite.
+template <typename in_t>
+bool key_bracket(const Inputs& in, const std::vector<int>& models, const std::vector<int64_t>& ranks, double margin,
+                 int64_t limit, int64_t* first, int64_t* last, int64_t* above,
+                 std::vector<std::vector<uint64_t>>& where) {
+  const int J = int(models.size());
+  const int nt = at::get_num_threads();
+  std::vector<char> bad(nt, 0);
+  pool_for(0, J, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j)
+      if (!sampled_bracket<in_t>(in, models[size_t(j)], ranks[size_t(j)], margin, limit, first + j, last + j))
+        first[j] = -1;
+  });
+  where.resize(size_t(nt) * J);
+  for (auto& w : where) w.clear();
+  std::fill(above, above + size_t(nt) * J, int64_t(0));
+  const in_t* xb = static_cast<const in_t*>(in.base);
+  pool_for(0, in.n, kChunk, [&](int64_t i0, int64_t i1) {
+    const int tid = pool_thread_num();
+    std::vector<int64_t> count(size_t(J), 0);
+    // a block of entries at a time, every request over it, so the base's block is read from L1
+    for (int64_t c = i0; c < i1; c += kKeyBlock) {
+      const int m = int(std::min<int64_t>(kKeyBlock, i1 - c));
+      for (int j = 0; j < J; ++j) {
+        if (first[j] < 0) continue;
+        const in_t* xt = static_cast<const in_t*>(in.th[models[size_t(j)]]);
+        const uint32_t lo = uint32_t(first[j]), span = uint32_t(last[j] - first[j] + 1), top = uint32_t(last[j]);
+        uint32_t keys[kKeyBlock];
+        if (!block_keys(xt + c, xb ? xb + c : nullptr, m, keys)) {
+          bad[tid] = 1;
+          return;
+        }
+        uint32_t up = 0;
+        for (int e = 0; e < m; ++e) up += uint32_t(keys[e] > top);
+        count[size_t(j)] += up;
+        // a bracket holds a few % of the keys: groups of 16 without one take only the vector test
+        std::vector<uint64_t>& w = where[size_t(tid) * J + j];
+        for (int g = 0; g < m; g += 16) {
+          const int e1 = std::min(m, g + 16);
+          uint32_t any = 0;
+          for (int e = g; e < e1; ++e) any |= uint32_t(keys[e] - lo < span);
+          if (!any) continue;
+          for (int e = g; e < e1; ++e)
+            if (keys[e] - lo < span) w.push_back(uint64_t(keys[e] - lo) << 40 | uint64_t(c + e));
+        }
+      }
+    }
+    for (int j = 0; j < J; ++j) above[size_t(tid) * J + j] += count[size_t(j)];
+  });
+  for (char b : bad)
+    if (b) return false;
+  return true;
+}
+
+
 inline int64_t entry(const CkptSpec& s, int64_t i) { return s.index ? s.index[i] : s.offset + i; }
 
 template <typename in_t>
@@ -465,6 +571,16 @@ bool hist_entry(const CkptInputs& in, const std::vector<int>& models, const std:
   return ok;
 }
 
+bool bracket_entry(const CkptInputs& in, const std::vector<int>& models, const std::vector<int64_t>& ranks,
+                   double margin, int64_t limit, int64_t* first, int64_t* last, int64_t* above,
+                   std::vector<std::vector<uint64_t>>& where) {
+  bool ok = true;
+  dispatch(in.dt, [&](auto z) {
+    ok = key_bracket<decltype(z)>(in, models, ranks, margin, limit, first, last, above, where);
+  });
+  return ok;
+}
+
 bool merge_entry(const CkptInputs& in, const CkptSpec& s, void* out, at::ScalarType out_dtype) {
   const int T = int(in.th.size());
   const int nt = at::get_num_threads();
@@ -545,7 +661,8 @@ int64_t nonfinite_entry(const CkptInputs& in, int* which, float* value) {
 
 const CkptKernels& FM_CAT(ckpt_kernels_, CPU_CAPABILITY)() {
   static const CkptKernels table{FM_STR(CPU_CAPABILITY), &ckpt::hist_entry,        &ckpt::merge_entry,
-                                 &ckpt::abs_sums_entry,   &ckpt::random_bits_entry, &ckpt::nonfinite_entry};
+                                 &ckpt::abs_sums_entry,   &ckpt::random_bits_entry, &ckpt::nonfinite_entry,
+                                 &ckpt::bracket_entry};
   return table;
 }
 

@@ -58,6 +58,11 @@ struct CkptKernels {
   // The index of the first non-finite entry of the base (which = -1), else of thetas[which], with its
   // value; -1 when every input is finite.
   int64_t (*first_nonfinite)(const CkptInputs& in, int* which, float* value);
+  // Sampled key brackets and the pass that counts the keys above them and records those in them
+  // (see key_bracket in ckpt_kernels.h).
+  bool (*key_bracket)(const CkptInputs& in, const std::vector<int>& models, const std::vector<int64_t>& ranks,
+                      double margin, int64_t limit, int64_t* first, int64_t* last, int64_t* above,
+                      std::vector<std::vector<uint64_t>>& where);
 };
 
 // The build in use (the one fastmerge._C.set_cpu_capability chose; ops_cpu.cpp).

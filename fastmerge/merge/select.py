@@ -11,12 +11,15 @@ where a key is the float32 bits of |delta| (they order like the values): an entr
 lo_key < key < hi_key, or key == lo_key and lo_a <= index <= lo_b, or key == hi_key and
 hi_a <= index <= hi_b.
 
-The boundary keys come from two passes of per-model histograms (``_C.ckpt_key_hist``): the top 16 bits
-of every key, then the low 16 bits inside the bin that holds the rank. The second pass also records
-where the entries of that bin are (when there are at most 2^22 of them), which is how a tie at the
-boundary is split by index without another pass. Both passes run chunk by chunk, and for a tensor of
-several chunks they hand each chunk to ``release``, so the pages of a large tensor leave the process
-as they are read.
+On a tensor of one chunk and at least ``SAMPLE_FROM`` entries, the boundary keys come from one pass
+(``_C.ckpt_key_bracket``): a sample of the entries brackets each boundary's key, and the pass counts
+the keys above the bracket and records the keys in it, which gives the exact key and where its ties are.
+Where a bracket misses (the sample was not like the whole), and on other tensors, they come from two
+passes of per-model histograms (``_C.ckpt_key_hist``): the top 16 bits of every key, then the low 16
+bits inside the bin that holds the rank. The second pass also records where the entries of that bin
+are (when there are at most 2^22 of them), which is how a tie at the boundary is split by index
+without another pass. Both passes run chunk by chunk, and for a tensor of several chunks they hand each
+chunk to ``release``, so the pages of a large tensor leave the process as they are read.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ KEEP_NONE = 1 << 33
 RECORD_LIMIT = 1 << 22
 NEVER = 1 << 20  # a prefix no key has: the model is skipped in that pass
 INDEX_MASK = (1 << 40) - 1
+SAMPLE_FROM = 1 << 18  # tensors of one chunk and at least this many entries try the sampled brackets
+SAMPLE_MARGIN = 3.5  # a bracket: the sample's ranks within this many standard deviations (plus 32)
 
 
 def pick(row: Tensor, rank: int) -> Tuple[int, int, int]:
@@ -52,6 +57,20 @@ def _kept_ties(rank: int, below: int, equal: int, lower: bool, by_high: bool) ->
     return (equal - kept, equal - 1) if by_high else (0, kept - 1)
 
 
+def _boundary(key: int, below: int, equal: int, rank: int, lower: bool, by_high: bool, n: int,
+              positions: Callable[[], Tensor]) -> List[int]:
+    """[key, first, last] of a boundary whose key has ``below`` keys under it and ``equal`` equal to
+    it; ``positions()`` gives the ascending indices of the equal ones, asked for only when the tie is
+    split."""
+    first, last = 0, n - 1
+    k_from, k_to = _kept_ties(rank, below, equal, lower, by_high)
+    if key != 0 and (k_from > 0 or k_to < equal - 1):  # a split tie (ties at zero change nothing)
+        idx = positions()
+        first = int(idx[k_from]) if k_from > 0 else 0
+        last = int(idx[k_to]) if k_to < equal - 1 else n - 1
+    return [key, first, last]
+
+
 def exact_boundary(row: Tensor, where: Optional[Tensor], coarse: Tuple[int, int, int], rank: int, lower: bool,
                    by_high: bool, n: int, tie_positions: Callable[[int], Tensor]) -> List[int]:
     """[key, first, last] of a boundary, from the low-16-bit histogram ``row`` of its top-16-bit bin
@@ -59,32 +78,73 @@ def exact_boundary(row: Tensor, where: Optional[Tensor], coarse: Tuple[int, int,
     bin's entries (low 16 bits << 40 | index), or ``tie_positions(key)`` when they were not recorded."""
     bin_, below, _ = coarse
     d, below2, equal = pick(row, rank - below)
-    key, below = (bin_ << 16) | d, below + below2
-    first, last = 0, n - 1
-    k_from, k_to = _kept_ties(rank, below, equal, lower, by_high)
-    if key != 0 and (k_from > 0 or k_to < equal - 1):  # a split tie (ties at zero change nothing)
-        if where is not None:  # the records come in ascending index order (see ckpt_merge_deferred)
-            idx = where[(where >> 40) == d] & INDEX_MASK
-            if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
-                idx = torch.sort(idx).values
-        else:
-            idx = tie_positions(key)
-        first = int(idx[k_from]) if k_from > 0 else 0
-        last = int(idx[k_to]) if k_to < equal - 1 else n - 1
-    return [key, first, last]
+    key = (bin_ << 16) | d
+
+    def positions() -> Tensor:
+        if where is None:
+            return tie_positions(key)
+        idx = where[(where >> 40) == d] & INDEX_MASK  # the records come in ascending index order
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            idx = torch.sort(idx).values
+        return idx
+
+    return _boundary(key, below + below2, equal, rank, lower, by_high, n, positions)
+
+
+def _bounds(rank_lo: Sequence[int], rank_hi: Sequence[int], n: int):
+    """The keep-all rules of T models, and their boundaries (model, rank, lower) for ranks [lo, hi)."""
+    rules = [[NO_LOWER, 0, n - 1, NO_UPPER, 0, n - 1] for _ in range(len(rank_lo))]
+    bounds: List[Tuple[int, int, bool]] = []
+    for t in range(len(rank_lo)):
+        lo, hi = int(rank_lo[t]), int(rank_hi[t])
+        if not 0 <= lo <= hi <= n:
+            raise ValueError(f"ranks of model {t} out of range: [{lo}, {hi}) of {n}")
+        if lo == hi:
+            rules[t][0] = KEEP_NONE
+            continue
+        if lo > 0:
+            bounds.append((t, lo, True))
+        if hi < n:
+            bounds.append((t, hi - 1, False))
+    return rules, bounds
+
+
+def bracket_rules(C, base: Tensor, thetas: Sequence[Tensor], rank_lo: Sequence[int], rank_hi: Sequence[int],
+                  by_high: Sequence[bool]) -> Optional[Tensor]:
+    """The keep rules of :func:`select_rules` for a whole tensor in one pass (``_C.ckpt_key_bracket``),
+    or None where a sampled bracket missed its boundary (the caller then takes the exact passes)."""
+    n = base.numel()
+    rules, bounds = _bounds(rank_lo, rank_hi, n)
+    if bounds:
+        res = C.ckpt_key_bracket(base, list(thetas), [t for t, _, _ in bounds], [r for _, r, _ in bounds],
+                                 SAMPLE_MARGIN, RECORD_LIMIT // 2)
+        info = res[0].tolist()
+        if any(key < 0 for key, _, _ in info):
+            return None
+        for j, ((t, rank, lower), (key, below, equal)) in enumerate(zip(bounds, info)):
+            rules[t][0 if lower else 3: 3 if lower else 6] = _boundary(key, below, equal, rank, lower,
+                                                                      bool(by_high[t]), n, lambda j=j: res[1 + j])
+    return torch.tensor(rules, dtype=torch.int64)
 
 
 def merge_top_k(C, base: Tensor, thetas: Sequence[Tensor], rank_lo: Sequence[int], by_high: Sequence[bool],
                 weights: Sequence[float], rest: tuple, out: Tensor) -> bool:
     """Top-k (each model keeps ranks [rank_lo, n)) merged in two passes instead of three.
 
-    The first histogram pass finds each model's threshold bin. The merge pass itself then runs with
+    On a tensor of ``SAMPLE_FROM`` entries or more, the exact thresholds come from one pass over sampled
+    brackets (:func:`bracket_rules`) and the merge pass follows. Otherwise, or when a bracket missed, the
+    first histogram pass finds each model's threshold bin. The merge pass itself then runs with
     provisional rules that drop the whole bin while counting and locating the keys in it
     (``_C.ckpt_merge_deferred``). The exact rules follow from those counts, and only the entries where
     some model's key fell in its bin are merged again. ``rest`` holds ``ckpt_merge``'s arguments after
     ``rules``, up to ``out_dtype``. Returns False, having done nothing, when the bins hold too many
     entries to record."""
     n, T = base.numel(), len(thetas)
+    if n >= SAMPLE_FROM:
+        rules = bracket_rules(C, base, thetas, rank_lo, [n] * T, by_high)
+        if rules is not None:
+            C.ckpt_merge(base, list(thetas), list(weights), rules, *rest, 0, out)
+            return True
     h1 = C.ckpt_key_hist(base, list(thetas), [-1] * T, 0, False)[0]
     coarse = [pick(h1[t], int(rank_lo[t])) if rank_lo[t] > 0 else None for t in range(T)]
     if sum(c[2] for c in coarse if c) > RECORD_LIMIT:
@@ -120,21 +180,13 @@ def select_rules(C, base: Tensor, thetas: Sequence[Tensor], rank_lo: Sequence[in
     n, T = base.numel(), len(thetas)
     if len(chunks) < 2:
         release = None  # one chunk stays mapped for the passes that follow (re-faulting it costs time)
-    rules = [[NO_LOWER, 0, n - 1, NO_UPPER, 0, n - 1] for _ in range(T)]
-    bounds: List[Tuple[int, int, bool]] = []  # (model, rank, lower)
-    for t in range(T):
-        lo, hi = int(rank_lo[t]), int(rank_hi[t])
-        if not 0 <= lo <= hi <= n:
-            raise ValueError(f"ranks of model {t} out of range: [{lo}, {hi}) of {n}")
-        if lo == hi:
-            rules[t][0] = KEEP_NONE
-            continue
-        if lo > 0:
-            bounds.append((t, lo, True))
-        if hi < n:
-            bounds.append((t, hi - 1, False))
+    rules, bounds = _bounds(rank_lo, rank_hi, n)
     if not bounds:
         return torch.tensor(rules, dtype=torch.int64)
+    if len(chunks) < 2 and n >= SAMPLE_FROM:
+        got = bracket_rules(C, base, thetas, rank_lo, rank_hi, by_high)
+        if got is not None:
+            return got
 
     def sweep(prefix: List[int], record: bool):
         hist = torch.zeros(T, BINS, dtype=torch.int64)
