@@ -560,18 +560,21 @@ def test_sigterm_outside_the_merge_loop_is_a_clean_interrupt(llamas, tmp_path, m
 
 def test_writer_lends_its_buffers_again_once_written(tmp_path):
     """The merge fills buffers that the writer lends (fresh pages per piece would cost more to fault in
-    than the merge): a buffer comes back once its bytes are written, a lent buffer that is never handed
-    over is only dropped, a piece larger than a buffer gets its own, and the file holds every piece."""
+    than the merge): a buffer comes back once its bytes are written, and only then, so pieces handed
+    over faster than the writer writes them all reach the file intact; a lent buffer that is never
+    handed over and a piece larger than a buffer change nothing."""
     from safetensors.torch import load_file
 
     lend = mio.ShardWriter.LEND // 4
+    parts = 12  # more pieces than the queue holds: most are handed over while others still wait
     tensors = [mio.OutTensor("a", torch.float32, (3 * lend - 5,)), mio.OutTensor("b", torch.bfloat16, (7,)),
-               mio.OutTensor("c", torch.float32, (2 * lend,))]
+               mio.OutTensor("c", torch.float32, (2 * lend,)), mio.OutTensor("d", torch.float32, (parts * lend,))]
     layout = mio.ShardLayout(tensors, 1 << 40)
     layout.create(str(tmp_path))
     done = []
-    w = mio.ShardWriter(str(tmp_path), layout, on_done=lambda name, crc: done.append(name))
-    want = {"a": torch.randn(3 * lend - 5), "b": torch.randn(7).bfloat16(), "c": torch.randn(2 * lend)}
+    w = mio.ShardWriter(str(tmp_path), layout, on_done=lambda name, crc: done.append((name, crc)))
+    want = {"a": torch.randn(3 * lend - 5), "b": torch.randn(7).bfloat16(), "c": torch.randn(2 * lend),
+            "d": torch.randn(parts * lend)}
     ptrs = []
     for a, b in [(0, lend), (lend, 2 * lend), (2 * lend, 3 * lend - 5)]:
         piece = w.buffer(b - a, torch.float32)
@@ -581,20 +584,25 @@ def test_writer_lends_its_buffers_again_once_written(tmp_path):
         start = time.monotonic()
         while not w._free and time.monotonic() - start < 30:  # until the writer has taken it back
             time.sleep(0.001)
+    assert len(set(ptrs)) == 1, "a written buffer was not lent again"
     w.buffer(3, torch.float32).fill_(float("nan"))  # lent, never handed over
     small = w.buffer(7, torch.bfloat16)
     small.copy_(want["b"])
     w.add_part("b", small, True)
-    big = w.buffer(2 * lend, torch.float32)  # over one buffer: its own memory
-    assert big.data_ptr() not in ptrs + [small.data_ptr()]
+    big = w.buffer(2 * lend, torch.float32)  # over one buffer: memory of its own
     big.copy_(want["c"])
     w.add_part("c", big, True)
+    for k in range(parts):  # no waiting: a buffer lent again before it was written would corrupt "d"
+        piece = w.buffer(lend, torch.float32)
+        piece.copy_(want["d"][k * lend:(k + 1) * lend])
+        w.add_part("d", piece, k == parts - 1)
     w.finish()
-    assert done == ["a", "b", "c"]
-    assert len(set(ptrs)) == 1, "a written buffer was not lent again"
+    assert [name for name, _ in done] == ["a", "b", "c", "d"]
     got = load_file(os.path.join(str(tmp_path), layout.names[0]))
     for name, t in want.items():
         assert torch.equal(got[name], t), name
+    for name, crc in done:  # the checksums recorded as the pieces went out are those of the file
+        assert crc == layout.checksum(str(tmp_path), name, w.kind), name
 
 
 @pytest.mark.parametrize("enabled", [True, False])

@@ -428,16 +428,21 @@ def test_a_missed_bracket_falls_back_to_the_exact_passes(monkeypatch):
         assert torch.equal(M.METHODS[name].run(j), M.reference_run(M.METHODS[name], j)), name
 
 
-@pytest.mark.parametrize("n", [1031, 4097, 65537])
+@pytest.mark.parametrize("n", [65537, 300007])
 @pytest.mark.parametrize("dtype", [d for d, _, _ in DTYPES])
 @pytest.mark.parametrize("name", ["ties", "breadcrumbs", "breadcrumbs_ties"])
 def test_methods_over_the_one_pass_selection_match_the_twin(name, n, dtype, monkeypatch):
-    """Every tensor from 1024 entries on takes the one-pass selection here (it is kept for the
-    larger tensors by default): bit for bit the twin's tensors."""
+    """Tensors from 1024 entries on take the one-pass selection here (by default from 2^18): bit for
+    bit the twin's tensors, with the brackets found (not the fallback) for these inputs."""
     monkeypatch.setattr(S, "SAMPLE_FROM", 1024)
+    found = []
+    bracket_rules = S.bracket_rules
+    monkeypatch.setattr(S, "bracket_rules", lambda *a: found.append(bracket_rules(*a)) or found[-1])
     base, thetas = awkward(n, 4, dtype, seed=n % 5)
-    j = job(name, base, thetas)
+    per = [dict(weight=w, density=d, gamma=0.05) for w, d in zip([1.0, 0.5, 2.0, 0.75], [0.5, 0.3, 0.6, 0.45])]
+    j = job(name, base, thetas, per=per)
     assert torch.equal(M.METHODS[name].run(j), M.reference_run(M.METHODS[name], j))
+    assert found and all(r is not None for r in found), "the one-pass selection was not taken"
 
 
 def test_key_bracket_bad_inputs():
@@ -446,13 +451,20 @@ def test_key_bracket_bad_inputs():
         _C.ckpt_key_bracket(base, thetas, [0], [65537], 3.5, 1 << 20)
     with pytest.raises(ValueError, match="models\\[1\\] = 2 is not one of the 2 models"):
         _C.ckpt_key_bracket(base, thetas, [0, 2], [5, 5], 3.5, 1 << 20)
-    with pytest.raises(ValueError, match="margin and record_limit must be >= 0"):
-        _C.ckpt_key_bracket(base, thetas, [0], [5], -1.0, 1 << 20)
+    for margin in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="margin \\(finite\\) and record_limit must be >= 0"):
+            _C.ckpt_key_bracket(base, thetas, [0], [5], margin, 1 << 20)
     with pytest.raises(ValueError, match="one rank per request"):
         _C.ckpt_key_bracket(base, thetas, [0, 1], [5], 3.5, 1 << 20)
-    thetas[1][40_000] = float("nan")
-    with pytest.raises(ValueError, match=r"thetas\[1\] contains a non-finite value \(nan\) at index 40000"):
-        _C.ckpt_key_bracket(base, thetas, [0, 1], [30_000, 30_000], 3.5, 1 << 20)
-    # no bracket where the brackets would hold more entries than the limit: a miss, not an error
-    info = _C.ckpt_key_bracket(base, thetas[:1], [0], [30_000], 3.5, 10)[0]
-    assert info.tolist() == [[-1, 0, 0]]
+    ranks = [30_000, 30_000]
+    assert int(_C.ckpt_key_bracket(base, thetas, [0, 1], ranks, 3.5, 1 << 20)[0][:, 0].min()) >= 0
+    # a NaN in the last entry (past the last sampled group of 1024): the pass finds and names it
+    bad = [t.clone() for t in thetas]
+    bad[1][65_536] = float("nan")
+    with pytest.raises(ValueError, match=r"thetas\[1\] contains a non-finite value \(nan\) at index 65536"):
+        _C.ckpt_key_bracket(base, bad, [0, 1], ranks, 3.5, 1 << 20)
+    # NaN across a whole group of 1024 (so in the sample): no bracket for anyone, and no pass
+    bad[1][2048:3072] = float("nan")
+    assert _C.ckpt_key_bracket(base, bad, [0, 1], ranks, 3.5, 1 << 20)[0].tolist() == [[-1, 0, 0]] * 2
+    # brackets that would hold more entries than the limit: a miss, not an error
+    assert _C.ckpt_key_bracket(base, thetas[:1], [0], [30_000], 3.5, 10)[0].tolist() == [[-1, 0, 0]]

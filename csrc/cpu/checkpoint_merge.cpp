@@ -270,7 +270,8 @@ std::vector<at::Tensor> ckpt_key_bracket(const c10::optional<at::Tensor>& base, 
   const int T = int(in.th.size());
   const int J = int(models.size());
   TORCH_CHECK_VALUE(int(ranks.size()) == J, "ckpt_key_bracket: one rank per request");
-  TORCH_CHECK_VALUE(margin >= 0 && record_limit >= 0, "ckpt_key_bracket: margin and record_limit must be >= 0");
+  TORCH_CHECK_VALUE(std::isfinite(margin) && margin >= 0 && record_limit >= 0,
+                    "ckpt_key_bracket: margin (finite) and record_limit must be >= 0");
   TORCH_CHECK_VALUE(in.n < (int64_t(1) << 40), "ckpt_key_bracket: a tensor of under 2^40 entries");
   std::vector<int> mods(J);
   for (int j = 0; j < J; ++j) {
@@ -319,10 +320,12 @@ std::vector<at::Tensor> ckpt_key_bracket(const c10::optional<at::Tensor>& base, 
         equal += k == key;
       }
       it[0] = first[j] + int64_t(key), it[1] = below + less, it[2] = equal;
-      pos = at::empty({equal}, at::kLong);
-      int64_t* pp = pos.data_ptr<int64_t>();
-      for (uint64_t r : recs)
-        if (uint32_t(r >> 40) == key) *pp++ = int64_t(r & kIndex);
+      if (it[0] != 0) {  // ties at a zero key are never split (they change nothing): no positions
+        pos = at::empty({equal}, at::kLong);
+        int64_t* pp = pos.data_ptr<int64_t>();
+        for (uint64_t r : recs)
+          if (uint32_t(r >> 40) == key) *pp++ = int64_t(r & kIndex);
+      }
     }
     res.push_back(pos);
   }

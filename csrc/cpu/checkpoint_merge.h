@@ -54,9 +54,10 @@ at::Tensor ckpt_abs_sums(const c10::optional<at::Tensor>& base, const std::vecto
 // sample (1/16 of the entries, the ranks within `margin` standard deviations, plus 32, of that rank),
 // then one pass counts the keys above each bracket and records the keys in it, from which the key of the
 // rank follows. Returns [int64 [J, 3]: (the key, the count of keys below it, the count equal to it), or
-// (-1, 0, 0) where the bracket missed the rank or none was drawn (a tensor too small to sample, more
-// than record_limit entries expected in the brackets); then per request the ascending indices of the
-// entries whose key equals it]. fastmerge/merge/select.py falls back to the exact histograms on a miss.
+// (-1, 0, 0) where the bracket missed the rank, and for every request where some request got no
+// bracket (a tensor too small to sample, a non-finite delta in the sample, more than record_limit
+// entries expected in the brackets); then per request the ascending indices of the entries whose key
+// equals it (none for a zero key, whose ties are never split)]. fastmerge/merge/select.py falls back to the exact histograms on a miss.
 std::vector<at::Tensor> ckpt_key_bracket(const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas,
                                          const std::vector<int64_t>& models, const std::vector<int64_t>& ranks,
                                          double margin, int64_t record_limit);

@@ -243,8 +243,8 @@ constexpr int64_t kSampleEvery = 16;
 // The keys [first, last] around the key of ascending rank `rank` of model t, from the sample: the
 // sample's keys at the ranks within `margin` standard deviations (plus 32) of where that rank falls in
 // it. False when there is no bracket: a tensor too small to sample, a non-finite delta in the sample
-// (the pass that follows names it), more than `limit` entries expected in the bracket, or a bracket of
-// 2^24 keys or more (from 0 to a nonzero key, say).
+// (the exact passes the caller falls back to name it), more than `limit` entries expected in the
+// bracket, or a bracket of 2^24 keys or more (from 0 to a nonzero key, say).
 template <typename in_t>
 bool sampled_bracket(const Inputs& in, int t, int64_t rank, double margin, int64_t limit, int64_t* first,
                      int64_t* last) {
@@ -282,9 +282,11 @@ bool sampled_bracket(const Inputs& in, int t, int64_t rank, double margin, int64
 }
 
 // For each request j (model models[j], the ascending rank ranks[j] of its boundary): a bracket of keys
-// from the sample (first[j] = -1 where there is none), then one pass that counts, per thread, the keys
-// above each bracket (above[thread * J + j]) and records the keys in it ((key - first) << 40 | index,
-// ascending by index within each thread's list: pool.h). Returns false when a delta is not finite.
+// from the sample, then one pass that counts, per thread, the keys above each bracket
+// (above[thread * J + j]) and records the keys in it ((key - first) << 40 | index, ascending by index
+// within each thread's list: pool.h). Where some request gets no bracket, first[j] = -1 for all and
+// there is no pass (the caller falls back to the exact passes for the whole tensor anyway). Returns
+// false when the pass meets a delta that is not finite.
 template <typename in_t>
 bool key_bracket(const Inputs& in, const std::vector<int>& models, const std::vector<int64_t>& ranks, double margin,
                  int64_t limit, int64_t* first, int64_t* last, int64_t* above,
@@ -298,6 +300,10 @@ bool key_bracket(const Inputs& in, const std::vector<int>& models, const std::ve
         first[j] = -1;
   });
   where.resize(size_t(nt) * J);
+  if (std::any_of(first, first + J, [](int64_t f) { return f < 0; })) {
+    std::fill(first, first + J, int64_t(-1));
+    return true;
+  }
   for (auto& w : where) w.clear();
   std::fill(above, above + size_t(nt) * J, int64_t(0));
   const in_t* xb = static_cast<const in_t*>(in.base);
