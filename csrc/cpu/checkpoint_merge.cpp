@@ -105,22 +105,30 @@ void check_out_dtype(at::ScalarType dt, const char* what) {
                     " must be float32, bfloat16, float16 or float64, got ", dt);
 }
 
-// One int64 tensor per model of the records that the threads gathered ([threads * T] lists), each
-// record plus `add` (the chunk's offset), appended to `res`. A thread claims the pieces of a loop in
-// ascending order (pool.h), so each list ascends by index; merging them keeps the result ascending.
-void append_records(const std::vector<std::vector<uint64_t>>& where, int T, int64_t add, std::vector<at::Tensor>& res) {
+constexpr uint64_t kIndex = (uint64_t(1) << 40) - 1;  // a record's index bits (the key above them)
+
+// Into `all`: request t's records of the threads' lists ([threads * T]; `merged` is scratch). A thread
+// claims the pieces of a loop in ascending order (pool.h), so each list ascends by index; merging them
+// keeps the result ascending.
+void records_by_index(const std::vector<std::vector<uint64_t>>& where, int T, int t, std::vector<uint64_t>& all,
+                      std::vector<uint64_t>& merged) {
   const int nt = int(where.size()) / std::max(T, 1);
-  constexpr uint64_t kIndex = (uint64_t(1) << 40) - 1;
-  const auto by_index = [](uint64_t a, uint64_t b) { return (a & kIndex) < (b & kIndex); };
+  all.clear();
+  for (int tid = 0; tid < nt; ++tid) {
+    const std::vector<uint64_t>& w = where[size_t(tid) * T + t];
+    merged.resize(all.size() + w.size());
+    std::merge(all.begin(), all.end(), w.begin(), w.end(), merged.begin(),
+               [](uint64_t a, uint64_t b) { return (a & kIndex) < (b & kIndex); });
+    all.swap(merged);
+  }
+}
+
+// One int64 tensor per model of the records that the threads gathered ([threads * T] lists), in
+// ascending index order, each record plus `add` (the chunk's offset), appended to `res`.
+void append_records(const std::vector<std::vector<uint64_t>>& where, int T, int64_t add, std::vector<at::Tensor>& res) {
   std::vector<uint64_t> all, merged;
   for (int t = 0; t < T; ++t) {
-    all.clear();
-    for (int tid = 0; tid < nt; ++tid) {
-      const std::vector<uint64_t>& w = where[size_t(tid) * T + t];
-      merged.resize(all.size() + w.size());
-      std::merge(all.begin(), all.end(), w.begin(), w.end(), merged.begin(), by_index);
-      all.swap(merged);
-    }
+    records_by_index(where, T, t, all, merged);
     at::Tensor out = at::empty({int64_t(all.size())}, at::kLong);
     int64_t* p = out.data_ptr<int64_t>();
     for (uint64_t x : all) *p++ = int64_t(x + uint64_t(add));
@@ -135,7 +143,7 @@ at::Tensor record_union(const std::vector<at::Tensor>& res, int T) {
     const at::Tensor& w = res[2 + t];
     const int64_t* p = w.data_ptr<int64_t>();
     std::vector<int64_t> idx(size_t(w.numel()));
-    for (size_t j = 0; j < idx.size(); ++j) idx[j] = p[j] & ((int64_t(1) << 40) - 1);
+    for (size_t j = 0; j < idx.size(); ++j) idx[j] = int64_t(uint64_t(p[j]) & kIndex);
     merged.resize(all.size() + idx.size());
     std::merge(all.begin(), all.end(), idx.begin(), idx.end(), merged.begin());
     all.swap(merged);
@@ -290,7 +298,6 @@ std::vector<at::Tensor> ckpt_key_bracket(const c10::optional<at::Tensor>& base, 
   at::Tensor info = at::empty({J, 3}, at::kLong);
   int64_t* ip = info.data_ptr<int64_t>();
   std::vector<at::Tensor> res{info};
-  constexpr uint64_t kIndex = (uint64_t(1) << 40) - 1;
   std::vector<uint64_t> recs, merged;
   std::vector<uint32_t> keys;
   for (int j = 0; j < J; ++j) {
@@ -299,13 +306,9 @@ std::vector<at::Tensor> ckpt_key_bracket(const c10::optional<at::Tensor>& base, 
     at::Tensor pos = at::empty({0}, at::kLong);
     int64_t up = 0;
     recs.clear();
-    for (int tid = 0; tid < nt && first[j] >= 0; ++tid) {  // each thread's list ascends: merged by index
-      up += above[size_t(tid) * J + j];
-      const std::vector<uint64_t>& w = where[size_t(tid) * J + j];
-      merged.resize(recs.size() + w.size());
-      std::merge(recs.begin(), recs.end(), w.begin(), w.end(), merged.begin(),
-                 [](uint64_t a, uint64_t b) { return (a & kIndex) < (b & kIndex); });
-      recs.swap(merged);
+    if (first[j] >= 0) {
+      records_by_index(where, J, j, recs, merged);
+      for (int tid = 0; tid < nt; ++tid) up += above[size_t(tid) * J + j];
     }
     const int64_t inside = int64_t(recs.size()), below = in.n - up - inside;
     if (first[j] >= 0 && below <= ranks[j] && ranks[j] < below + inside) {

@@ -498,7 +498,6 @@ class ShardWriter:
                 if data is not None and len(data):
                     _write_at(self._fd(si), data, offset)
                     self._crc = checksum(data, self._crc, self.kind)
-                del data
                 if lent is not None and len(self._free) <= self._q.maxsize:
                     self._free.append(lent)
                 if last:
@@ -524,7 +523,7 @@ class ShardWriter:
     def buffer(self, n: int, dtype: torch.dtype) -> torch.Tensor:
         """A flat tensor of ``n`` entries to fill and pass to ``add_part`` (see the class notes)."""
         nbytes = n * itemsize(dtype)
-        if nbytes > self.LEND or nbytes % itemsize(dtype):
+        if nbytes > self.LEND:
             return torch.empty(n, dtype=dtype)
         try:
             buf = self._free.pop()

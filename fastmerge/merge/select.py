@@ -83,10 +83,7 @@ def exact_boundary(row: Tensor, where: Optional[Tensor], coarse: Tuple[int, int,
     def positions() -> Tensor:
         if where is None:
             return tie_positions(key)
-        idx = where[(where >> 40) == d] & INDEX_MASK  # the records come in ascending index order
-        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
-            idx = torch.sort(idx).values
-        return idx
+        return where[(where >> 40) == d] & INDEX_MASK  # the records come in ascending index order
 
     return _boundary(key, below + below2, equal, rank, lower, by_high, n, positions)
 
