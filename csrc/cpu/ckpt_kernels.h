@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "ckpt_types.h"
@@ -398,24 +399,52 @@ void merge_block(const Inputs& in, const CkptSpec& s, int64_t i0, int m, float* 
     int32_t keys[kBlock];  // kept for the boundary and the deferred bin, so they need not form the deltas again
     if (!s.streams) {
       // one loop forms, filters, scales and sums each delta; entries at a boundary key are dropped here
-      // and added below (adding the +-0 they got leaves a sum unchanged, and it is never -0)
-      for (int j = 0; j < m; ++j) {
-        const float d = to_f(x[j]) - b[j];
-        const int32_t k = classify(d, lo, hi, bin, nonfinite, edge, inbin);
-        keys[j] = k;
-        const float y = (((k > lo && k < hi) ? d : 0.0f) * sc) * w;
-        vt[j] = y;
-        sum[j] += y;
-        sgn[j] += int32_t(y > 0.0f) - int32_t(y < 0.0f);
-      }
+      // and added below (adding the +-0 they got leaves a sum unchanged, and it is never -0). The loop
+      // is built per case so that each does only its own work: the boundary tests where there are rules,
+      // the deferred bin's test where there is one, the sum or the sign count that the consensus reads.
+      const auto pass = [&](auto with_rule, auto with_bin) {
+        uint32_t nf = 0, ed = 0, ib = 0;
+        for (int j = 0; j < m; ++j) {
+          const float d = to_f(x[j]) - b[j];
+          int32_t k;
+          std::memcpy(&k, &d, 4);
+          k &= 0x7fffffff;
+          nf |= uint32_t(k >= 0x7f800000);
+          float y = d;
+          if constexpr (decltype(with_rule)::value) {
+            ed |= uint32_t((k == lo) | (k == hi));
+            y = (k > lo && k < hi) ? d : 0.0f;
+            keys[j] = k;
+          }
+          if constexpr (decltype(with_bin)::value) {
+            ib |= uint32_t((k >> 16) == bin);
+            keys[j] = k;
+          }
+          y = (y * sc) * w;
+          vt[j] = y;
+          if constexpr (kCons != 2) sum[j] += y;
+          if constexpr (kCons == 2) sgn[j] += int32_t(y > 0.0f) - int32_t(y < 0.0f);
+        }
+        nonfinite |= nf;
+        edge |= ed;
+        inbin |= ib;
+      };
+      if (r && bin >= 0)
+        pass(std::true_type{}, std::true_type{});
+      else if (r)
+        pass(std::true_type{}, std::false_type{});
+      else if (bin >= 0)
+        pass(std::false_type{}, std::true_type{});
+      else
+        pass(std::false_type{}, std::false_type{});
       if (edge && r) {  // entries at a boundary key: their index decides (see Rule)
         for (int j = 0; j < m; ++j) {
           const int64_t k = keys[j];
           if ((k == r->lo_key || k == r->hi_key) && r->keeps(uint32_t(k), entry(s, i0 + j))) {
             const float y = ((to_f(x[j]) - b[j]) * sc) * w;
             vt[j] = y;
-            sum[j] += y;
-            sgn[j] += int32_t(y > 0.0f) - int32_t(y < 0.0f);
+            if constexpr (kCons != 2) sum[j] += y;
+            if constexpr (kCons == 2) sgn[j] += int32_t(y > 0.0f) - int32_t(y < 0.0f);
           }
         }
       }
@@ -439,8 +468,8 @@ void merge_block(const Inputs& in, const CkptSpec& s, int64_t i0, int m, float* 
       for (int j = 0; j < m; ++j) {
         const float y = (vt[j] * sc) * w;
         vt[j] = y;
-        sum[j] += y;
-        sgn[j] += int32_t(y > 0.0f) - int32_t(y < 0.0f);
+        if constexpr (kCons != 2) sum[j] += y;
+        if constexpr (kCons == 2) sgn[j] += int32_t(y > 0.0f) - int32_t(y < 0.0f);
       }
     }
     if (inbin) {  // keys in the threshold's bin: counted and located for the exact threshold
