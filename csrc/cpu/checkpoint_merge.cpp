@@ -273,7 +273,7 @@ std::vector<at::Tensor> ckpt_key_hist(const c10::optional<at::Tensor>& base, con
 
 std::vector<at::Tensor> ckpt_key_bracket(const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas,
                                          const std::vector<int64_t>& models, const std::vector<int64_t>& ranks,
-                                         double margin, int64_t record_limit) {
+                                         double margin, int64_t record_limit, int64_t row) {
   const CkptInputs in = gather(base, thetas);
   const int T = int(in.th.size());
   const int J = int(models.size());
@@ -281,6 +281,7 @@ std::vector<at::Tensor> ckpt_key_bracket(const c10::optional<at::Tensor>& base, 
   TORCH_CHECK_VALUE(std::isfinite(margin) && margin >= 0 && record_limit >= 0,
                     "ckpt_key_bracket: margin (finite) and record_limit must be >= 0");
   TORCH_CHECK_VALUE(in.n < (int64_t(1) << 40), "ckpt_key_bracket: a tensor of under 2^40 entries");
+  TORCH_CHECK_VALUE(row >= 0, "ckpt_key_bracket: row must be >= 0 (0: no rows), got ", row);
   std::vector<int> mods(J);
   for (int j = 0; j < J; ++j) {
     TORCH_CHECK_VALUE(0 <= models[j] && models[j] < T, "ckpt_key_bracket: models[", j, "] = ", models[j],
@@ -292,7 +293,7 @@ std::vector<at::Tensor> ckpt_key_bracket(const c10::optional<at::Tensor>& base, 
   const int nt = at::get_num_threads();
   std::vector<int64_t> first(J, -1), last(J, -1), above(size_t(nt) * J, 0);
   std::vector<std::vector<uint64_t>> where;
-  if (!ckpt_kernels().key_bracket(in, mods, ranks, margin, record_limit / std::max(J, 1), first.data(), last.data(),
+  if (!ckpt_kernels().key_bracket(in, mods, ranks, margin, record_limit / std::max(J, 1), row, first.data(), last.data(),
                                   above.data(), where))
     raise_nonfinite(in);
   at::Tensor info = at::empty({J, 3}, at::kLong);

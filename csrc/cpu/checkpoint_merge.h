@@ -58,9 +58,11 @@ at::Tensor ckpt_abs_sums(const c10::optional<at::Tensor>& base, const std::vecto
 // bracket (a tensor too small to sample, a non-finite delta in the sample, more than record_limit
 // entries expected in the brackets); then per request the ascending indices of the entries whose key
 // equals it (none for a zero key, whose ties are never split)]. fastmerge/merge/select.py falls back to the exact histograms on a miss.
+// `row`: the length of the tensor's rows (0: none), by which the sample is stratified where it is at
+// least a sample group (1024 entries) and divides the size.
 std::vector<at::Tensor> ckpt_key_bracket(const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas,
                                          const std::vector<int64_t>& models, const std::vector<int64_t>& ranks,
-                                         double margin, int64_t record_limit);
+                                         double margin, int64_t record_limit, int64_t row = 0);
 
 std::vector<at::Tensor> ckpt_key_hist(const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas,
                                       const std::vector<int64_t>& prefix, int64_t offset, bool record);

@@ -236,10 +236,37 @@ bool key_hist(const Inputs& in, const std::vector<int>& models, const std::vecto
 
 // ------------------------------------------------------------------------- sampled key brackets
 
-// The sample: one block of kSampleBlock entries in each group of kSampleEvery blocks, at a position
-// drawn from the group's number, so that it does not follow a periodic structure of the tensor (rows).
+// The sample: one block of kSampleBlock entries in each group of about kSampleEvery blocks, at a
+// position drawn from the group's number, so that it does not follow a periodic structure of the tensor.
+// Given the length of the tensor's rows (`row` > 0, dividing the size), rows of at least a group split
+// into a whole number of groups, so every row gives the same share of the sample: where rows differ in
+// scale, a sample stratified by row holds the quantiles far better than groups that straddle rows.
 constexpr int64_t kSampleBlock = 64;
 constexpr int64_t kSampleEvery = 16;
+
+// The sample's groups: their count, and where each starts and how long it is.
+struct SampleGroups {
+  int64_t count = 0, per_row = 0, row = 0, len = 0;
+  SampleGroups(int64_t n, int64_t row_len) {
+    const int64_t group = kSampleBlock * kSampleEvery;
+    if (row_len >= group && n % row_len == 0) {
+      row = row_len;
+      per_row = std::max<int64_t>(1, (row_len + group / 2) / group);
+      len = row_len / per_row;  // the last group of a row takes the remainder
+      count = n / row_len * per_row;
+    } else {
+      len = group;
+      count = n / group;
+    }
+  }
+  // the first entry of group g's sampled block
+  int64_t block(int64_t g) const {
+    if (!per_row) return (g * kSampleEvery + int64_t(mix64(uint64_t(g)) % uint64_t(kSampleEvery))) * kSampleBlock;
+    const int64_t r = g / per_row, i = g % per_row;
+    const int64_t size = i == per_row - 1 ? row - i * len : len;
+    return r * row + i * len + int64_t(mix64(uint64_t(g)) % uint64_t(size - kSampleBlock + 1));
+  }
+};
 
 // The keys [first, last] around the key of ascending rank `rank` of model t, from the sample: the
 // sample's keys at the ranks within `margin` standard deviations (plus 32) of where that rank falls in
@@ -247,15 +274,16 @@ constexpr int64_t kSampleEvery = 16;
 // (the exact passes the caller falls back to name it), more than `limit` entries expected in the
 // bracket, or a bracket of 2^24 keys or more (from 0 to a nonzero key, say).
 template <typename in_t>
-bool sampled_bracket(const Inputs& in, int t, int64_t rank, double margin, int64_t limit, int64_t* first,
-                     int64_t* last) {
-  const int64_t groups = in.n / (kSampleBlock * kSampleEvery), s = groups * kSampleBlock;
+bool sampled_bracket(const Inputs& in, int t, int64_t rank, double margin, int64_t limit, int64_t row,
+                     int64_t* first, int64_t* last) {
+  const SampleGroups sg(in.n, row);
+  const int64_t groups = sg.count, s = groups * kSampleBlock;
   if (s == 0) return false;
   std::vector<uint32_t> keys(static_cast<size_t>(s));
   const in_t* xt = static_cast<const in_t*>(in.th[t]);
   const in_t* xb = static_cast<const in_t*>(in.base);
   for (int64_t g = 0; g < groups; ++g) {
-    const int64_t i0 = (g * kSampleEvery + int64_t(mix64(uint64_t(g)) % uint64_t(kSampleEvery))) * kSampleBlock;
+    const int64_t i0 = sg.block(g);
     if (!block_keys(xt + i0, xb ? xb + i0 : nullptr, int(kSampleBlock), keys.data() + g * kSampleBlock)) return false;
   }
   const double p = double(rank) / double(in.n);
@@ -290,14 +318,14 @@ bool sampled_bracket(const Inputs& in, int t, int64_t rank, double margin, int64
 // false when the pass meets a delta that is not finite.
 template <typename in_t>
 bool key_bracket(const Inputs& in, const std::vector<int>& models, const std::vector<int64_t>& ranks, double margin,
-                 int64_t limit, int64_t* first, int64_t* last, int64_t* above,
+                 int64_t limit, int64_t row, int64_t* first, int64_t* last, int64_t* above,
                  std::vector<std::vector<uint64_t>>& where) {
   const int J = int(models.size());
   const int nt = at::get_num_threads();
   std::vector<char> bad(nt, 0);
   pool_for(0, J, 1, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j)
-      if (!sampled_bracket<in_t>(in, models[size_t(j)], ranks[size_t(j)], margin, limit, first + j, last + j))
+      if (!sampled_bracket<in_t>(in, models[size_t(j)], ranks[size_t(j)], margin, limit, row, first + j, last + j))
         first[j] = -1;
   });
   where.resize(size_t(nt) * J);
@@ -607,11 +635,11 @@ bool hist_entry(const CkptInputs& in, const std::vector<int>& models, const std:
 }
 
 bool bracket_entry(const CkptInputs& in, const std::vector<int>& models, const std::vector<int64_t>& ranks,
-                   double margin, int64_t limit, int64_t* first, int64_t* last, int64_t* above,
+                   double margin, int64_t limit, int64_t row, int64_t* first, int64_t* last, int64_t* above,
                    std::vector<std::vector<uint64_t>>& where) {
   bool ok = true;
   dispatch(in.dt, [&](auto z) {
-    ok = key_bracket<decltype(z)>(in, models, ranks, margin, limit, first, last, above, where);
+    ok = key_bracket<decltype(z)>(in, models, ranks, margin, limit, row, first, last, above, where);
   });
   return ok;
 }

@@ -61,8 +61,8 @@ struct CkptKernels {
   // Sampled key brackets and the pass that counts the keys above them and records those in them
   // (see key_bracket in ckpt_kernels.h).
   bool (*key_bracket)(const CkptInputs& in, const std::vector<int>& models, const std::vector<int64_t>& ranks,
-                      double margin, int64_t limit, int64_t* first, int64_t* last, int64_t* above,
-                      std::vector<std::vector<uint64_t>>& where);
+                      double margin, int64_t limit, int64_t row, int64_t* first, int64_t* last,
+                      int64_t* above, std::vector<std::vector<uint64_t>>& where);
 };
 
 // The build in use (the one fastmerge._C.set_cpu_capability chose; ops_cpu.cpp).

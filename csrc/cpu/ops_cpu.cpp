@@ -530,7 +530,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("offset") = 0, py::arg("record") = false,
         py::call_guard<py::gil_scoped_release>());
   m.def("ckpt_key_bracket", &C::ckpt_key_bracket, py::arg("base"), py::arg("thetas"), py::arg("models"),
-        py::arg("ranks"), py::arg("margin"), py::arg("record_limit"), py::call_guard<py::gil_scoped_release>());
+        py::arg("ranks"), py::arg("margin"), py::arg("record_limit"), py::arg("row") = 0,
+        py::call_guard<py::gil_scoped_release>());
   m.def("ckpt_random_bits", &C::ckpt_random_bits, py::arg("key"), py::arg("start"), py::arg("n"),
         py::call_guard<py::gil_scoped_release>());
   m.def("ckpt_crc32c", &C::ckpt_crc32c, py::arg("bytes"), py::arg("crc") = 0, py::call_guard<py::gil_scoped_release>(),

@@ -158,6 +158,7 @@ def _gta_fast(job: Job, sparsification: Optional[str], consensus: Optional[str],
     flat = _common([job.base] + job.inputs)
     base, thetas = flat[0], flat[1:]
     n, T = base.numel(), len(thetas)
+    row = int(shape[-1]) if len(shape) >= 2 else 0  # the sampled brackets are stratified by row
     rescale = bool(job.shared.get("rescale", default_rescale))
     sparse = [sparsification is not None and float(p.get("density", 1.0)) < 1 for p in job.per]
     rules = streams = top_k = None
@@ -184,7 +185,7 @@ def _gta_fast(job: Job, sparsification: Optional[str], consensus: Optional[str],
         if sparsification == "magnitude" and not rescale and n <= CHUNK:
             top_k = (lo, hi, hi_idx)  # merged with the selection below
         else:
-            rules = select_rules(C, base, thetas, lo, hi, hi_idx, _chunks(n), job.release)
+            rules = select_rules(C, base, thetas, lo, hi, hi_idx, _chunks(n), job.release, row)
     elif sparsification == "random" and any(sparse):
         streams = torch.tensor(job.keys, dtype=torch.int64)
         probs = [float(p["density"]) if sp else 1.0 for p, sp in zip(job.per, sparse)]
@@ -203,14 +204,14 @@ def _gta_fast(job: Job, sparsification: Optional[str], consensus: Optional[str],
     if top_k is not None:  # one chunk, no rescaling: the exact selection rides on the merge pass
         out = _piece(job, n)
         if merge_top_k(C, base, thetas, top_k[0], top_k[2], weights,
-                       (None, probs, scale, code, normalize, lam, True, job.out_dtype), out):
+                       (None, probs, scale, code, normalize, lam, True, job.out_dtype), out, row):
             if job.release is not None:
                 job.release(0, n)
             if job.sink is not None:
                 job.sink(out, True)
                 return None
             return out.view(shape)
-        rules = select_rules(C, base, thetas, *top_k, _chunks(n), job.release)
+        rules = select_rules(C, base, thetas, *top_k, _chunks(n), job.release, row)
     return _fused_merge(C, job, base, thetas, weights, rules, streams, probs, scale, code, normalize, lam, True,
                         shape)
 

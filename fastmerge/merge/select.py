@@ -12,7 +12,8 @@ lo_key < key < hi_key, or key == lo_key and lo_a <= index <= lo_b, or key == hi_
 hi_a <= index <= hi_b.
 
 On a tensor of one chunk and at least ``SAMPLE_FROM`` entries, the boundary keys come from one pass
-(``_C.ckpt_key_bracket``): a sample of the entries brackets each boundary's key, and the pass counts
+(``_C.ckpt_key_bracket``): a sample of the entries (the same share of every row, where the caller gives
+the row length) brackets each boundary's key, and the pass counts
 the keys above the bracket and records the keys in it, which gives the exact key and where its ties are.
 Where a bracket misses (the sample was not like the whole), and on other tensors, they come from two
 passes of per-model histograms (``_C.ckpt_key_hist``): the top 16 bits of every key, then the low 16
@@ -107,14 +108,15 @@ def _bounds(rank_lo: Sequence[int], rank_hi: Sequence[int], n: int):
 
 
 def bracket_rules(C, base: Tensor, thetas: Sequence[Tensor], rank_lo: Sequence[int], rank_hi: Sequence[int],
-                  by_high: Sequence[bool]) -> Optional[Tensor]:
+                  by_high: Sequence[bool], row: int = 0) -> Optional[Tensor]:
     """The keep rules of :func:`select_rules` for a whole tensor in one pass (``_C.ckpt_key_bracket``),
-    or None where a sampled bracket missed its boundary (the caller then takes the exact passes)."""
+    or None where a sampled bracket missed its boundary (the caller then takes the exact passes). ``row``:
+    the length of the tensor's rows (0: none), by which the sample is stratified."""
     n = base.numel()
     rules, bounds = _bounds(rank_lo, rank_hi, n)
     if bounds:
         res = C.ckpt_key_bracket(base, list(thetas), [t for t, _, _ in bounds], [r for _, r, _ in bounds],
-                                 SAMPLE_MARGIN, RECORD_LIMIT // 2)
+                                 SAMPLE_MARGIN, RECORD_LIMIT // 2, row)
         info = res[0].tolist()
         if any(key < 0 for key, _, _ in info):
             return None
@@ -125,7 +127,7 @@ def bracket_rules(C, base: Tensor, thetas: Sequence[Tensor], rank_lo: Sequence[i
 
 
 def merge_top_k(C, base: Tensor, thetas: Sequence[Tensor], rank_lo: Sequence[int], by_high: Sequence[bool],
-                weights: Sequence[float], rest: tuple, out: Tensor) -> bool:
+                weights: Sequence[float], rest: tuple, out: Tensor, row: int = 0) -> bool:
     """Top-k (each model keeps ranks [rank_lo, n)) merged in two passes instead of three.
 
     On a tensor of ``SAMPLE_FROM`` entries or more, the exact thresholds come from one pass over sampled
@@ -134,11 +136,11 @@ def merge_top_k(C, base: Tensor, thetas: Sequence[Tensor], rank_lo: Sequence[int
     provisional rules that drop the whole bin while counting and locating the keys in it
     (``_C.ckpt_merge_deferred``). The exact rules follow from those counts, and only the entries where
     some model's key fell in its bin are merged again. ``rest`` holds ``ckpt_merge``'s arguments after
-    ``rules``, up to ``out_dtype``. Returns False, having done nothing, when the bins hold too many
+    ``rules``, up to ``out_dtype``; ``row`` is the length of the tensor's rows (0: none). Returns False, having done nothing, when the bins hold too many
     entries to record."""
     n, T = base.numel(), len(thetas)
     if n >= SAMPLE_FROM:
-        rules = bracket_rules(C, base, thetas, rank_lo, [n] * T, by_high)
+        rules = bracket_rules(C, base, thetas, rank_lo, [n] * T, by_high, row)
         if rules is not None:
             C.ckpt_merge(base, list(thetas), list(weights), rules, *rest, 0, out)
             return True
@@ -165,7 +167,7 @@ def merge_top_k(C, base: Tensor, thetas: Sequence[Tensor], rank_lo: Sequence[int
 
 def select_rules(C, base: Tensor, thetas: Sequence[Tensor], rank_lo: Sequence[int], rank_hi: Sequence[int],
                  by_high: Sequence[bool], chunks: Sequence[Tuple[int, int]],
-                 release: Optional[Callable[[int, int], None]] = None) -> Tensor:
+                 release: Optional[Callable[[int, int], None]] = None, row: int = 0) -> Tensor:
     """Keep rules (int64 [T, 6]) for entries of ranks [rank_lo[t], rank_hi[t]) of each model.
 
     Args:
@@ -173,6 +175,7 @@ def select_rules(C, base: Tensor, thetas: Sequence[Tensor], rank_lo: Sequence[in
         base, thetas: flat contiguous tensors of one dtype.
         chunks: the [a, b) ranges the passes read at a time.
         release: called with each chunk's range after each pass reads it.
+        row: the length of the tensor's rows (0: none), by which the sampled brackets are stratified.
     """
     n, T = base.numel(), len(thetas)
     if len(chunks) < 2:
@@ -181,7 +184,7 @@ def select_rules(C, base: Tensor, thetas: Sequence[Tensor], rank_lo: Sequence[in
     if not bounds:
         return torch.tensor(rules, dtype=torch.int64)
     if len(chunks) < 2 and n >= SAMPLE_FROM:
-        got = bracket_rules(C, base, thetas, rank_lo, rank_hi, by_high)
+        got = bracket_rules(C, base, thetas, rank_lo, rank_hi, by_high, row)
         if got is not None:
             return got
 
