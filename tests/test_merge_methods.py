@@ -69,7 +69,8 @@ def test_gta_family_matches_reference(name, n, dtype, atol, rtol):
 @pytest.mark.parametrize("n", [1, 7, 257, 4097, 65537])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sparsification,consensus", [(None, "count"), ("magnitude", "count"), ("outliers", "count"),
-                                                      ("random", "count"), (None, "sum"), ("magnitude", None)])
+                                                      ("random", "count"), (None, "sum"), ("magnitude", None),
+                                                      ("outliers", "sum")])
 def test_every_consensus_and_selection_of_the_fused_pass_matches_the_twin(sparsification, consensus, n, dtype):
     """The fused pass builds its inner loop per case (boundary tests only with keep rules, the sum or the
     sign count only where the consensus reads it): each case, including the sign count that no registered
@@ -490,6 +491,14 @@ def test_key_bracket_bad_inputs():
     for row in (2, 1000, 65536):
         assert torch.equal(_C.ckpt_key_bracket(base, thetas, [0, 1], ranks, 3.5, 1 << 20, row)[0],
                            _C.ckpt_key_bracket(base, thetas, [0, 1], ranks, 3.5, 1 << 20)[0])
+    base, thetas = awkward(65536, 2, torch.float32)
+    flat = _C.ckpt_key_bracket(base, thetas, [0, 1], ranks, 3.5, 1 << 20)
+    for row in (32, 64, 512):  # short rows that divide the size: also the flat sample (never past a row's end)
+        assert torch.equal(_C.ckpt_key_bracket(base, thetas, [0, 1], ranks, 3.5, 1 << 20, row)[0], flat[0])
+    for row in (1024, 2048, 65536):  # rows of a group or more: stratified, and the exact key
+        got = _C.ckpt_key_bracket(base, thetas, [0, 1], ranks, 3.5, 1 << 20, row)
+        assert int(got[0][:, 0].min()) >= 0
+        assert torch.equal(got[0], flat[0]) and all(torch.equal(a, b) for a, b in zip(got[1:], flat[1:]))
 
 
 def _rows_of_different_scales(rows: int, cols: int, seed: int, T: int = 4):
@@ -526,7 +535,13 @@ def test_sampled_brackets_stratified_by_row_hold_where_rows_differ_in_scale(monk
     base, thetas = _rows_of_different_scales(rows, cols, 3, T)
     calls = []
     real = S.bracket_rules
-    monkeypatch.setattr(S, "bracket_rules", lambda *a: calls.append(a[-1]) or real(*a))
+
+    def spy(*a):
+        got = real(*a)
+        calls.append((a[-1], got is not None))
+        return got
+
+    monkeypatch.setattr(S, "bracket_rules", spy)
     j = job("ties", base.view(rows, cols), [t.view(rows, cols) for t in thetas])
     assert torch.equal(M.METHODS["ties"].run(j), M.reference_run(M.METHODS["ties"], j))
-    assert calls == [cols]
+    assert calls == [(cols, True)]  # the row length reached the sample, and the bracket held
