@@ -49,23 +49,24 @@ at::Tensor ckpt_abs_sums(const c10::optional<at::Tensor>& base, const std::vecto
 // top 16 bits; else the low 16 bits of the keys whose top 16 bits equal the prefix. Summed over
 // chunks, tensors or processes, two calls give the exact k-th largest |delta|. With `record`, one more
 // int64 tensor per model lists (low 16 bits << 40 | offset + index) of the entries counted under a prefix.
+std::vector<at::Tensor> ckpt_key_hist(const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas,
+                                      const std::vector<int64_t>& prefix, int64_t offset, bool record);
+
 // The exact boundary keys of magnitude ranks in about one pass, for whole tensors: for each request j, a
 // bracket of keys around the key of ascending rank ranks[j] of model models[j] is estimated from a
-// sample (1/16 of the entries, the ranks within `margin` standard deviations, plus 32, of that rank),
+// sample (about 1/16 of the entries, the ranks within `margin` standard deviations, plus 32, of that rank),
 // then one pass counts the keys above each bracket and records the keys in it, from which the key of the
 // rank follows. Returns [int64 [J, 3]: (the key, the count of keys below it, the count equal to it), or
 // (-1, 0, 0) where the bracket missed the rank, and for every request where some request got no
 // bracket (a tensor too small to sample, a non-finite delta in the sample, more than record_limit
 // entries expected in the brackets); then per request the ascending indices of the entries whose key
-// equals it (none for a zero key, whose ties are never split)]. fastmerge/merge/select.py falls back to the exact histograms on a miss.
+// equals it (none for a zero key, whose ties are never split)].
+// fastmerge/merge/select.py falls back to the exact histograms on a miss.
 // `row`: the length of the tensor's rows (0: none), by which the sample is stratified where it is at
 // least a sample group (1024 entries) and divides the size.
 std::vector<at::Tensor> ckpt_key_bracket(const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas,
                                          const std::vector<int64_t>& models, const std::vector<int64_t>& ranks,
                                          double margin, int64_t record_limit, int64_t row = 0);
-
-std::vector<at::Tensor> ckpt_key_hist(const c10::optional<at::Tensor>& base, const std::vector<at::Tensor>& thetas,
-                                      const std::vector<int64_t>& prefix, int64_t offset, bool record);
 
 // Entries [start, start + n) of the counter-based stream `key`: 24 random bits each (int32).
 at::Tensor ckpt_random_bits(int64_t key, int64_t start, int64_t n);

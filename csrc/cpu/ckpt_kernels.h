@@ -255,7 +255,6 @@ struct SampleGroups {
       len = row_len / per_row;  // the last group of a row takes the remainder
       count = n / row_len * per_row;
     } else {
-      len = group;
       count = n / group;
     }
   }
@@ -385,15 +384,17 @@ inline bool kept(const Inputs& in, const CkptSpec& s, int t, int64_t i, float d)
 
 
 // The magnitude key of a delta (its float32 bits, sign cleared), folding into the block's flags whether
-// it is not finite, sits on a boundary key (lo or hi) or falls in the deferred bin.
+// it is not finite and, where the caller asks, whether it sits on a boundary key (lo or hi) or falls in
+// the deferred bin.
+template <bool kEdge = true, bool kBin = true>
 inline int32_t classify(float d, int32_t lo, int32_t hi, int32_t bin, uint32_t& nonfinite, uint32_t& edge,
                         uint32_t& inbin) {
   int32_t k;
   std::memcpy(&k, &d, 4);
   k &= 0x7fffffff;
   nonfinite |= uint32_t(k >= 0x7f800000);
-  edge |= uint32_t((k == lo) | (k == hi));
-  inbin |= uint32_t((k >> 16) == bin);
+  if constexpr (kEdge) edge |= uint32_t((k == lo) | (k == hi));
+  if constexpr (kBin) inbin |= uint32_t((k >> 16) == bin);
   return k;
 }
 
@@ -412,6 +413,13 @@ void merge_block(const Inputs& in, const CkptSpec& s, int64_t i0, int m, float* 
     for (int j = 0; j < m; ++j) b[j] = 0.0f;
   }
   for (int j = 0; j < m; ++j) sum[j] = 0.0f, sgn[j] = 0;
+  // a model's filtered, scaled delta into what the consensus reads: the sum, or the count of signs
+  const auto add = [&](int j, float y) {
+    if constexpr (kCons != 2)
+      sum[j] += y;
+    else
+      sgn[j] += int32_t(y > 0.0f) - int32_t(y < 0.0f);
+  };
   uint32_t nonfinite = 0;
   for (int t = 0; t < T; ++t) {
     const in_t* x = static_cast<const in_t*>(in.th[t]) + i0;
@@ -431,27 +439,17 @@ void merge_block(const Inputs& in, const CkptSpec& s, int64_t i0, int m, float* 
       // is built per case so that each does only its own work: the boundary tests where there are rules,
       // the deferred bin's test where there is one, the sum or the sign count that the consensus reads.
       const auto pass = [&](auto with_rule, auto with_bin) {
+        constexpr bool kRule = decltype(with_rule)::value, kBin = decltype(with_bin)::value;
         uint32_t nf = 0, ed = 0, ib = 0;
         for (int j = 0; j < m; ++j) {
           const float d = to_f(x[j]) - b[j];
-          int32_t k;
-          std::memcpy(&k, &d, 4);
-          k &= 0x7fffffff;
-          nf |= uint32_t(k >= 0x7f800000);
+          const int32_t k = classify<kRule, kBin>(d, lo, hi, bin, nf, ed, ib);
+          if constexpr (kRule || kBin) keys[j] = k;
           float y = d;
-          if constexpr (decltype(with_rule)::value) {
-            ed |= uint32_t((k == lo) | (k == hi));
-            y = (k > lo && k < hi) ? d : 0.0f;
-            keys[j] = k;
-          }
-          if constexpr (decltype(with_bin)::value) {
-            ib |= uint32_t((k >> 16) == bin);
-            keys[j] = k;
-          }
+          if constexpr (kRule) y = (k > lo && k < hi) ? d : 0.0f;
           y = (y * sc) * w;
           vt[j] = y;
-          if constexpr (kCons != 2) sum[j] += y;
-          if constexpr (kCons == 2) sgn[j] += int32_t(y > 0.0f) - int32_t(y < 0.0f);
+          add(j, y);
         }
         nonfinite |= nf;
         edge |= ed;
@@ -471,8 +469,7 @@ void merge_block(const Inputs& in, const CkptSpec& s, int64_t i0, int m, float* 
           if ((k == r->lo_key || k == r->hi_key) && r->keeps(uint32_t(k), entry(s, i0 + j))) {
             const float y = ((to_f(x[j]) - b[j]) * sc) * w;
             vt[j] = y;
-            if constexpr (kCons != 2) sum[j] += y;
-            if constexpr (kCons == 2) sgn[j] += int32_t(y > 0.0f) - int32_t(y < 0.0f);
+            add(j, y);
           }
         }
       }
@@ -496,8 +493,7 @@ void merge_block(const Inputs& in, const CkptSpec& s, int64_t i0, int m, float* 
       for (int j = 0; j < m; ++j) {
         const float y = (vt[j] * sc) * w;
         vt[j] = y;
-        if constexpr (kCons != 2) sum[j] += y;
-        if constexpr (kCons == 2) sgn[j] += int32_t(y > 0.0f) - int32_t(y < 0.0f);
+        add(j, y);
       }
     }
     if (inbin) {  // keys in the threshold's bin: counted and located for the exact threshold

@@ -13,8 +13,8 @@ hi_a <= index <= hi_b.
 
 On a tensor of one chunk and at least ``SAMPLE_FROM`` entries, the boundary keys come from one pass
 (``_C.ckpt_key_bracket``): a sample of the entries (the same share of every row, where the caller gives
-the row length) brackets each boundary's key, and the pass counts
-the keys above the bracket and records the keys in it, which gives the exact key and where its ties are.
+the row length) brackets each boundary's key, and the pass counts the keys above the bracket and records
+the keys in it, which gives the exact key and where its ties are.
 Where a bracket misses (the sample was not like the whole), and on other tensors, they come from two
 passes of per-model histograms (``_C.ckpt_key_hist``): the top 16 bits of every key, then the low 16
 bits inside the bin that holds the rank. The second pass also records where the entries of that bin
@@ -136,8 +136,8 @@ def merge_top_k(C, base: Tensor, thetas: Sequence[Tensor], rank_lo: Sequence[int
     provisional rules that drop the whole bin while counting and locating the keys in it
     (``_C.ckpt_merge_deferred``). The exact rules follow from those counts, and only the entries where
     some model's key fell in its bin are merged again. ``rest`` holds ``ckpt_merge``'s arguments after
-    ``rules``, up to ``out_dtype``; ``row`` is the length of the tensor's rows (0: none). Returns False, having done nothing, when the bins hold too many
-    entries to record."""
+    ``rules``, up to ``out_dtype``; ``row`` is the length of the tensor's rows (0: none). Returns False,
+    having done nothing, when the bins hold too many entries to record."""
     n, T = base.numel(), len(thetas)
     if n >= SAMPLE_FROM:
         rules = bracket_rules(C, base, thetas, rank_lo, [n] * T, by_high, row)
