@@ -428,8 +428,31 @@ void merge_block(const Inputs& in, const CkptSpec& s, int64_t i0, int m, float* 
     const Rule* r = s.rules ? reinterpret_cast<const Rule*>(s.rules) + t : nullptr;
     // keys are below 2^31, so the int32 bounds below are exact (clamped where a bound is absent);
     // without rules every finite key lies strictly between them
-    const int32_t lo = r ? int32_t(std::max<int64_t>(-1, std::min<int64_t>(r->lo_key, INT32_MAX))) : -1;
-    const int32_t hi = r ? int32_t(std::max<int64_t>(-1, std::min<int64_t>(r->hi_key, INT32_MAX))) : INT32_MAX;
+    int32_t lo = r ? int32_t(std::max<int64_t>(-1, std::min<int64_t>(r->lo_key, INT32_MAX))) : -1;
+    int32_t hi = r ? int32_t(std::max<int64_t>(-1, std::min<int64_t>(r->hi_key, INT32_MAX))) : INT32_MAX;
+    // the boundary keys whose entries the block must decide one by one (kNoKey: none). A boundary's
+    // ties are kept for the indices [a, b] of its rule; a block that lies inside that range keeps all of
+    // them (the strict bound widens by one key), one outside it keeps none (the strict bound drops
+    // them). Only a block that straddles a or b, or a pass over listed indices, tests entries. In 16-bit
+    // checkpoints the threshold's key can be shared by a few % of the entries, so without this nearly
+    // every block took the per-entry test, which cost more than the rest of the pass.
+    constexpr int32_t kNoKey = -2;
+    int32_t elo = lo, ehi = hi;
+    if (r && !s.index) {
+      const int64_t first = s.offset + i0, last = first + m - 1;
+      if (r->lo_a <= first && last <= r->lo_b) {
+        if (lo >= 0 && lo < INT32_MAX) --lo;
+        elo = kNoKey;
+      } else if (last < r->lo_a || first > r->lo_b) {
+        elo = kNoKey;
+      }
+      if (r->hi_a <= first && last <= r->hi_b) {
+        if (hi >= 0 && hi < INT32_MAX) ++hi;
+        ehi = kNoKey;
+      } else if (last < r->hi_a || first > r->hi_b) {
+        ehi = kNoKey;
+      }
+    }
     const int32_t bin = s.defer_bins ? int32_t(s.defer_bins[t]) : -1;
     uint32_t edge = 0, inbin = 0;
     int32_t keys[kBlock];  // kept for the boundary and the deferred bin, so they need not form the deltas again
@@ -443,7 +466,7 @@ void merge_block(const Inputs& in, const CkptSpec& s, int64_t i0, int m, float* 
         uint32_t nf = 0, ed = 0, ib = 0;
         for (int j = 0; j < m; ++j) {
           const float d = to_f(x[j]) - b[j];
-          const int32_t k = classify<kRule, kBin>(d, lo, hi, bin, nf, ed, ib);
+          const int32_t k = classify<kRule, kBin>(d, elo, ehi, bin, nf, ed, ib);
           if constexpr (kRule || kBin) keys[j] = k;
           float y = d;
           if constexpr (kRule) y = (k > lo && k < hi) ? d : 0.0f;
@@ -466,7 +489,7 @@ void merge_block(const Inputs& in, const CkptSpec& s, int64_t i0, int m, float* 
       if (edge && r) {  // entries at a boundary key: their index decides (see Rule)
         for (int j = 0; j < m; ++j) {
           const int64_t k = keys[j];
-          if ((k == r->lo_key || k == r->hi_key) && r->keeps(uint32_t(k), entry(s, i0 + j))) {
+          if ((k == elo || k == ehi) && r->keeps(uint32_t(k), entry(s, i0 + j))) {
             const float y = ((to_f(x[j]) - b[j]) * sc) * w;
             vt[j] = y;
             add(j, y);
@@ -477,14 +500,14 @@ void merge_block(const Inputs& in, const CkptSpec& s, int64_t i0, int m, float* 
       // the random keep: filter first, then draw, then scale and sum
       for (int j = 0; j < m; ++j) {
         const float d = to_f(x[j]) - b[j];
-        const int32_t k = classify(d, lo, hi, bin, nonfinite, edge, inbin);
+        const int32_t k = classify(d, elo, ehi, bin, nonfinite, edge, inbin);
         keys[j] = k;
         vt[j] = (k > lo && k < hi) ? d : 0.0f;
       }
       if (edge && r)
         for (int j = 0; j < m; ++j) {
           const int64_t k = keys[j];
-          if ((k == r->lo_key || k == r->hi_key) && r->keeps(uint32_t(k), entry(s, i0 + j))) vt[j] = to_f(x[j]) - b[j];
+          if ((k == elo || k == ehi) && r->keeps(uint32_t(k), entry(s, i0 + j))) vt[j] = to_f(x[j]) - b[j];
         }
       const uint64_t key = s.streams[t];
       const double lim = s.keep_prob[t] * 16777216.0;
