@@ -32,11 +32,16 @@ SIZES = {
     "small": (256, 4, 704, 4096, 8, 4),
     "270m": (1024, 16, 2816, 32000, 16, 8),
     "1b": (2048, 21, 5632, 32000, 32, 8),  # about 4x the 270m shape (1.08B parameters)
+    # the Llama-3 layer shapes, with the full vocabulary and an untied output head
+    "3b": (3072, 28, 8192, 128256, 24, 8),  # 3.61B parameters
+    "8b": (4096, 32, 14336, 128256, 32, 8),  # 8.03B parameters
 }
+REAL_SIZES = ("3b", "8b")  # written in bf16 shards of 5 GB, as published checkpoints are
 
 
-def llama_config(size: str, dtype: str) -> dict:
+def llama_config(size: str, dtype: str, layers: Optional[int] = None) -> dict:
     h, L, inter, vocab, heads, kv = SIZES[size]
+    L = L if layers is None else layers
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "num_hidden_layers": L,
         "intermediate_size": inter, "vocab_size": vocab, "num_attention_heads": heads, "num_key_value_heads": kv,
@@ -62,7 +67,7 @@ def llama_shapes(cfg: dict) -> List[tuple]:
 
 
 def make_checkpoints(folder: str, size: str = "270m", n_models: int = 4, dtype: str = "float32", seed: int = 0,
-                     shard_size: int = 2 * 1000 ** 3, noise: float = 0.1) -> List[str]:
+                     shard_size: int = 2 * 1000 ** 3, noise: float = 0.1, layers: Optional[int] = None) -> List[str]:
     """A base and ``n_models`` fine-tunes (base + noise * N(0, std of the tensor)), as Hugging Face
     folders of safetensors shards with a Llama config.json. Reused when already generated."""
     import torch
@@ -70,10 +75,11 @@ def make_checkpoints(folder: str, size: str = "270m", n_models: int = 4, dtype: 
     from fastmerge.merge.io import OutTensor, ShardLayout, ShardWriter
 
     tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    cfg = llama_config(size, dtype)
+    cfg = llama_config(size, dtype, layers)
     shapes = llama_shapes(cfg)
     names = ["base"] + [f"ft{i}" for i in range(n_models)]
-    stamp = json.dumps({"size": size, "dtype": dtype, "seed": seed, "noise": noise, "shard": shard_size})
+    stamp = json.dumps({"size": size, "dtype": dtype, "seed": seed, "noise": noise, "shard": shard_size,
+                        "layers": cfg["num_hidden_layers"]})
     folders = []
     for k, name in enumerate(names):
         path = os.path.join(folder, name)
@@ -152,6 +158,60 @@ def plain_read(files: List[str], block: int = 64 << 20) -> Dict[str, float]:
     return {"bytes": total, "seconds": time.perf_counter() - t0}
 
 
+READERS = (1, 2, 4, 8)
+
+
+def make_ready(files: List[str], cold: bool) -> Optional[float]:
+    """Before a timed run: with ``cold``, drop the files from the page cache and return the share of their
+    pages still resident (checked with mincore); else read them once, so they are all cached."""
+    from fastmerge.merge.readahead import evict, resident_share
+
+    if not cold:
+        plain_read(files)
+        return None
+    evict(files)
+    return resident_share(files)
+
+
+def cacheable(files: List[str]) -> List[str]:
+    """The longest prefix of the files that fits in half the memory the system has available (all of
+    them when they fit): a warm read of more than the page cache holds would come from the disk."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    if avail is None:
+        return list(files)
+    out, total = [], 0
+    for p in files:
+        total += os.path.getsize(p)
+        if total > avail // 2 and out:
+            break
+        out.append(p)
+    return out
+
+
+def best_plain_read(files: List[str], cold: bool) -> Dict[str, object]:
+    """The plain read at its best: the fastest of 1, 2, 4 and 8 concurrent readers, each run from the same
+    starting state (cold: every file dropped from the page cache first; warm: every file cached)."""
+    from fastmerge.merge.readahead import read_files
+
+    runs = []
+    for k in READERS:
+        share = make_ready(files, cold)
+        r = read_files(files, k)
+        r["resident_before"] = share
+        r["gbps"] = r["bytes"] / r["seconds"] / 1e9
+        runs.append(r)
+    best = dict(min(runs, key=lambda r: r["seconds"]))
+    best["each"] = runs
+    return best
+
+
 _WRAPPER = """
 import json, resource, subprocess, sys, time
 t0 = time.perf_counter()
@@ -178,14 +238,19 @@ def timed(cmd: List[str]) -> Dict[str, object]:
     return res
 
 
-def repeated(cmd: List[str], files: List[str], repeat: int) -> Dict[str, object]:
-    """:func:`timed` ``repeat`` times, each after a plain read of the inputs: the medians of the wall and
-    merge times (the merge time is the one the command's summary line reports), the largest peak RSS,
-    the worst exit code, the last run's output, and every run under ``each``."""
+def repeated(cmd: List[str], files: List[str], repeat: int, cold: bool = False) -> Dict[str, object]:
+    """:func:`timed` ``repeat`` times, each after a plain read of the inputs (or, ``cold``, after they
+    were dropped from the page cache): the medians of the wall and merge times (the merge time is the one
+    the command's summary line reports), the largest peak RSS, the worst exit code, the last run's
+    output, and every run under ``each``."""
     runs = []
     for _ in range(max(1, repeat)):
-        plain_read(files)
+        share = make_ready(files, cold)
         r = timed(cmd)
+        r["resident_before"] = share
+        m = re.search(r"([0-9.]+) GB read from storage", str(r["stdout_tail"]))
+        if m:
+            r["storage_read_gb"] = float(m.group(1))
         m = re.search(r" in ([0-9.]+) s \(", str(r["stdout_tail"]))
         if m:  # the merge itself, without starting Python and importing torch
             r["merge_seconds"] = float(m.group(1))
@@ -196,7 +261,8 @@ def repeated(cmd: List[str], files: List[str], repeat: int) -> Dict[str, object]
         out["merge_seconds"] = statistics.median(r["merge_seconds"] for r in runs)
     out["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in runs)
     out["rc"] = next((r["rc"] for r in runs if r["rc"] != 0), 0)
-    out["each"] = [{k: r[k] for k in ("seconds", "merge_seconds", "peak_rss_bytes", "rc") if k in r} for r in runs]
+    out["each"] = [{k: r[k] for k in ("seconds", "merge_seconds", "peak_rss_bytes", "rc", "resident_before",
+                                      "storage_read_gb") if k in r} for r in runs]
     return out
 
 
@@ -268,7 +334,15 @@ def compare_outputs(a: str, b: str) -> Dict[str, object]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--size", default="270m", choices=sorted(SIZES), help="model shape (default 270m: ~271M parameters)")
+    p.add_argument("--size", default="270m", choices=sorted(SIZES),
+                   help="model shape (default 270m: ~271M parameters; 3b and 8b: the Llama-3 layer shapes, with "
+                        "the 128256-token embedding and an untied head, in 5 GB shards)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="cut the depth to N layers (to fit the disk; the report says so)")
+    p.add_argument("--cold", action="store_true",
+                   help="drop every input file from the page cache before each run (plain reads, fastmerge and "
+                        "mergekit) and report the share of pages still resident (mincore)")
+    p.add_argument("--max-memory", default=None, help="passed to fastmerge merge (default: its own)")
     p.add_argument("--models", type=int, default=4, help="fine-tunes besides the base (default 4)")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], help="checkpoint dtypes (default both)")
     p.add_argument("--methods", nargs="+", default=["ties", "linear", "task_arithmetic"],
@@ -292,44 +366,75 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     mk = None if args.no_mergekit else (args.mergekit or shutil.which("mergekit-yaml"))
     os.makedirs(args.workdir, exist_ok=True)
-    report = {"size": args.size, "models": args.models, "cpu_count": os.cpu_count(), "runs": []}
+    layers = SIZES[args.size][1] if args.layers is None else args.layers
+    report = {"size": args.size, "layers": layers, "full_depth": SIZES[args.size][1], "models": args.models,
+              "cpu_count": os.cpu_count(), "cold": args.cold, "runs": []}
+    if layers != SIZES[args.size][1]:
+        print(f"note: {args.size} cut to {layers} of its {SIZES[args.size][1]} layers (--layers)", file=sys.stderr)
     py = sys.executable
+    shard = 5 * 1000 ** 3 if args.size in REAL_SIZES else 2 * 1000 ** 3
     for dtype in args.dtypes:
         t0 = time.perf_counter()
-        folders = make_checkpoints(os.path.join(args.workdir, f"{args.size}-{dtype}"), args.size, args.models, dtype)
+        tag = f"{args.size}-{dtype}" + (f"-{layers}l" if args.layers is not None else "")
+        folders = make_checkpoints(os.path.join(args.workdir, tag), args.size, args.models, dtype, shard_size=shard,
+                                   layers=args.layers)
         files = input_files(folders)
         print(f"[{dtype}] checkpoints ready in {time.perf_counter() - t0:.1f} s: {len(folders)} models, "
               f"{sum(os.path.getsize(f) for f in files) / 1e9:.2f} GB", file=sys.stderr)
-        plain_read(files)  # bring the files into the page cache
-        reads = [plain_read(files) for _ in range(3)]
-        rd = min(reads, key=lambda r: r["seconds"])
+        fit = cacheable(files)
+        warm = best_plain_read(fit, cold=False)
+        warm["all_files"] = len(fit) == len(files)
+        report.setdefault("plain_read", {})[dtype] = {"warm": warm}
+        print(f"[{dtype}] plain read, warm: {warm['bytes'] / 1e9:.2f} GB in {warm['seconds']:.2f} s = "
+              f"{warm['gbps']:.2f} GB/s (best of " + ", ".join(f"{r['readers']} readers {r['gbps']:.2f}"
+                                                             for r in warm["each"]) + ")"
+              + ("" if warm["all_files"] else f"; on the first {len(fit)} of {len(files)} files, which fit the "
+                                              f"page cache"), file=sys.stderr)
+        rd = warm
+        if args.cold:
+            cold = best_plain_read(files, cold=True)
+            report["plain_read"][dtype]["cold"] = cold
+            print(f"[{dtype}] plain read, cold: {cold['seconds']:.2f} s = {cold['gbps']:.2f} GB/s (best of "
+                  + ", ".join(f"{r['readers']} readers {r['gbps']:.2f}" for r in cold["each"])
+                  + "; resident before: " + ", ".join(f"{100 * r['resident_before']:.1f} %" for r in cold["each"])
+                  + ")", file=sys.stderr)
+            rd = cold
         read_gbps = rd["bytes"] / rd["seconds"] / 1e9
-        print(f"[{dtype}] plain read: {rd['bytes'] / 1e9:.2f} GB in {rd['seconds']:.2f} s = {read_gbps:.2f} GB/s "
-              f"(best of 3)", file=sys.stderr)
+        total = sum(os.path.getsize(f) for f in files)
+        read_seconds = total / (read_gbps * 1e9)  # a plain read of every input at that rate
         for method in args.methods:
             cfg = write_config(os.path.join(args.workdir, f"{method}-{dtype}.yml"), method, folders)
             out_fm = os.path.join(args.workdir, f"out-fastmerge-{method}-{dtype}")
             cmd = [py, "-m", "fastmerge", "merge", cfg, out_fm, "--overwrite"]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
-            fm = repeated(cmd, files, args.repeat)
-            entry = {"dtype": dtype, "method": method, "input_bytes": rd["bytes"], "plain_read_gbps": read_gbps,
-                     "fastmerge": fm}
+            if args.max_memory:
+                cmd += ["--max-memory", str(args.max_memory)]
+            fm = repeated(cmd, files, args.repeat, args.cold)
+            entry = {"dtype": dtype, "method": method, "input_bytes": total, "plain_read_gbps": read_gbps,
+                     "plain_read_seconds": read_seconds, "cold": args.cold, "fastmerge": fm}
             if fm["rc"] != 0:
                 print(f"[{dtype}] {method}: fastmerge failed: {fm['stderr_tail']}", file=sys.stderr)
-            fm["input_gbps"] = rd["bytes"] / fm["seconds"] / 1e9
+            fm["input_gbps"] = total / fm["seconds"] / 1e9
             fm["share_of_plain_read"] = fm["input_gbps"] / read_gbps
             if "merge_seconds" in fm:
-                fm["merge_input_gbps"] = rd["bytes"] / fm["merge_seconds"] / 1e9
+                fm["merge_input_gbps"] = total / fm["merge_seconds"] / 1e9
                 fm["merge_share_of_plain_read"] = fm["merge_input_gbps"] / read_gbps
             line = (f"[{dtype}] {method}: fastmerge {fm['seconds']:.2f} s (merge {fm.get('merge_seconds', 0):.2f} s"
                     f"{', medians of %d runs' % args.repeat if args.repeat > 1 else ''}), "
                     f"peak RSS {fm['peak_rss_bytes'] / 1e9:.2f} GB, {fm['input_gbps']:.2f} GB/s = "
                     f"{100 * fm['share_of_plain_read']:.0f} % of a plain read "
-                    f"({100 * fm.get('merge_share_of_plain_read', 0):.0f} % for the merge alone)")
+                    f"({100 * fm.get('merge_share_of_plain_read', 0):.0f} % for the merge alone); "
+                    f"{fm['seconds'] / read_seconds:.2f}x the {'cold' if args.cold else 'warm'} plain read")
+            if args.cold:
+                shares = [r.get("resident_before") for r in fm["each"]]
+                line += ", resident before: " + ", ".join(f"{100 * x:.1f} %" for x in shares if x is not None)
+                reads = [r.get("storage_read_gb") for r in fm["each"] if r.get("storage_read_gb") is not None]
+                if reads:
+                    line += ", read from storage: " + ", ".join(f"{x:.2f} GB" for x in reads)
             for nproc in sorted(set(args.nproc) - {1}):
                 out_p = f"{out_fm}-{nproc}ranks"
-                plain_read(files)
+                make_ready(files, args.cold)
                 d = distributed_run(cfg, out_p, nproc, out_fm, args.threads)
                 entry[f"fastmerge_{nproc}_ranks"] = d
                 if d["rc"] != 0:
@@ -343,8 +448,9 @@ def run(args: argparse.Namespace) -> int:
             if mk and dtype in args.mergekit_dtypes and method != "ties_global":
                 out_mk = os.path.join(args.workdir, f"out-mergekit-{method}-{dtype}")
                 shutil.rmtree(out_mk, ignore_errors=True)
-                plain_read(files)
+                share = make_ready(files, args.cold)
                 r = timed([mk, cfg, out_mk, "--no-copy-tokenizer"])
+                r["resident_before"] = share
                 entry["mergekit"] = r
                 if r["rc"] == 0:
                     entry["speedup_over_mergekit"] = r["seconds"] / fm["seconds"]  # process wall times

@@ -274,6 +274,13 @@ def _merge_arguments(p: argparse.ArgumentParser) -> None:
                         "cuda:LOCAL_RANK, with NCCL)")
     p.add_argument("--allow-crimes", action="store_true", help="merge models of different architectures")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of the kernels (default: torch's choice)")
+    p.add_argument("--max-memory", default="2G",
+                   help="resident memory the merge aims at, mapped input pages counted (default 2G). A tensor whose "
+                        "inputs fit what is left after the runtime and the buffers stays mapped through all its passes "
+                        "(the magnitude selections then read it once); a larger one is read chunk by chunk")
+    p.add_argument("--readers", type=int, default=4,
+                   help="threads that read the inputs from disk ahead of the kernels, about 1 GB ahead (default 4; "
+                        "0: none, the kernels' page faults read them)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the plan (tensors, bytes in and out, memory needed) and stop; reads headers only")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
@@ -322,7 +329,8 @@ def _merge_run(args: argparse.Namespace) -> int:
                             copy_tokenizer=args.copy_tokenizer, write_model_card=args.write_model_card,
                             device=args.device, allow_crimes=args.allow_crimes, threads=args.threads,
                             overwrite=args.overwrite, quiet=args.quiet, prefetch=max(0, args.prefetch),
-                            reference=args.reference, resume=args.resume, timeout=args.timeout)
+                            reference=args.reference, resume=args.resume, timeout=args.timeout,
+                            max_memory=parse_size(args.max_memory), readers=args.readers)
         if args.dry_run:
             if os.environ.get("RANK", "0") == "0":
                 print(dry_run(args.config, opts))

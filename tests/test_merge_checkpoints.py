@@ -611,3 +611,81 @@ def test_importing_leaves_the_collector_as_it_was(enabled):
     code = (f"import gc\n{'' if enabled else 'gc.disable()'}\nimport fastmerge\n"
             f"assert gc.isenabled() is {enabled}, gc.isenabled()\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "dare_ties", "linear", "ties_global"])
+def test_memory_budget_and_read_ahead_leave_the_bytes_unchanged(llamas, tmp_path, monkeypatch, method):
+    """The memory budget decides whether a tensor stays mapped through its passes (one-pass selection)
+    or is read chunk by chunk; the read-ahead threads only warm the page cache. Neither changes a byte of
+    the output: tensors of several chunks (chunks of 512 entries here) merged under a budget that holds
+    them, under one that holds none, and with no read-ahead, give the same files."""
+    from fastmerge.merge import methods as M
+    from fastmerge.merge import select as S
+
+    monkeypatch.setattr(M, "CHUNK", 512)
+    monkeypatch.setattr(S, "SAMPLE_FROM", 1024)
+    fts = llamas["fts"]
+    if method == "linear":
+        cfg = "merge_method: linear\nmodels:\n" + "".join(f"  - model: {p}\n    parameters: {{weight: {1 + i}}}\n"
+                                                          for i, p in enumerate([llamas["base"]] + fts))
+    else:
+        m = "ties" if method == "ties_global" else method
+        cfg = (f"merge_method: {m}\nbase_model: {llamas['base']}\nmodels:\n"
+               + "".join(f"  - model: {p}\n    parameters: {{weight: {1 - 0.2 * i}, density: {0.4 + 0.1 * i}}}\n"
+                         for i, p in enumerate(fts))
+               + ("parameters: {scope: global, gamma: 0.05}\n" if method == "ties_global" else
+                  "parameters: {gamma: 0.05}\n" if "breadcrumbs" in m else ""))
+    windows = []
+    real = mrun._merge_one
+    monkeypatch.setattr(mrun, "_merge_one", lambda *a: windows.append(a[-1]) or real(*a))
+    outs = {}
+    for label, kw in (("budget", dict(max_memory="8G")), ("none", dict(max_memory="1")),
+                      ("no readers", dict(max_memory="8G", readers=0))):
+        out = str(tmp_path / label.replace(" ", "_"))
+        windows.clear()
+        res = merge_checkpoints(cfg, out, quiet=True, **kw)
+        assert windows and (min(windows) > 10 ** 9 if label != "none" else max(windows) == 0), (label, windows)
+        assert res.storage_read is None or res.storage_read >= 0
+        outs[label] = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out) if f.endswith(".safetensors")}
+    assert outs["budget"] == outs["none"] == outs["no readers"]
+
+
+def test_read_order_covers_every_input_byte_once(llamas, monkeypatch):
+    """The read-ahead's order: every input byte of the plan once, each tensor chunk by chunk with its
+    models side by side, and the items' ends ascending to the total."""
+    from fastmerge.merge import methods as M
+    from fastmerge.merge.config import load_config
+    from fastmerge.merge.plan import build_plan
+
+    monkeypatch.setattr(M, "CHUNK", 1000)
+    plan = build_plan(load_config(ties_config(llamas)))
+    try:
+        items = list(plan.items)
+        segs, ends = mrun._read_order(plan, items)
+        assert ends[-1] == sum(n for _, _, n in segs) == plan.in_bytes
+        assert all(a <= b for a, b in zip(ends, ends[1:]))
+        spans = {}
+        for f, off, n in segs:
+            spans.setdefault(f, []).append((off, off + n))
+        for f, s in spans.items():
+            s.sort()
+            assert all(b <= c for (_, b), (c, _) in zip(s, s[1:])), f  # no byte twice
+        big = max(items, key=lambda it: it.in_bytes)
+        infos = [plan.checkpoints[m].tensors[n] for m, n in [big.base] + big.inputs]
+        mine = mrun._read_order(plan, [big])[0]
+        size = infos[0].dtype.itemsize
+        # the first chunk of every model, then the second chunk of every model, ...
+        assert mine[:len(infos)] == [(i.file, i.start, 1000 * size) for i in infos]
+        assert mine[len(infos):2 * len(infos)] == [(i.file, i.start + 1000 * size, min(1000, i.numel - 1000) * size)
+                                                   for i in infos]
+    finally:
+        plan.close()
+
+
+def test_summary_counts_what_was_read_from_storage(llamas, tmp_path):
+    res = merge_checkpoints(ties_config(llamas), str(tmp_path / "o"), quiet=True)
+    text = res.summary()
+    if res.storage_read is None:
+        pytest.skip("this kernel does not count read_bytes in /proc/self/io")
+    assert f"{res.storage_read / 1e9:.2f} GB read from storage" in text
+    assert res.ranks[0]["storage_read"] == res.storage_read

@@ -230,10 +230,16 @@ def test_large_tensor_selection(method, monkeypatch):
         mask = R.magnitude_mask(delta, density) if method == "magnitude" else R.outlier_mask(delta, density, 0.02)
         for chunks, limit in (([(0, n)], 1 << 22), (chunked, 1 << 22), (chunked, 0)):
             monkeypatch.setattr(S, "RECORD_LIMIT", limit)
-            rules = S.select_rules(_C, base, [theta], [lo], [hi], [by_high], chunks)
+            reads = []
+            rules = S.select_rules(_C, base, [theta], [lo], [hi], [by_high], chunks, lambda a, b: reads.append(a))
             out = _C.ckpt_merge(base, [theta], [1.0], rules, None, [1.0], [1.0], 0, False, 1.0, True,
                                 torch.float32)
             assert torch.equal(out, base + delta * mask), (density, len(chunks), limit)
+            if len(chunks) > 1:
+                # two histogram passes (one per boundary layer with two boundaries), and where the
+                # boundary bin was too crowded to record, one chunk read again per split tie, not a pass
+                layers = 2 if method == "outliers" else 1
+                assert len(reads) <= (1 + layers) * len(chunks) + (0 if limit else 2 * layers), len(reads)
 
 
 @pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties"])
@@ -545,3 +551,48 @@ def test_sampled_brackets_stratified_by_row_hold_where_rows_differ_in_scale(monk
     j = job("ties", base.view(rows, cols), [t.view(rows, cols) for t in thetas])
     assert torch.equal(M.METHODS["ties"].run(j), M.reference_run(M.METHODS["ties"], j))
     assert calls == [(cols, True)]  # the row length reached the sample, and the bracket held
+
+
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resident_tensor_of_several_chunks_is_selected_in_one_pass(name, dtype, monkeypatch):
+    """A tensor of several chunks whose inputs fit the memory budget (``resident``): the magnitude
+    selections take the one-pass brackets over the whole tensor and nothing is released until the merge
+    pass has read it; one over the budget takes the chunked passes and releases each chunk after each
+    pass. Both give the twin's tensor bit for bit (DARE: its random stream, to the rounding of its
+    rescale, is the same in both)."""
+    monkeypatch.setattr(M, "CHUNK", 1 << 16)
+    monkeypatch.setattr(S, "SAMPLE_FROM", 1024)
+    rows, cols = 101, 3072  # 310272 entries: five chunks, the last one short
+    n = rows * cols
+    base, thetas = _rows_of_different_scales(rows, cols, 5, 4)
+    base, thetas = base.to(dtype).view(rows, cols), [t.to(dtype).view(rows, cols) for t in thetas]
+    per = [dict(weight=w, density=d, gamma=0.05) for w, d in zip([1.0, 0.5, 2.0, 0.75], [0.5, 0.3, 0.6, 0.45])]
+    found = []
+    real = S.bracket_rules
+    monkeypatch.setattr(S, "bracket_rules", lambda *a: found.append(real(*a)) or found[-1])
+    outs = {}
+    for resident in (True, False):
+        found.clear()
+        released = []
+        j = job(name, base, thetas, per=per, seed=4)
+        j.resident = resident
+        j.release = lambda a, b: released.append((a, b))
+        outs[resident] = M.METHODS[name].run(j)
+        chunks = [(a, min(n, a + M.CHUNK)) for a in range(0, n, M.CHUNK)]
+        passes = len(released) // len(chunks)
+        assert len(released) % len(chunks) == 0 and sorted(set(released)) == chunks, released
+        if name == "dare_ties":
+            assert not found and passes == (1 if resident else 2)  # the L1 sums, then the merge
+        elif resident:
+            assert found and all(r is not None for r in found), "the one-pass selection was not taken"
+            assert passes == 1, "resident inputs are released only by the merge pass"
+        else:
+            assert not found and passes >= 3, "over the budget: the chunked histogram passes, then the merge"
+    assert torch.equal(outs[True], outs[False])
+    j = job(name, base, thetas, per=per, seed=4)
+    ref = M.reference_run(M.METHODS[name], j)
+    if name == "dare_ties":
+        torch.testing.assert_close(outs[True], ref, atol=1e-6, rtol=2e-6)
+    else:
+        assert torch.equal(outs[True], ref)

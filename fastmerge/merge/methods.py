@@ -58,6 +58,7 @@ class Job:
     release: Optional[Callable[[int, int], None]] = None  # called with [a, b) when entries a..b-1 are merged
     sink: Optional[Callable[[Tensor, bool], None]] = None  # takes the output in flat pieces (then run returns None)
     buffer: Optional[Callable[[int, torch.dtype], Tensor]] = None  # where the pieces handed to sink come from
+    resident: bool = False  # the inputs fit the memory budget: they stay mapped through every pass over them
 
 
 @dataclass(frozen=True)
@@ -185,14 +186,19 @@ def _gta_fast(job: Job, sparsification: Optional[str], consensus: Optional[str],
         if sparsification == "magnitude" and not rescale and n <= CHUNK:
             top_k = (lo, hi, hi_idx)  # merged with the selection below
         else:
-            rules = select_rules(C, base, thetas, lo, hi, hi_idx, _chunks(n), job.release, row)
+            rules = select_rules(C, base, thetas, lo, hi, hi_idx, _chunks(n), job.release, row,
+                                 resident=job.resident or n <= CHUNK)
     elif sparsification == "random" and any(sparse):
         streams = torch.tensor(job.keys, dtype=torch.int64)
         probs = [float(p["density"]) if sp else 1.0 for p, sp in zip(job.per, sparse)]
     scale = [1.0] * T
     if rescale and (rules is not None or streams is not None):
-        sums = sum(C.ckpt_abs_sums(base[a:b], [t[a:b] for t in thetas], rules, streams, probs, a)
-                   for a, b in _chunks(n)).tolist()
+        sums = 0
+        for a, b in _chunks(n):
+            sums = sums + C.ckpt_abs_sums(base[a:b], [t[a:b] for t in thetas], rules, streams, probs, a)
+            if job.release is not None and not job.resident and n > CHUNK:
+                job.release(a, b)  # over the budget: the pages leave chunk by chunk (read again from the cache)
+        sums = sums.tolist()
         for t, (before, after) in enumerate(sums):
             before, after = _f32(before), _f32(after)
             if sparse[t] and before >= 1e-7 and after >= 1e-7:

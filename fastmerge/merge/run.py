@@ -51,6 +51,8 @@ class MergeOptions:
     resume: bool = False  # finish the partial output of an earlier attempt (its verified tensors are skipped)
     timeout: float = 1800.0  # seconds a rank waits for the others at a sync point (under torchrun)
     distributed: Optional[bool] = None  # None: several processes when torchrun started this one
+    max_memory: int = 2 * 1000 ** 3  # peak resident memory the merge aims at, mapped input pages counted
+    readers: int = 4  # threads that read the inputs from disk ahead of the kernels (0: none)
 
 
 @dataclass
@@ -67,6 +69,7 @@ class MergeResult:
     world: int = 1
     ranks: List[dict] = field(default_factory=list)  # per rank: tensors, bytes, seconds, peak_rss, ...
     resumed: int = 0  # tensors verified from an earlier attempt and skipped
+    storage_read: Optional[int] = None  # bytes this process read from storage (/proc/self/io), where counted
 
     @property
     def gbps(self) -> float:
@@ -77,6 +80,9 @@ class MergeResult:
         text = (f"merged {self.tensors} tensors with {self.method}: {read / 1e9:.2f} GB read, "
                 f"{self.out_bytes / 1e9:.2f} GB written in {self.seconds:.2f} s "
                 f"({read / max(self.seconds, 1e-9) / 1e9:.2f} GB/s)")
+        stored = [r.get("storage_read") for r in self.ranks] if self.ranks else [self.storage_read]
+        if stored and all(x is not None for x in stored):
+            text += f"; {sum(stored) / 1e9:.2f} GB read from storage (the rest came from the page cache)"
         if self.world > 1:
             text += f" on {self.world} ranks"
         if self.resumed:
@@ -121,6 +127,11 @@ def describe(plan: Plan, opts: MergeOptions) -> str:
                  f"runtime (about 0.6 GB with a CUDA build of torch)")
     big = max(plan.items, key=lambda i: i.in_bytes)
     lines.append(f"largest tensor: {big.out_name} {list(big.shape)} ({_fmt_bytes(big.in_bytes)} of inputs)")
+    window = _window(opts, plan)
+    held = [it for it in plan.items if it.in_bytes <= window]
+    lines.append(f"memory budget (--max-memory): {_fmt_bytes(int(opts.max_memory))}: the inputs of {len(held)} of "
+                 f"{len(plan.items)} tensors (up to {_fmt_bytes(window)} each) stay mapped through their passes; "
+                 f"larger ones are read chunk by chunk, their later passes from the page cache")
     return "\n".join(lines)
 
 
@@ -141,7 +152,8 @@ class _Progress:
         self.done += nbytes
         self.count += 1
         if self.bar is not None:
-            self.bar.set_postfix_str(f"{self.count}/{self.n} tensors", refresh=False)
+            left = max(0, self.bar.total - self.done)
+            self.bar.set_postfix_str(f"{self.count}/{self.n} tensors, {_fmt_bytes(left)} to read", refresh=False)
             self.bar.update(nbytes)
 
     def close(self) -> None:
@@ -175,7 +187,7 @@ def _name_nonfinite(plan: Plan, item: Item, job: M.Job) -> str:
 
 
 def global_thresholds(plan: Plan, fast: bool, group: Optional[Group] = None,
-                      share: Optional[List[int]] = None) -> Optional[List[int]]:
+                      share: Optional[List[int]] = None, readers: int = 0) -> Optional[List[int]]:
     """``ties`` with ``scope: global``: each model's exact magnitude threshold over all of its tensors.
 
     Two streaming passes over the inputs, each summing per-model histograms of the float32 bits of
@@ -218,8 +230,10 @@ def global_thresholds(plan: Plan, fast: bool, group: Optional[Group] = None,
     def hist(prefix, stage):
         h = torch.zeros(T, 1 << 16, dtype=torch.int64)
         failure = own = None
+        reader = _Reader(plan, mine, MergeOptions(readers=readers), torch.device("cpu"))
         try:
-            for it in mine:
+            for k, it in enumerate(mine):
+                reader.at(k)
                 job = _job(plan, it, None, torch.device("cpu"), True)
                 flat = M._common([job.base] + job.inputs)
                 for a, b in M._chunks(flat[0].numel()):  # a large tensor's pages leave chunk by chunk
@@ -236,6 +250,8 @@ def global_thresholds(plan: Plan, fast: bool, group: Optional[Group] = None,
                 raise
             failure = Failure(group.rank, f"{stage}: {e}", resumable=False)
             own = e
+        finally:
+            reader.close()
         if failure is not None:
             group.post_failure(failure)
         _raise_if_failed(group, group.exchange(stage, failure), failure, own)
@@ -274,12 +290,90 @@ def _with_suffix(exc: BaseException, suffix: str) -> BaseException:
     return new
 
 
+READ_AHEAD = 4 << 30  # at most this many input bytes read ahead of the end of the tensor being merged
+
+
+def _read_ahead_bytes() -> int:
+    """How far the readers may get ahead: a quarter of the memory the system has available (so what they
+    read stays in the page cache until it is used), from 256 MiB to ``READ_AHEAD``."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return max(256 << 20, min(READ_AHEAD, int(line.split()[1]) * 1024 // 4))
+    except (OSError, ValueError, IndexError):
+        pass
+    return 256 << 20
+
+
+def _read_order(plan: Plan, items: List[Item]) -> Tuple[List[Tuple[str, int, int]], List[int]]:
+    """The input bytes of ``items`` in the order the merge uses them: each tensor chunk by chunk, its
+    models side by side. Returns the (file, offset, length) segments and where each item's bytes end."""
+    from .methods import _chunks
+
+    segs: List[Tuple[str, int, int]] = []
+    ends: List[int] = []
+    pos = 0
+    for it in items:
+        infos = [plan.checkpoints[m].tensors[n] for m, n in ([it.base] if it.base else []) + it.inputs]
+        for a, b in _chunks(max(1, math.prod(it.shape))):
+            for info in infos:
+                size = info.dtype.itemsize
+                lo, hi = min(info.nbytes, a * size), min(info.nbytes, b * size)
+                if hi > lo:
+                    segs.append((info.file, info.start + lo, hi - lo))
+                    pos += hi - lo
+        ends.append(pos)
+    return segs, ends
+
+
+class _Reader:
+    """The read-ahead threads over this process's items (:class:`fastmerge.merge.readahead.ReadAhead`),
+    kept at most :func:`_read_ahead_bytes` past the end of the tensor being merged."""
+
+    def __init__(self, plan: Plan, items: List[Item], opts: MergeOptions, device: torch.device):
+        self.ra = None
+        self.ends: List[int] = []
+        self.ahead = _read_ahead_bytes()
+        if opts.readers > 0 and device.type == "cpu" and items:
+            from .readahead import ReadAhead
+
+            segs, self.ends = _read_order(plan, items)
+            self.ra = ReadAhead(segs, threads=opts.readers, limit=self.ends[0] + self.ahead)
+
+    def at(self, k: int) -> None:
+        """The merge starts item ``k`` (and is done with the items before it)."""
+        if self.ra is not None and k < len(self.ends):
+            self.ra.allow(self.ends[k] + self.ahead)
+            if k > 0:
+                self.ra.drop(self.ends[k - 1])
+
+    def close(self) -> None:
+        if self.ra is not None:
+            self.ra.close(drop=True)
+            self.ra = None
+
+
+def _window(opts: MergeOptions, plan: Plan) -> int:
+    """Input bytes a tensor may have and still stay mapped through all its passes: the memory budget less
+    what the process holds already, the writer's buffers and queue, the prefetched pages and a margin
+    for the selection's records. Larger tensors are read chunk by chunk in every pass (the pages of
+    passes after the first come from the page cache)."""
+    from .io import ShardWriter
+
+    held = _current_rss() + ShardWriter.PIECE * ShardWriter.QUEUE + ShardWriter.LEND * (ShardWriter.QUEUE + 2) + \
+        (PREFETCH_BYTES if opts.prefetch else 0) + (128 << 20)
+    return max(0, int(opts.max_memory) - held)
+
+
 def _merge_one(plan: Plan, item: Item, seed: Optional[int], device: torch.device, fast: bool,
-               thresholds: Optional[List[int]] = None, sink=None, buffer=None) -> Optional[torch.Tensor]:
+               thresholds: Optional[List[int]] = None, sink=None, buffer=None,
+               window: Optional[int] = None) -> Optional[torch.Tensor]:
     """The merged tensor, or None when the fused path handed it to ``sink`` in pieces (taken from
-    ``buffer`` where given)."""
+    ``buffer`` where given). ``window``: the input bytes a tensor may keep mapped through its passes."""
     job = _job(plan, item, seed, device, fast)
     job.thresholds = thresholds
+    job.resident = window is not None and item.in_bytes <= window
     job.sink = sink
     job.buffer = buffer
     refs = ([item.base] if item.base else []) + item.inputs
@@ -546,6 +640,27 @@ def _as_failure(e: BaseException, rank: int, out_dir: str, parent: str, plan: Pl
     return Failure(rank, f"{type(e).__name__}: {e}", resumable=False), e
 
 
+def storage_read_bytes() -> Optional[int]:
+    """Bytes this process has caused to be read from storage (``read_bytes`` of /proc/self/io: page faults,
+    read-ahead and reads that the page cache did not serve), or None where the kernel does not count them."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _current_rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _peak_rss() -> int:
     try:
         import resource
@@ -589,6 +704,10 @@ def merge_checkpoints(config, out_dir: str, options: Optional[MergeOptions] = No
         opts = MergeOptions(**{**opts.__dict__, **kwargs})
     if isinstance(opts.out_shard_size, str):
         opts.out_shard_size = parse_size(opts.out_shard_size)
+    if isinstance(opts.max_memory, str):
+        opts.max_memory = parse_size(opts.max_memory)
+    if opts.readers < 0:
+        raise ValueError(f"readers must be >= 0, got {opts.readers}")
     group = Group(opts.timeout, opts.device, opts.distributed)
     try:
         try:
@@ -635,6 +754,7 @@ def _merge(group: Group, config, out_dir: str, opts: MergeOptions) -> MergeResul
 def _merge_planned(group: Group, plan: Plan, out_dir: str, opts: MergeOptions, device: torch.device,
                    start: float) -> MergeResult:
     rank, world = group.rank, group.world
+    read0 = storage_read_bytes()
     if opts.threads:
         torch.set_num_threads(opts.threads)
     _return_large_buffers_to_the_os()
@@ -683,6 +803,7 @@ def _merge_planned(group: Group, plan: Plan, out_dir: str, opts: MergeOptions, d
                  "in_bytes": sum(items[i].in_bytes for i in mine),
                  "out_bytes": sum(layout.where[items[i].out_name][2] for i in mine),
                  "seconds": time.perf_counter() - start, "peak_rss": _peak_rss(),
+                 "storage_read": None if read0 is None else storage_read_bytes() - read0,
                  "bytes_all_reduced": group.bytes_reduced}
         failure, exc = result
         try:
@@ -725,7 +846,7 @@ def _merge_planned(group: Group, plan: Plan, out_dir: str, opts: MergeOptions, d
             os.close(lock)
     return MergeResult(out_dir, len(items), plan.in_bytes, plan.out_bytes, time.perf_counter() - start,
                        list(layout.names), plan.method.name, notes, rank=rank, world=world, ranks=ranks,
-                       resumed=len(done))
+                       resumed=len(done), storage_read=stats["storage_read"])
 
 
 def _before_merging(group: Group, plan: Plan, layout: ShardLayout, partial: str, opts: MergeOptions, info: dict,
@@ -770,7 +891,7 @@ def _before_merging(group: Group, plan: Plan, layout: ShardLayout, partial: str,
     thresholds = info["thresholds"]
     if thresholds is None:
         share = list(partition([it.in_bytes for it in items], world)[rank])
-        thresholds = global_thresholds(plan, fast, group, share)
+        thresholds = global_thresholds(plan, fast, group, share, opts.readers)
         if thresholds is not None and rank == 0:
             try:  # kept for --resume, which then skips the histogram passes
                 _write_json(os.path.join(partial, META, "thresholds.json"), {"keys": thresholds})
@@ -825,12 +946,18 @@ def _merge_share(group: Group, plan: Plan, mine: List[Item], layout: ShardLayout
     rank = group.rank
     show = rank == 0 and (not opts.quiet) and (opts.progress if opts.progress is not None else sys.stderr.isatty())
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastmerge-prefetch") if opts.prefetch > 0 else None
-    log = writer = prog = None
+    log = writer = prog = reader = None
     pending: Dict[int, object] = {}
     try:
+        window = _window(opts, plan)
+        # tensors over the budget first: their later passes (from the page cache) then overlap the reads
+        # of the tensors after them, instead of leaving the disk idle at the end (each tensor is written at
+        # its planned offset, so the order changes no byte)
+        mine = [it for it in mine if it.in_bytes > window] + [it for it in mine if it.in_bytes <= window]
         log = _Log(partial, rank, layout, checksum_kind())
         writer = ShardWriter(partial, layout, [it.out_name for it in mine], on_done=log.record)
         prog = _Progress(sum(it.in_bytes for it in mine), len(mine), show)
+        reader = _Reader(plan, mine, opts, device)
 
         def prefetch(k: int) -> None:
             if pool is None or k >= len(mine) or k in pending:
@@ -850,12 +977,13 @@ def _merge_share(group: Group, plan: Plan, mine: List[Item], layout: ShardLayout
                 posted = group.posted_failure()
                 if posted is not None and posted.rank != rank:
                     raise RankFailed(posted.text())
+            reader.at(k)
             fut = pending.pop(k, None)
             if fut is not None:
                 fut.result()
             prefetch(k + opts.prefetch)
             sink = (lambda piece, last, name=it.out_name: writer.add_part(name, piece, last)) if not it.copy else None
-            out = _merge_one(plan, it, opts.random_seed, device, fast, thresholds, sink, writer.buffer)
+            out = _merge_one(plan, it, opts.random_seed, device, fast, thresholds, sink, writer.buffer, window)
             if out is not None:
                 writer.add(it.out_name, out)
             del out
@@ -876,6 +1004,8 @@ def _merge_share(group: Group, plan: Plan, mine: List[Item], layout: ShardLayout
         group.post_failure(failure)
         return failure, exc
     finally:
+        if reader is not None:
+            reader.close()
         if prog is not None:
             prog.close()
         if pool is not None:
@@ -891,6 +1021,8 @@ def dry_run(config, options: Optional[MergeOptions] = None, **kwargs) -> str:
     opts = options or MergeOptions(**kwargs)
     if isinstance(opts.out_shard_size, str):
         opts.out_shard_size = parse_size(opts.out_shard_size)
+    if isinstance(opts.max_memory, str):
+        opts.max_memory = parse_size(opts.max_memory)
     plan = build_plan(load_config(config), allow_crimes=opts.allow_crimes)
     try:
         return describe(plan, opts)

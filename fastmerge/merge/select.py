@@ -11,7 +11,8 @@ where a key is the float32 bits of |delta| (they order like the values): an entr
 lo_key < key < hi_key, or key == lo_key and lo_a <= index <= lo_b, or key == hi_key and
 hi_a <= index <= hi_b.
 
-On a tensor of one chunk and at least ``SAMPLE_FROM`` entries, the boundary keys come from one pass
+On a tensor whose inputs fit the memory budget (``resident``; by default one chunk) and of at least
+``SAMPLE_FROM`` entries, the boundary keys come from one pass
 (``_C.ckpt_key_bracket``): a sample of the entries (the same share of every row, where the caller gives
 the row length) brackets each boundary's key, and the pass counts the keys above the bracket and records
 the keys in it, which gives the exact key and where its ties are.
@@ -167,7 +168,8 @@ def merge_top_k(C, base: Tensor, thetas: Sequence[Tensor], rank_lo: Sequence[int
 
 def select_rules(C, base: Tensor, thetas: Sequence[Tensor], rank_lo: Sequence[int], rank_hi: Sequence[int],
                  by_high: Sequence[bool], chunks: Sequence[Tuple[int, int]],
-                 release: Optional[Callable[[int, int], None]] = None, row: int = 0) -> Tensor:
+                 release: Optional[Callable[[int, int], None]] = None, row: int = 0,
+                 resident: Optional[bool] = None) -> Tensor:
     """Keep rules (int64 [T, 6]) for entries of ranks [rank_lo[t], rank_hi[t]) of each model.
 
     Args:
@@ -176,31 +178,43 @@ def select_rules(C, base: Tensor, thetas: Sequence[Tensor], rank_lo: Sequence[in
         chunks: the [a, b) ranges the passes read at a time.
         release: called with each chunk's range after each pass reads it.
         row: the length of the tensor's rows (0: none), by which the sampled brackets are stratified.
+        resident: whether the inputs fit the memory budget (default: when they are one chunk). Resident
+            inputs stay mapped for the merge pass that follows, and the sampled brackets may find the
+            rules in one pass over them; others are released chunk by chunk after each pass.
     """
     n, T = base.numel(), len(thetas)
-    if len(chunks) < 2:
-        release = None  # one chunk stays mapped for the passes that follow (re-faulting it costs time)
+    if resident is None:
+        resident = len(chunks) < 2
+    if resident:
+        release = None  # the inputs stay mapped for the passes that follow (re-faulting them costs time)
     rules, bounds = _bounds(rank_lo, rank_hi, n)
     if not bounds:
         return torch.tensor(rules, dtype=torch.int64)
-    if len(chunks) < 2 and n >= SAMPLE_FROM:
+    if resident and n >= SAMPLE_FROM:
         got = bracket_rules(C, base, thetas, rank_lo, rank_hi, by_high, row)
         if got is not None:
             return got
 
     def sweep(prefix: List[int], record: bool):
+        """One pass of histograms over the chunks; with ``record``, where the prefix bin's entries are;
+        without, each chunk's histogram rows of the models asked (int32), so that a split tie is found by
+        reading one chunk again (:class:`_ChunkedTies`)."""
         hist = torch.zeros(T, BINS, dtype=torch.int64)
         where: List[List[Tensor]] = [[] for _ in range(T)]
+        rows: List[List[Tensor]] = [[] for _ in range(T)]
+        asked = [t for t in range(T) if prefix[t] not in (-1, NEVER)]
         for a, b in chunks:
             out = C.ckpt_key_hist(base[a:b], [x[a:b] for x in thetas], prefix, a, record)
             hist += out[0]
             for t in range(T) if record else ():
                 where[t].append(out[1 + t])
+            for t in asked if not record and len(chunks) > 1 else ():
+                rows[t].append(out[0][t].to(torch.int32))
             if release is not None:
                 release(a, b)
-        return hist, where
+        return hist, where, rows
 
-    h1, _ = sweep([-1] * T, False)
+    h1, _, _ = sweep([-1] * T, False)
     coarse = [pick(h1[t], rank) for t, rank, _ in bounds]
     # a model has at most two boundaries: the first of each model in one pass, the second in another
     layers: List[List[int]] = [[], []]
@@ -213,13 +227,18 @@ def select_rules(C, base: Tensor, thetas: Sequence[Tensor], rank_lo: Sequence[in
         for j in layer:
             prefix[bounds[j][0]] = coarse[j][0]
         record = sum(coarse[j][2] for j in layer) <= RECORD_LIMIT
-        h2, where = sweep(prefix, record)
+        h2, where, rows = sweep(prefix, record)
         for j in layer:
             t, rank, lower = bounds[j]
             w = torch.cat(where[t]) if record else None
+
+            def ties(key, t=t):
+                if rows[t]:
+                    return _ChunkedTies(base, thetas[t], key, chunks, [int(r[key & 0xFFFF]) for r in rows[t]], release)
+                return _tie_positions(base, thetas[t], key, chunks, release)
+
             rules[t][0 if lower else 3: 3 if lower else 6] = exact_boundary(
-                h2[t], w, coarse[j], rank, lower, bool(by_high[t]), n,
-                lambda key, t=t: _tie_positions(base, thetas[t], key, chunks, release))
+                h2[t], w, coarse[j], rank, lower, bool(by_high[t]), n, ties)
     return torch.tensor(rules, dtype=torch.int64)
 
 
@@ -228,8 +247,37 @@ def _tie_positions(base: Tensor, theta: Tensor, key: int, chunks, release) -> Te
     a boundary bin too crowded to record)."""
     out = []
     for a, b in chunks:
-        keys = (theta[a:b].float() - base[a:b].float()).abs().view(torch.int32)
-        out.append(torch.nonzero(keys == key).reshape(-1) + a)
+        out.append(_equal_in(base, theta, key, a, b))
         if release is not None:
             release(a, b)
     return torch.cat(out)
+
+
+def _equal_in(base: Tensor, theta: Tensor, key: int, a: int, b: int) -> Tensor:
+    keys = (theta[a:b].float() - base[a:b].float()).abs().view(torch.int32)
+    return torch.nonzero(keys == key).reshape(-1) + a
+
+
+class _ChunkedTies:
+    """The ascending indices of the entries whose key is ``key``, as a sequence that reads one chunk
+    again per look-up: ``counts[c]``, the number of such entries in chunk c (from the second pass's
+    per-chunk histograms), tells which chunk holds the k-th. A boundary bin too crowded to record in a
+    tensor of many chunks then costs a read of one or two chunks, not a third pass."""
+
+    def __init__(self, base: Tensor, theta: Tensor, key: int, chunks, counts: List[int], release):
+        self.base, self.theta, self.key, self.chunks, self.counts, self.release = base, theta, key, chunks, counts, release
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    def __getitem__(self, k: int) -> int:
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        for (a, b), c in zip(self.chunks, self.counts):
+            if k < c:
+                got = _equal_in(self.base, self.theta, self.key, a, b)
+                if self.release is not None:
+                    self.release(a, b)
+                return int(got[k])
+            k -= c
+        raise IndexError(k)

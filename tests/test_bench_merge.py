@@ -1,0 +1,49 @@
+"""``fastmerge bench-merge``: the Llama-3 shapes of --size 3b / 8b, --layers, and a --cold run whose
+report holds the plain reads by 1, 2, 4 and 8 readers and the share of pages still cached before each run."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+from fastmerge.benchmarks import merge_bench as B
+
+
+def _params(size, layers=None):
+    return sum(math.prod(s) for _, s in B.llama_shapes(B.llama_config(size, "bfloat16", layers)))
+
+
+def test_real_sizes_have_the_llama3_shapes():
+    # Llama-3.2-3B with an untied head and Llama-3.1-8B: 3.61B and 8.03B parameters
+    assert round(_params("3b") / 1e9, 2) == 3.61
+    assert round(_params("8b") / 1e9, 2) == 8.03
+    shapes = dict(B.llama_shapes(B.llama_config("8b", "bfloat16")))
+    assert shapes["model.embed_tokens.weight"] == shapes["lm_head.weight"] == (128256, 4096)
+    assert shapes["model.layers.0.mlp.gate_proj.weight"] == (14336, 4096)
+    assert shapes["model.layers.0.self_attn.k_proj.weight"] == (1024, 4096)  # 8 KV heads of 128
+    cut = dict(B.llama_shapes(B.llama_config("3b", "bfloat16", 2)))
+    assert "model.layers.1.mlp.up_proj.weight" in cut and "model.layers.2.mlp.up_proj.weight" not in cut
+    assert B.llama_config("3b", "bfloat16", 2)["num_hidden_layers"] == 2
+
+
+def test_bench_merge_cold(tmp_path):
+    report = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, "-m", "fastmerge", "bench-merge", "--size", "tiny", "--layers", "1", "--models",
+                        "2", "--dtypes", "bfloat16", "--methods", "linear", "ties", "--no-mergekit", "--repeat", "1",
+                        "--cold", "--workdir", str(tmp_path / "w"), "--json", str(report)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "cut to 1 of its 2 layers" in r.stderr
+    rep = json.loads(report.read_text())
+    assert rep["layers"] == 1 and rep["cold"] is True
+    reads = rep["plain_read"]["bfloat16"]
+    assert [x["readers"] for x in reads["cold"]["each"]] == [1, 2, 4, 8]
+    assert all(0 <= x["resident_before"] <= 1 for x in reads["cold"]["each"])
+    assert reads["warm"]["all_files"] is True
+    for e in rep["runs"]:
+        fm = e["fastmerge"]
+        assert fm["rc"] == 0 and e["cold"] is True
+        assert all(x["resident_before"] is not None for x in fm["each"])
+        assert e["input_bytes"] > 0 and e["plain_read_seconds"] > 0
