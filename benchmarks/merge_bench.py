@@ -238,16 +238,28 @@ def timed(cmd: List[str]) -> Dict[str, object]:
     return res
 
 
-def repeated(cmd: List[str], files: List[str], repeat: int, cold: bool = False) -> Dict[str, object]:
+def repeated(cmd: List[str], files: List[str], repeat: int, cold: bool = False,
+             readers: Optional[int] = None) -> Dict[str, object]:
     """:func:`timed` ``repeat`` times, each after a plain read of the inputs (or, ``cold``, after they
     were dropped from the page cache): the medians of the wall and merge times (the merge time is the one
     the command's summary line reports), the largest peak RSS, the worst exit code, the last run's
-    output, and every run under ``each``."""
+    output, and every run under ``each``. With ``readers`` (cold runs), each run is paired with a cold
+    plain read by that many readers just before it, and ``ratio_to_paired_read`` is the median of the
+    runs' wall time over their own read's (a disk's speed drifts within minutes)."""
+    from fastmerge.merge.readahead import read_files
+
     runs = []
     for _ in range(max(1, repeat)):
+        paired = None
+        if cold and readers:
+            make_ready(files, True)
+            paired = read_files(files, readers)["seconds"]
         share = make_ready(files, cold)
         r = timed(cmd)
         r["resident_before"] = share
+        if paired is not None:
+            r["paired_read_seconds"] = paired
+            r["ratio_to_paired_read"] = r["seconds"] / paired
         m = re.search(r"([0-9.]+) GB read from storage", str(r["stdout_tail"]))
         if m:
             r["storage_read_gb"] = float(m.group(1))
@@ -261,8 +273,11 @@ def repeated(cmd: List[str], files: List[str], repeat: int, cold: bool = False) 
         out["merge_seconds"] = statistics.median(r["merge_seconds"] for r in runs)
     out["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in runs)
     out["rc"] = next((r["rc"] for r in runs if r["rc"] != 0), 0)
+    if all("ratio_to_paired_read" in r for r in runs):
+        out["ratio_to_paired_read"] = statistics.median(r["ratio_to_paired_read"] for r in runs)
     out["each"] = [{k: r[k] for k in ("seconds", "merge_seconds", "peak_rss_bytes", "rc", "resident_before",
-                                      "storage_read_gb") if k in r} for r in runs]
+                                      "storage_read_gb", "paired_read_seconds", "ratio_to_paired_read") if k in r}
+                   for r in runs]
     return out
 
 
@@ -410,7 +425,7 @@ def run(args: argparse.Namespace) -> int:
                 cmd += ["--threads", str(args.threads)]
             if args.max_memory:
                 cmd += ["--max-memory", str(args.max_memory)]
-            fm = repeated(cmd, files, args.repeat, args.cold)
+            fm = repeated(cmd, files, args.repeat, args.cold, rd.get("readers") if args.cold else None)
             entry = {"dtype": dtype, "method": method, "input_bytes": total, "plain_read_gbps": read_gbps,
                      "plain_read_seconds": read_seconds, "cold": args.cold, "fastmerge": fm}
             if fm["rc"] != 0:
@@ -426,6 +441,9 @@ def run(args: argparse.Namespace) -> int:
                     f"{100 * fm['share_of_plain_read']:.0f} % of a plain read "
                     f"({100 * fm.get('merge_share_of_plain_read', 0):.0f} % for the merge alone); "
                     f"{fm['seconds'] / read_seconds:.2f}x the {'cold' if args.cold else 'warm'} plain read")
+            if "ratio_to_paired_read" in fm:
+                line += (f"; {fm['ratio_to_paired_read']:.2f}x a cold plain read run just before it (median of "
+                         + ", ".join(f"{r['seconds']:.1f}/{r['paired_read_seconds']:.1f} s" for r in fm["each"]) + ")")
             if args.cold:
                 shares = [r.get("resident_before") for r in fm["each"]]
                 line += ", resident before: " + ", ".join(f"{100 * x:.1f} %" for x in shares if x is not None)

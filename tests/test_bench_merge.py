@@ -46,4 +46,7 @@ def test_bench_merge_cold(tmp_path):
         fm = e["fastmerge"]
         assert fm["rc"] == 0 and e["cold"] is True
         assert all(x["resident_before"] is not None for x in fm["each"])
+        # each cold run is paired with a cold plain read just before it
+        assert all(x["paired_read_seconds"] > 0 for x in fm["each"])
+        assert fm["ratio_to_paired_read"] == fm["each"][0]["seconds"] / fm["each"][0]["paired_read_seconds"]
         assert e["input_bytes"] > 0 and e["plain_read_seconds"] > 0
