@@ -121,14 +121,17 @@ def describe(plan: Plan, opts: MergeOptions) -> str:
     from .io import ShardWriter
     from .methods import CHUNK
 
-    peak = plan.peak_bytes(PREFETCH_BYTES if opts.prefetch else 0, ShardWriter.PIECE * ShardWriter.QUEUE, CHUNK)
-    lines.append(f"memory needed: about {_fmt_bytes(peak)} for tensors (the inputs of the largest chunk in flight, "
-                 f"temporaries, prefetched inputs and output waiting for the disk), plus the Python and PyTorch "
-                 f"runtime (about 0.6 GB with a CUDA build of torch)")
-    big = max(plan.items, key=lambda i: i.in_bytes)
-    lines.append(f"largest tensor: {big.out_name} {list(big.shape)} ({_fmt_bytes(big.in_bytes)} of inputs)")
+    buffers = (PREFETCH_BYTES if opts.prefetch else 0) + ShardWriter.PIECE * ShardWriter.QUEUE
     window = _window(opts, plan)
     held = [it for it in plan.items if it.in_bytes <= window]
+    # a tensor that fits the budget stays mapped whole through its passes; the others, a chunk at a time
+    peak = max(plan.peak_bytes(buffers - ShardWriter.PIECE * ShardWriter.QUEUE, ShardWriter.PIECE * ShardWriter.QUEUE,
+                               CHUNK), max((it.in_bytes for it in held), default=0) + buffers)
+    lines.append(f"memory needed: about {_fmt_bytes(peak)} for tensors (the inputs of the largest tensor that stays "
+                 f"mapped or of the largest chunk in flight, temporaries, prefetched inputs and output waiting for the "
+                 f"disk), plus the Python and PyTorch runtime (about 0.6 GB with a CUDA build of torch)")
+    big = max(plan.items, key=lambda i: i.in_bytes)
+    lines.append(f"largest tensor: {big.out_name} {list(big.shape)} ({_fmt_bytes(big.in_bytes)} of inputs)")
     lines.append(f"memory budget (--max-memory): {_fmt_bytes(int(opts.max_memory))}: the inputs of {len(held)} of "
                  f"{len(plan.items)} tensors (up to {_fmt_bytes(window)} each) stay mapped through their passes; "
                  f"larger ones are read chunk by chunk, their later passes from the page cache")
