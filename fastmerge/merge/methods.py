@@ -187,7 +187,7 @@ def _gta_fast(job: Job, sparsification: Optional[str], consensus: Optional[str],
             top_k = (lo, hi, hi_idx)  # merged with the selection below
         else:
             rules = select_rules(C, base, thetas, lo, hi, hi_idx, _chunks(n), job.release, row,
-                                 resident=job.resident or n <= CHUNK)
+                                 resident=True if job.resident else None)  # None: resident when one chunk
     elif sparsification == "random" and any(sparse):
         streams = torch.tensor(job.keys, dtype=torch.int64)
         probs = [float(p["density"]) if sp else 1.0 for p, sp in zip(job.per, sparse)]

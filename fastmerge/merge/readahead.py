@@ -200,50 +200,49 @@ def _libc():
 _LIBC = None
 
 
-def _cached(fd: int, off: int, n: int) -> bool:
-    """Whether every page of bytes [off, off + n) of the open file is in the page cache."""
+def _page_flags(fd: int, off: int, n: int) -> bytes:
+    """``mincore``'s byte per page of bytes [off, off + n) of the open file (bit 0: in the page cache),
+    over a mapping that is never touched, so the count does not disturb what it counts."""
     global _LIBC
     if _LIBC is None:
         _LIBC = _libc()
     page = mmap.PAGESIZE
     lo = off // page * page
     size = off + n - lo
-    pages = (size + page - 1) // page
     addr = _LIBC.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, lo)
     if addr in (None, ctypes.c_void_p(-1).value):
-        return False
+        raise OSError(ctypes.get_errno(), "mmap failed")
     try:
-        vec = (ctypes.c_ubyte * pages)()
+        vec = (ctypes.c_ubyte * ((size + page - 1) // page))()
         if _LIBC.mincore(addr, size, vec) != 0:
-            return False
-        return all(v & 1 for v in bytes(vec))
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        return bytes(vec)
     finally:
         _LIBC.munmap(addr, size)
 
 
+def _cached(fd: int, off: int, n: int) -> bool:
+    """Whether every page of bytes [off, off + n) of the open file is in the page cache (False where
+    that cannot be told)."""
+    try:
+        return all(v & 1 for v in _page_flags(fd, off, n))
+    except OSError:
+        return False
+
+
 def resident_pages(path: str) -> Tuple[int, int]:
-    """(pages of the file in the page cache, pages of the file), by ``mincore`` over a mapping that
-    is never touched (so the count does not disturb what it counts)."""
+    """(pages of the file in the page cache, pages of the file)."""
     size = os.path.getsize(path)
-    page = mmap.PAGESIZE
-    pages = (size + page - 1) // page
     if not size:
         return 0, 0
-    libc = _libc()
     fd = os.open(path, os.O_RDONLY)
     try:
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if addr in (None, ctypes.c_void_p(-1).value):
-            raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
-        try:
-            vec = (ctypes.c_ubyte * pages)()
-            if libc.mincore(addr, size, vec) != 0:
-                raise OSError(ctypes.get_errno(), f"mincore of {path} failed")
-            return sum(1 for v in bytes(vec) if v & 1), pages
-        finally:
-            libc.munmap(addr, size)
+        flags = _page_flags(fd, 0, size)
+    except OSError as e:
+        raise OSError(e.errno, f"{e.strerror} for {path}") from None
     finally:
         os.close(fd)
+    return sum(1 for v in flags if v & 1), len(flags)
 
 
 def resident_share(paths: Sequence[str]) -> float:
