@@ -11,6 +11,17 @@ from fastmerge._ops import block_scale_backward_op
 from conftest import AWKWARD_SIZES, DTYPES, make_tasks, strided
 
 
+def assert_gram_close(G, Gr):
+    """Each dot product within 1e-12 of the scale of its pair, sqrt(G_uu G_vv): the fp64 sums run in
+    a different order in every build (vector width, tiles), and an entry that nearly cancels has a
+    rounding error relative to the norms, not to itself."""
+    scale = torch.sqrt(torch.outer(Gr.diagonal(), Gr.diagonal()))
+    err = (G - Gr).abs()
+    assert bool((err <= 1e-12 * scale + 1e-300).all()), f"largest error / scale {float((err / scale.clamp_min(1e-300)).max()):.3g}"
+    # the diagonal (sums of squares, no cancellation) stays within 1e-12 of itself
+    torch.testing.assert_close(G.diagonal(), Gr.diagonal(), rtol=1e-12, atol=1e-300)
+
+
 @pytest.mark.parametrize("d", AWKWARD_SIZES)
 @pytest.mark.parametrize("T", [1, 3, 6])
 def test_gram_and_cosine_match_reference(d, T):
@@ -18,7 +29,7 @@ def test_gram_and_cosine_match_reference(d, T):
     G = fastmerge.task_vector_cosine(base, thetas, gram=True, backend="cpu")
     Gr = ref.task_vector_cosine(base, thetas, gram=True)
     assert G.dtype == torch.float64 and G.shape == (T, T)
-    torch.testing.assert_close(G, Gr, rtol=1e-12, atol=1e-300)
+    assert_gram_close(G, Gr)
     C = fastmerge.task_vector_cosine(base, thetas, backend="cpu")
     torch.testing.assert_close(C, ref.task_vector_cosine(base, thetas), rtol=1e-12, atol=1e-12)
     assert torch.equal(G, G.T)
@@ -143,7 +154,7 @@ def test_many_tasks_gram_and_backward(T, d):
     # items, strided inputs
     base, vecs = make_tasks(d, T, seed=d + T)
     G = fastmerge.task_vector_cosine(base, vecs, gram=True, backend="cpu")
-    torch.testing.assert_close(G, ref.task_vector_cosine(base, vecs, gram=True), rtol=1e-12, atol=1e-300)
+    assert_gram_close(G, ref.task_vector_cosine(base, vecs, gram=True))
     assert torch.equal(G, G.T)
     assert torch.equal(fastmerge.task_vector_cosine(strided(base), [strided(v) for v in vecs], gram=True), G)
     off = _blocks(d, "uneven")

@@ -1,6 +1,9 @@
 // Fused CPU kernels. This file is compiled once per instruction set (DEFAULT, AVX2, AVX512): each
-// wrapper translation unit defines CPU_CAPABILITY and CPU_CAPABILITY_<ISA>, so at::vec::Vectorized
-// and everything below lands in a namespace of its own, and the op layer picks one at run time.
+// wrapper translation unit defines CPU_CAPABILITY and CPU_CAPABILITY_<ISA>, so everything below
+// lands in a namespace of its own, and the op layer picks one at run time. The vector code is
+// written with plain compiler vector types (SimdVec) one register wide for the build, so that the
+// baseline build compiles to SSE2 on x86-64 and NEON on aarch64; x86 intrinsics appear only under
+// the AVX2 / AVX-512 capability macros or behind __SSE2__ with a portable fallback.
 //
 // Invariants (see entry_math.h): no fused multiply-add in anything compared bit for bit with the
 // reference (the build passes -ffp-contract=off); sums over tasks in task order; every reduction is
@@ -33,8 +36,6 @@
 namespace fastmerge {
 namespace cpu {
 namespace CPU_CAPABILITY {
-
-using at::vec::Vectorized;
 
 constexpr int64_t kChunk = 512;      // elements converted per input at a time (fits L1 for T ~ 8-16)
 constexpr int64_t kItem = 1 << 16;   // elements per work item (fixed: results never depend on threads)
@@ -283,8 +284,12 @@ inline void simd_store(S* p, const V& v) {
 
 template <typename in_t>
 bool average_impl(const AvgArgs& a) {
+  // Plain compiler vectors (one register of the build's width: SSE2 / NEON in the baseline build),
+  // all tasks of one vector of positions in registers, in task order; the tail in scalars, with
+  // the same operations.
   using acc_t = typename AccOf<in_t>::type;
-  using V = Vectorized<acc_t>;
+  using F = typename SimdVec<acc_t>::F;
+  constexpr int W = SimdVec<acc_t>::W;
   std::vector<acc_t> w(a.T);
   acc_t wsum = acc_t(a.weights[0]);
   for (int t = 0; t < a.T; ++t) w[t] = acc_t(a.weights[t]);
@@ -295,25 +300,36 @@ bool average_impl(const AvgArgs& a) {
     std::vector<acc_t> bufs(size_t(a.T) * kSChunk);
     std::vector<const acc_t*> xs(a.T);
     alignas(64) acc_t accb[kSChunk];
-    const V ws(wsum);
-    V chk(0);
+    const int T = a.T;
+    const acc_t* wp = w.data();
+    const F ws = F{} + wsum;
+    F chk = F{};
+    acc_t chks = 0;
     for (int64_t i = b; i < e; i += kSChunk) {
       const int64_t n = std::min(kSChunk, e - i);
-      load_tasks<in_t>(a.thetas, a.T, i, n, bufs.data(), xs.data());
-      // all tasks of one vector of positions in registers, in task order
-      for (int64_t j = 0; j < n; j += V::size()) {
-        if (a.prefetch) prefetch_spread<in_t>(a.thetas, a.T, nullptr, i + j, e);
-        const int64_t c = std::min<int64_t>(V::size(), n - j);
-        V acc = V::loadu(xs[0] + j, c) * V(w[0]);
-        for (int t = 1; t < a.T; ++t) acc = acc + V::loadu(xs[t] + j, c) * V(w[t]);
+      const int64_t nv = n / W * W;
+      load_tasks<in_t>(a.thetas, T, i, n, bufs.data(), xs.data());
+      const acc_t* const* x = xs.data();
+      for (int64_t j = 0; j < nv; j += W) {
+        if (a.prefetch) prefetch_spread<in_t>(a.thetas, T, nullptr, i + j, e);
+        F acc = simd_load<F>(x[0] + j) * wp[0];
+        for (int t = 1; t < T; ++t) acc = acc + simd_load<F>(x[t] + j) * wp[t];
         acc = acc / ws;
         chk = chk + (acc - acc);
-        acc.store(accb + j, c);
+        simd_store(accb + j, acc);
+      }
+      for (int64_t j = nv; j < n; ++j) {
+        acc_t acc = x[0][j] * wp[0];
+        for (int t = 1; t < T; ++t) acc = acc + x[t][j] * wp[t];
+        acc = acc / wsum;
+        chks = chks + (acc - acc);
+        accb[j] = acc;
       }
       store_chunk(out + i, accb, n);
     }
     stream_fence();
-    if (!all_zero(chk)) bad = true;
+    for (int l = 0; l < W; ++l) chks = chks + chk[l];
+    if (chks != acc_t(0)) bad = true;
   });
   return bad;
 }
@@ -321,7 +337,8 @@ bool average_impl(const AvgArgs& a) {
 template <typename in_t>
 bool task_arith_impl(const TAArgs& a) {
   using acc_t = typename AccOf<in_t>::type;
-  using V = Vectorized<acc_t>;
+  using F = typename SimdVec<acc_t>::F;
+  constexpr int W = SimdVec<acc_t>::W;
   std::vector<acc_t> lam(a.T);
   for (int t = 0; t < a.T; ++t) lam[t] = acc_t(a.lam[t]);
   in_t* out = static_cast<in_t*>(a.out);
@@ -330,24 +347,35 @@ bool task_arith_impl(const TAArgs& a) {
     std::vector<acc_t> bufs(size_t(a.T + 1) * kSChunk);
     std::vector<const acc_t*> xs(a.T);
     alignas(64) acc_t accb[kSChunk];
-    V chk(0);
+    const int T = a.T;
+    const acc_t* lp = lam.data();
+    F chk = F{};
+    acc_t chks = 0;
     for (int64_t i = b; i < e; i += kSChunk) {
       const int64_t n = std::min(kSChunk, e - i);
-      const acc_t* bp = load_chunk<in_t>(a.base, i, n, bufs.data() + size_t(a.T) * kSChunk);
-      load_tasks<in_t>(a.thetas, a.T, i, n, bufs.data(), xs.data());
-      for (int64_t j = 0; j < n; j += V::size()) {  // all tasks in registers, in task order
-        if (a.prefetch) prefetch_spread<in_t>(a.thetas, a.T, &a.base, i + j, e);
-        const int64_t c = std::min<int64_t>(V::size(), n - j);
-        const V bv = V::loadu(bp + j, c);
-        V acc = bv;
-        for (int t = 0; t < a.T; ++t) acc = acc + V(lam[t]) * (V::loadu(xs[t] + j, c) - bv);
+      const int64_t nv = n / W * W;
+      const acc_t* bp = load_chunk<in_t>(a.base, i, n, bufs.data() + size_t(T) * kSChunk);
+      load_tasks<in_t>(a.thetas, T, i, n, bufs.data(), xs.data());
+      const acc_t* const* x = xs.data();
+      for (int64_t j = 0; j < nv; j += W) {  // all tasks in registers, in task order
+        if (a.prefetch) prefetch_spread<in_t>(a.thetas, T, &a.base, i + j, e);
+        const F bv = simd_load<F>(bp + j);
+        F acc = bv;
+        for (int t = 0; t < T; ++t) acc = acc + lp[t] * (simd_load<F>(x[t] + j) - bv);
         chk = chk + (acc - acc);
-        acc.store(accb + j, c);
+        simd_store(accb + j, acc);
+      }
+      for (int64_t j = nv; j < n; ++j) {
+        acc_t acc = bp[j];
+        for (int t = 0; t < T; ++t) acc = acc + lp[t] * (x[t][j] - bp[j]);
+        chks = chks + (acc - acc);
+        accb[j] = acc;
       }
       store_chunk(out + i, accb, n);
     }
     stream_fence();
-    if (!all_zero(chk)) bad = true;
+    for (int l = 0; l < W; ++l) chks = chks + chk[l];
+    if (chks != acc_t(0)) bad = true;
   });
   return bad;
 }
@@ -548,6 +576,39 @@ inline void gram_tile(typename SimdVec<double>::F* acc, typename SimdVec<double>
   }
 }
 
+// Half of an off-diagonal tile, columns v0 and v0 + 1: 8 accumulators, 4 row operands and one
+// column operand fit AVX2's 16 registers (the full 4 x 4 tile's 21 would spill to the stack on
+// every multiply-add). The row operands are formed twice per tile instead of once; each
+// accumulator still sees the same products in the same order, so no bit of the result changes.
+template <bool exact, typename acc_t>
+inline void gram_tile_half(typename SimdVec<double>::F* acc, int v0, const acc_t* bp, const acc_t* const* xa,
+                           const acc_t* const* xb, int64_t nvec, LineFeed& feed) {
+  using F = typename SimdVec<double>::F;
+  constexpr int W = SimdVec<double>::W;
+  F c00 = acc[v0], c01 = acc[v0 + 1], c10 = acc[4 + v0], c11 = acc[5 + v0];
+  F c20 = acc[8 + v0], c21 = acc[9 + v0], c30 = acc[12 + v0], c31 = acc[13 + v0];
+  const acc_t *x0 = xa[0], *x1 = xa[1], *x2 = xa[2], *x3 = xa[3];
+  const acc_t *y0 = xb[v0], *y1 = xb[v0 + 1];
+  LineFeed f = feed;
+  for (int64_t j = 0; j < nvec; j += W) {
+    f.tick();
+    const F a0 = gram_tau<exact>(x0 + j, bp + j), a1 = gram_tau<exact>(x1 + j, bp + j);
+    const F a2 = gram_tau<exact>(x2 + j, bp + j), a3 = gram_tau<exact>(x3 + j, bp + j);
+    F b = gram_tau<exact>(y0 + j, bp + j);
+    c00 = madd<exact>(c00, a0, b); c10 = madd<exact>(c10, a1, b);
+    c20 = madd<exact>(c20, a2, b); c30 = madd<exact>(c30, a3, b);
+    b = gram_tau<exact>(y1 + j, bp + j);
+    c01 = madd<exact>(c01, a0, b); c11 = madd<exact>(c11, a1, b);
+    c21 = madd<exact>(c21, a2, b); c31 = madd<exact>(c31, a3, b);
+  }
+  feed = f;
+  acc[v0] = c00; acc[v0 + 1] = c01; acc[4 + v0] = c10; acc[5 + v0] = c11;
+  acc[8 + v0] = c20; acc[9 + v0] = c21; acc[12 + v0] = c30; acc[13 + v0] = c31;
+}
+
+// Off-diagonal tiles as two halves where the registers are too few for a whole one.
+constexpr bool kGramHalfOff = SimdVec<double>::W < 8;
+
 template <typename in_t>
 bool gram_impl(const GramArgs& a) {
   using acc_t = typename AccOf<in_t>::type;
@@ -575,7 +636,9 @@ bool gram_impl(const GramArgs& a) {
     // a full row block followed by another block runs its diagonal tile and the next one as a pair
     auto paired = [&](int ra) { return kGramPairTiles && 4 * ra + 4 <= T && ra + 1 < nt; };
     int loops = 0;  // tile loops per chunk, over which the feed spreads its prefetches
-    for (int ra = 0; ra < nt; ++ra) loops += nt - ra - (paired(ra) ? 1 : 0);
+    const int per_off = kGramHalfOff ? 2 : 1;  // loops of an off-diagonal (or partial diagonal) tile
+    for (int ra = 0; ra < nt; ++ra)
+      loops += paired(ra) ? nt - ra - 1 : (4 * ra + 4 <= T ? 1 : per_off) + (nt - ra - 1) * per_off;
     auto tiles = [&](const acc_t* bp, const acc_t* const* x, int64_t nvec) {
       for (int ra = 0; ra < nt; ++ra) {
         for (int rb = ra; rb < nt; ++rb) {
@@ -592,6 +655,9 @@ bool gram_impl(const GramArgs& a) {
             ++rb;
           } else if (ra == rb && 4 * ra + 4 <= T) {
             gram_tile<exact, kGramDiag>(acc, nullptr, bp, rows, rows + 4, nvec, feed);
+          } else if (kGramHalfOff) {
+            gram_tile_half<exact>(acc, 0, bp, rows, rows + 4, nvec, feed);
+            gram_tile_half<exact>(acc, 2, bp, rows, rows + 4, nvec, feed);
           } else {
             gram_tile<exact, kGramOff>(acc, nullptr, bp, rows, rows + 4, nvec, feed);
           }
@@ -646,7 +712,8 @@ bool gram_impl(const GramArgs& a) {
 template <typename in_t>
 bool block_fwd_impl(const BlockArgs& a) {
   using acc_t = typename AccOf<in_t>::type;
-  using V = Vectorized<acc_t>;
+  using F = typename SimdVec<acc_t>::F;
+  constexpr int W = SimdVec<acc_t>::W;
   const std::vector<Item> items = make_items(a.offsets, a.B);
   in_t* out = static_cast<in_t*>(a.out);
   std::atomic<bool> bad{false};
@@ -655,27 +722,38 @@ bool block_fwd_impl(const BlockArgs& a) {
     std::vector<const acc_t*> xs(a.T);
     std::vector<acc_t> c(a.T);
     alignas(64) acc_t accb[kSChunk];
-    V chk(0);
+    const int T = a.T;
+    const acc_t* cp = c.data();
+    F chk = F{};
+    acc_t chks = 0;
     for (int64_t it = ib; it < ie; ++it) {
       const int64_t blk = items[it].seg, end = items[it].end;
-      for (int t = 0; t < a.T; ++t) c[t] = acc_t(a.coefs[t * a.B + blk]);
+      for (int t = 0; t < T; ++t) c[t] = acc_t(a.coefs[t * a.B + blk]);
       for (int64_t i = items[it].begin; i < end; i += kSChunk) {
         const int64_t n = std::min(kSChunk, end - i);
-        const acc_t* bp = load_chunk<in_t>(a.base, i, n, bufs.data() + size_t(a.T) * kSChunk);
-        load_tasks<in_t>(a.vectors, a.T, i, n, bufs.data(), xs.data());
-        for (int64_t j = 0; j < n; j += V::size()) {  // all tasks in registers, in task order
-          if (a.prefetch) prefetch_spread<in_t>(a.vectors, a.T, &a.base, i + j, end);
-          const int64_t m = std::min<int64_t>(V::size(), n - j);
-          V acc = V::loadu(bp + j, m);
-          for (int t = 0; t < a.T; ++t) acc = acc + V(c[t]) * V::loadu(xs[t] + j, m);
+        const int64_t nv = n / W * W;
+        const acc_t* bp = load_chunk<in_t>(a.base, i, n, bufs.data() + size_t(T) * kSChunk);
+        load_tasks<in_t>(a.vectors, T, i, n, bufs.data(), xs.data());
+        const acc_t* const* x = xs.data();
+        for (int64_t j = 0; j < nv; j += W) {  // all tasks in registers, in task order
+          if (a.prefetch) prefetch_spread<in_t>(a.vectors, T, &a.base, i + j, end);
+          F acc = simd_load<F>(bp + j);
+          for (int t = 0; t < T; ++t) acc = acc + cp[t] * simd_load<F>(x[t] + j);
           chk = chk + (acc - acc);
-          acc.store(accb + j, m);
+          simd_store(accb + j, acc);
+        }
+        for (int64_t j = nv; j < n; ++j) {
+          acc_t acc = bp[j];
+          for (int t = 0; t < T; ++t) acc = acc + cp[t] * x[t][j];
+          chks = chks + (acc - acc);
+          accb[j] = acc;
         }
         store_chunk(out + i, accb, n);
       }
     }
     stream_fence();
-    if (!all_zero(chk)) bad = true;
+    for (int l = 0; l < W; ++l) chks = chks + chk[l];
+    if (chks != acc_t(0)) bad = true;
   });
   return bad;
 }

@@ -397,9 +397,12 @@ inline uint32_t lane_mask(const I& in) {
   if constexpr (sizeof(I) == 64 && W == 16) return _mm512_test_epi32_mask((__m512i)in, (__m512i)in);
   if constexpr (sizeof(I) == 64 && W == 8) return _mm512_test_epi64_mask((__m512i)in, (__m512i)in);
 #endif
-  uint32_t m = 0;
-  if (simd_any(in))
-    for (int l = 0; l < W; ++l) m |= uint32_t(in[l] != 0) << l;
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if constexpr (sizeof(I) == 32 && W == 8) return uint32_t(_mm256_movemask_ps((__m256)in));
+  if constexpr (sizeof(I) == 32 && W == 4) return uint32_t(_mm256_movemask_pd((__m256d)in));
+#endif
+  uint32_t m = 0;  // lanes are all ones or zero: one bit of each, no branch
+  for (int l = 0; l < W; ++l) m |= uint32_t(in[l] & 1) << l;
   return m;
 }
 
@@ -424,9 +427,16 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
   const int64_t S = P.S;
   const std::vector<Item> items = make_items(P.off, S);
   in_t* out = static_cast<in_t*>(a.out);
-  const int nthreads = at::get_num_threads();
+  // The items are split into one contiguous slice per thread, each with its own results: a
+  // segment then lies in one slice (or, at a slice boundary, in two), and only those slices need
+  // room for its candidates.
+  const int64_t nitems = int64_t(items.size());
+  const int64_t nslices = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nitems));
+  const int64_t per_slice = (nitems + nslices - 1) / nslices;
+  std::vector<char> in_slice(size_t(nslices) * S, 0);  // segment s has positions in slice k
+  for (int64_t it = 0; it < nitems; ++it) in_slice[(it / per_slice) * S + items[it].seg] = 1;
   acc_by_thread.clear();
-  acc_by_thread.resize(nthreads);
+  acc_by_thread.resize(nslices);
   for (auto& pa : acc_by_thread) {
     pa.below.assign(T * S, 0);
     pa.eqlo.assign(T * S, 0);
@@ -435,25 +445,27 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
     pa.over.assign(T * S, 0);
     pa.hist.assign(size_t(P.hist_total), 0);
   }
-  {  // each thread's candidate arrays, in one scratch block reused from call to call
+  {  // each slice's candidate arrays, in one scratch block reused from call to call
     const size_t per = sizeof(acc_t) + (keep_pos ? sizeof(uint32_t) : 0);
-    // A thread may hold a whole segment, so each may take all the candidates the bracket is
-    // expected to hold (with a margin), within the problem's cap; more than that counts as an
-    // overflow. A multiple of 16 entries keeps every array aligned.
-    auto share = [&](int64_t p) {
+    // A slice holding any of a segment may take all the candidates the bracket is expected to hold
+    // (with a margin), within the problem's cap; more than that counts as an overflow. A multiple
+    // of 16 entries keeps every array aligned.
+    auto share = [&](int64_t p, int64_t k) {
+      if (!in_slice[k * S + p % S]) return size_t(0);
       const double want = std::min(P.est[p] * 1.25 + 4096.0, double(std::max<int64_t>(1, P.cap)));
       return (size_t(want) + 15) / 16 * 16;
     };
     size_t total = 0;
     for (int64_t p = 0; p < T * S; ++p)
-      if (P.active[p] == 1) total += share(p) * per * size_t(nthreads);
+      if (P.active[p] == 1)
+        for (int64_t k = 0; k < nslices; ++k) total += share(p, k) * per;
     auto block = std::make_shared<ScratchBlock>(total);
     char* at = static_cast<char*>(block->p);
     for (int64_t p = 0; p < T * S; ++p) {
       if (P.active[p] != 1) continue;
-      const size_t c = share(p);
-      for (auto& pa : acc_by_thread) {
-        CandBuf<acc_t>& cb = pa.cand[p];
+      for (int64_t k = 0; k < nslices; ++k) {
+        const size_t c = share(p, k);
+        CandBuf<acc_t>& cb = acc_by_thread[k].cand[p];
         cb.cap = c;
         cb.val = reinterpret_cast<acc_t*>(at);
         at += c * sizeof(acc_t);
@@ -469,8 +481,10 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
   for (int t = 0; t < T; ++t)
     if (a.thetas[t].stride == 1) raw[t] = static_cast<const in_t*>(a.thetas[t].ptr);
   if (a.base.stride == 1) raw[T] = static_cast<const in_t*>(a.base.ptr);
-  at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t ib, int64_t ie) {
-    PassAcc<acc_t>& R = acc_by_thread[at::get_thread_num()];
+  at::parallel_for(0, nslices, 1, [&](int64_t kb, int64_t ke) {
+   for (int64_t slice = kb; slice < ke; ++slice) {
+    const int64_t ib = std::min(slice * per_slice, nitems), ie = std::min(ib + per_slice, nitems);
+    PassAcc<acc_t>& R = acc_by_thread[slice];
     alignas(64) acc_t bb[kChunk];
     alignas(64) acc_t ob[kChunk];
     alignas(64) acc_t tailb[W];
@@ -481,7 +495,7 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
     std::vector<I> lcnt(T);
     std::vector<TiesTaskPar<acc_t>> tpar(T);
     std::vector<acc_t> tr(T);
-    F chk_all = F{};
+    I chk_all = I{};
     int64_t msum_all = 0;
     int64_t s = 0, segb = 0;
 
@@ -497,6 +511,8 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
     int64_t loc_n = 0;  // positions the masks of the last run cover
     std::vector<int32_t> loc_cancel(kLoc);
     int64_t loc_nc = 0;
+    constexpr int64_t kSub = 128;  // positions per block of the task-by-task loops (a multiple of 64)
+    std::vector<acc_t> trim_buf(size_t(T) * kSub);
 
     // nvec positions (a multiple of W) from chunk-local pointers; TAIL: one vector, nvalid real lanes.
     auto run = [&]<bool TAIL, int MODE>(const acc_t* bp, const acc_t* const* xv, int64_t pos0, int64_t nvec,
@@ -514,7 +530,7 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
       I iota;
       for (int l = 0; l < W; ++l) iota[l] = ilane(l);
       const I valid = TAIL ? I(iota < ilane(nvalid)) : I{} - 1;
-      F chk = zero;
+      I chkv = I{};  // largest magnitude bits seen, per lane
       I msumv = I{};
       if constexpr (W < 8) {  // the masks are OR-ed into the bitsets below
         for (int t = 0; t < Tl; ++t)
@@ -527,6 +543,128 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
 #else
       constexpr bool kmask = false;
 #endif
+      // One vector of positions merged from its per-sign sums (both loop forms below).
+      auto finish = [&](int64_t j, const F bv, const F sum, const F pp, const F nn, const I cp, const I cn) {
+        const I gp = sum > zero, gn = sum < zero;
+        F merged;
+        if constexpr (MODE == kMergeMax) {
+          merged = (F)(((I)pp & gp) | ((I)(zero - nn) & gn));  // the largest magnitude, elected sign
+        } else if constexpr (MODE == kMergeMean) {
+          const F num = gp ? pp : nn;
+          const F den = __builtin_convertvector(gp ? cp : cn, F);
+          const F qv = num / (den > one ? den : one);
+          merged = (F)((I)qv & (gp | gn));
+        } else {
+          merged = (F)(((I)pp & gp) | ((I)nn & gn));
+        }
+        const F o = bv + lamv * merged;
+        I cm = (sum == zero) & ((cp + cn) != 0);  // cancelled: the majority sign decides
+        if constexpr (MODE == kMergeMax) cm |= (sum == zero) & ((I)bv == (I)(zero * -one));  // base -0
+        if constexpr (TAIL) cm &= valid;
+        msumv = msumv + gn - gp;
+        if (simd_any(cm)) {
+          for (int l = 0; l < W; ++l) {
+            lcan[nc] = int32_t(j + l);
+            nc += cm[l] != 0;
+          }
+        }
+        std::memcpy(dst + j, &o, sizeof(F));
+      };
+      // Adds one task's trimmed entries to the per-sign sums, counts and largest magnitudes.
+      auto add_trimmed = [&](const F trv, F& sum, F& pp, F& nn, I& cp, I& cn) {
+        sum = sum + trv;
+        const I ps = trv > zero, ng = trv < zero;
+        if constexpr (MODE == kMergeMax) {
+          const F a1 = (F)((I)trv & ps), a2 = (F)((I)(zero - trv) & ng);
+          pp = pp > a1 ? pp : a1;
+          nn = nn > a2 ? nn : a2;
+        } else {
+          pp = pp + (F)((I)trv & ps);
+          nn = nn + (F)((I)trv & ng);
+        }
+        cp -= ps;
+        cn -= ng;
+      };
+      if constexpr (!kmask) {
+        // Task by task over a block of positions: each task's classification and trim walk its own
+        // stream with the task's constants in registers and no branch; the trimmed entries go to a
+        // small buffer, then summed per position in task order (the same arithmetic, in the same
+        // order, as one vector of positions at a time over all tasks).
+        acc_t* trb = trim_buf.data();
+        for (int64_t sb = 0; sb < nvec; sb += kSub) {
+          const int64_t se = std::min(nvec, sb + kSub);
+          if (!TAIL && pf_pos >= 0) {  // the block's lines of the next chunk, every input
+            constexpr int64_t kLine = 64 / int64_t(sizeof(in_t));
+            for (int t = 0; t <= Tl; ++t)
+              if (raw[t])
+                for (int64_t e = (pf_pos + sb + kLine - 1) / kLine * kLine; e < pf_pos + se; e += kLine)
+                  __builtin_prefetch(raw[t] + e);
+          }
+          for (int t = 0; t < Tl; ++t) {
+            const TiesTaskPar<acc_t>& q = tp[t];
+            const acc_t* x = xv[t];
+            acc_t* tb = trb + t * kSub - sb;
+            const F wv = F{} + q.w, cv = F{} + q.c;
+            I bigv = chkv;
+            if (q.brk) {
+              const F lov = F{} + q.lo, hiv = F{} + q.hi;
+              uint64_t* bw = lbits + t * kBitWords;
+              I lcv = I{};
+              for (int64_t j = sb; j < se; j += W) {
+                F tau = simd_load<F>(x + j) - simd_load<F>(bp + j);
+                if (hw) tau = tau * wv;
+                const I ai = (I)tau & absm;
+                bigv = bigv > ai ? bigv : ai;  // a NaN or infinity has the largest magnitude bits
+                const F ab = (F)ai;
+                I lt = ab < lov;
+                I in = (ab <= hiv) & ~lt;
+                if constexpr (TAIL) {
+                  lt &= valid;
+                  in &= valid;
+                }
+                lcv -= lt;
+                const uint32_t m = lane_mask<W>(in);
+                if constexpr (W >= 8) {
+                  const auto mw = static_cast<std::conditional_t<W == 16, uint16_t, uint8_t>>(m);
+                  std::memcpy(reinterpret_cast<char*>(bw) + j / 8, &mw, sizeof(mw));
+                } else {
+                  bw[j / 64] |= uint64_t(m) << (j % 64);
+                }
+                if constexpr (WRITE) {
+                  I keep = ab >= cv;
+                  if constexpr (TAIL) keep &= valid;
+                  simd_store(tb + j, (F)((I)tau & keep));
+                }
+              }
+              lc[t] += lcv;
+            } else {
+              for (int64_t j = sb; j < se; j += W) {
+                F tau = simd_load<F>(x + j) - simd_load<F>(bp + j);
+                if (hw) tau = tau * wv;
+                const I ai = (I)tau & absm;
+                bigv = bigv > ai ? bigv : ai;
+                if constexpr (WRITE) {
+                  I keep = (F)ai >= cv;
+                  if constexpr (TAIL) keep &= valid;
+                  simd_store(tb + j, (F)((I)tau & keep));
+                }
+              }
+            }
+            chkv = bigv;
+          }
+          if constexpr (WRITE) {
+            for (int64_t j = sb; j < se; j += W) {
+              F sum = zero, pp = zero, nn = zero;
+              I cp = I{}, cn = I{};
+              const acc_t* tj = trb + (j - sb);
+              for (int t = 0; t < Tl; ++t) add_trimmed(simd_load<F>(tj + t * kSub), sum, pp, nn, cp, cn);
+              finish(j, simd_load<F>(bp + j), sum, pp, nn, cp, cn);
+            }
+          }
+        }
+      }
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (kmask)
       for (int64_t j = 0; j < nvec; j += W) {
         if (!TAIL && pf_pos >= 0 && ((pf_pos + j) * int64_t(sizeof(in_t))) % 64 == 0) {
           for (int t = 0; t <= Tl; ++t)
@@ -535,8 +673,7 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
         const F bv = simd_load<F>(bp + j);
         F sum = zero, pp = zero, nn = zero;
         I cp = I{}, cn = I{};
-        if constexpr (kmask) {
-#if defined(CPU_CAPABILITY_AVX512)
+        {
           // The same arithmetic with the comparisons kept in mask registers: masked adds and
           // compares instead of lane masks moved into vectors. In max mode the negative side
           // keeps its smallest entry, whose negation is the vector loop's largest magnitude.
@@ -578,79 +715,13 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
           nn = MODE == kMergeMax ? (F)_mm512_sub_ps(z, nk) : (F)nk;
           cp = (I)cpk;
           cn = (I)cnk;
-#endif
-        } else {
-          for (int t = 0; t < Tl; ++t) {
-            const TiesTaskPar<acc_t>& q = tp[t];
-            F tau = simd_load<F>(xv[t] + j) - bv;
-            if (hw) tau = tau * q.w;
-            chk = chk + (tau - tau);
-            const F ab = (F)((I)tau & absm);
-            if (q.brk) {
-              I lt = ab < q.lo;
-              I in = (ab <= q.hi) & ~lt;
-              if constexpr (TAIL) {
-                lt &= valid;
-                in &= valid;
-              }
-              lc[t] -= lt;
-              const uint32_t m = lane_mask<W>(in);
-              uint64_t* bw = lbits + t * kBitWords;
-              if constexpr (W >= 8) {
-                const auto mw = static_cast<std::conditional_t<W == 16, uint16_t, uint8_t>>(m);
-                std::memcpy(reinterpret_cast<char*>(bw) + j / 8, &mw, sizeof(mw));
-              } else {
-                bw[j / 64] |= uint64_t(m) << (j % 64);
-              }
-            }
-            if constexpr (!WRITE) continue;
-            I keep = ab >= q.c;
-            if constexpr (TAIL) keep &= valid;
-            const F trv = (F)((I)tau & keep);  // trimmed entry (+0 when dropped)
-            sum = sum + trv;
-            const I ps = trv > zero, ng = trv < zero;
-            if constexpr (MODE == kMergeMax) {
-              const F a1 = (F)((I)trv & ps), a2 = (F)((I)(zero - trv) & ng);
-              pp = pp > a1 ? pp : a1;
-              nn = nn > a2 ? nn : a2;
-            } else {
-              pp = pp + (F)((I)trv & ps);
-              nn = nn + (F)((I)trv & ng);
-            }
-            cp -= ps;
-            cn -= ng;
-          }
         }
-        if constexpr (WRITE) {
-          const I gp = sum > zero, gn = sum < zero;
-          F merged;
-          if constexpr (MODE == kMergeMax) {
-            merged = (F)(((I)pp & gp) | ((I)(zero - nn) & gn));  // the largest magnitude, elected sign
-          } else if constexpr (MODE == kMergeMean) {
-            const F num = gp ? pp : nn;
-            const F den = __builtin_convertvector(gp ? cp : cn, F);
-            const F qv = num / (den > one ? den : one);
-            merged = (F)((I)qv & (gp | gn));
-          } else {
-            merged = (F)(((I)pp & gp) | ((I)nn & gn));
-          }
-          const F o = bv + lamv * merged;
-          I cm = (sum == zero) & ((cp + cn) != 0);  // cancelled: the majority sign decides
-          if constexpr (MODE == kMergeMax) cm |= (sum == zero) & ((I)bv == (I)(zero * -one));  // base -0
-          if constexpr (TAIL) cm &= valid;
-          msumv = msumv + gn - gp;
-          if (simd_any(cm)) {
-            for (int l = 0; l < W; ++l) {
-              lcan[nc] = int32_t(j + l);
-              nc += cm[l] != 0;
-            }
-          }
-          std::memcpy(dst + j, &o, sizeof(F));
-        }
+        if constexpr (WRITE) finish(j, bv, sum, pp, nn, cp, cn);
       }
+#endif
       loc_nc = nc;
       loc_n = nvec;
-      chk_all = chk_all + chk;
+      chk_all = chk_all > chkv ? chk_all : chkv;
 #if defined(CPU_CAPABILITY_AVX512)
       kbad_all = kbad_all || kbad != 0;
 #endif
@@ -758,8 +829,10 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
     if constexpr (WRITE) stream_fence();
     R.msum += msum_all;
     if (kbad_all) R.bad = true;
+    const ilane inf_bits = ilane(key_of(std::numeric_limits<acc_t>::infinity()));
     for (int l = 0; l < W; ++l)
-      if (chk_all[l] != acc_t(0)) R.bad = true;
+      if (chk_all[l] >= inf_bits) R.bad = true;
+   }
   });
 }
 
@@ -993,7 +1066,9 @@ bool ties_impl(const TiesArgs& a, TiesStats* st) {
   // The candidate cap: the budget shared by the bracketed problems.
   using bits_t = typename BitsOf<acc_t>::type;
   const bits_t kinf = key_of(std::numeric_limits<acc_t>::infinity());
-  P.cap = std::max<int64_t>(kCandMin, cand_budget / std::max<int64_t>(1, nbracket));
+  // The budget is per thread: a segment's candidates take room in the one or two slices (one per
+  // thread) that hold it, so the problems share the budget of all the threads.
+  P.cap = std::max<int64_t>(kCandMin, cand_budget * std::max(1, at::get_num_threads()) / std::max<int64_t>(1, nbracket));
 
   // 2. brackets too wide for their cap (or, two-pass, all of them) are narrowed first by
   // histogram passes: to the exact threshold (two-pass), or until the bracket fits the cap.
