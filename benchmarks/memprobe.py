@@ -18,8 +18,8 @@ Two ways to get a fresh process:
       stdout; each case runs in a child forked from this server, which has imported torch and
       fastmerge but never allocated data or run a kernel (saves the interpreter start per case).
 
-Spec keys: op, backend, d, T, dtype ("fp32"/"bf16"/"fp16"), offsets, seed, sigma, threads, and
-optionally inputs_file (inputs written by cases.dump_inputs, read instead of regenerated).
+Spec keys: op, backend, capability (kernel build, optional), d, T, dtype ("fp32"/"bf16"/"fp16"),
+offsets, seed, sigma, threads, and optionally inputs_file (inputs written by cases.dump_inputs, read instead of regenerated).
 """
 
 from __future__ import annotations
@@ -95,6 +95,10 @@ def run_case(spec: dict) -> dict:
     op = cases.OPS[spec["op"]]
     backend = spec["backend"]
     dtype = cases.DTYPES[spec["dtype"]]
+    if spec.get("capability") and backend == "cpu":  # the kernel build the parent timed
+        from fastmerge import _C
+
+        _C.set_cpu_capability(spec["capability"])
     # One call on a tiny input first: the first call of any op in a process imports lazily loaded
     # torch modules (~0.9 s and ~150 MiB of RSS here), which is not the op's memory. Its output is
     # far below the size the fused kernels cache, so the measured call below still allocates its

@@ -90,6 +90,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the GPU, with the device-to-device copy bandwidth as the yardstick")
     p.add_argument("--layout-json", metavar="PATH", default=None,
                    help="block offsets (a JSON list from 0 to d) to use instead of building --model's layout")
+    p.add_argument("--capability", nargs="+", metavar="CAP", default=None,
+                   help="run the cpu backend under each of these kernel builds, side by side: AVX512, AVX2, "
+                        "DEFAULT (the baseline build), or 'all' for every one this CPU supports (default: the one "
+                        "picked at run time, or FASTMERGE_CPU_CAPABILITY)")
     p.add_argument("--stream-mib", type=int, default=None, metavar="MiB",
                    help="buffer of the bandwidth probe (default 1024, quick 256)")
 
@@ -393,6 +397,40 @@ class ProbeClient:
 
 # ---------------------------------------------------------------------------------------- run
 
+CAPABILITY_ORDER = ("AVX512", "AVX2", "DEFAULT")
+
+
+def _capabilities(wanted: Optional[list]) -> list[str]:
+    """The kernel builds --capability names, in the order given ('all': every one this CPU runs)."""
+    if not wanted:
+        return []
+    supported = list(_C.cpu_capabilities()) if _C is not None else []
+    out: list[str] = []
+    for w in wanted:
+        for c in ([c for c in CAPABILITY_ORDER if c in supported] if w.lower() == "all" else [w.upper()]):
+            if c not in CAPABILITY_ORDER:
+                raise SystemExit(f"fastmerge bench: unknown --capability {w!r} (use {', '.join(CAPABILITY_ORDER)} or all)")
+            if c not in supported:
+                raise SystemExit(f"fastmerge bench: this CPU cannot run the {c} build "
+                                 f"(it runs: {', '.join(supported) or 'none'}); FASTMERGE_CPU_ISA decides which are compiled")
+            if c not in out:
+                out.append(c)
+    return out
+
+
+def is_cpu(backend: str) -> bool:
+    """The fused CPU kernels, under the build picked at run time ("cpu") or a named one ("cpu:AVX2")."""
+    return backend == "cpu" or backend.startswith("cpu:")
+
+
+def use_backend(backend: str) -> str:
+    """Switches the kernels to the build a "cpu:CAP" backend names; returns the backend to call."""
+    if backend.startswith("cpu:"):
+        _C.set_cpu_capability(backend.split(":", 1)[1])
+        return "cpu"
+    return backend
+
+
 def _resolve(args) -> dict:
     quick = args.quick
     available = fastmerge.available_backends("cpu")
@@ -400,13 +438,18 @@ def _resolve(args) -> dict:
     for b in backends:
         if b not in available:
             raise SystemExit(f"fastmerge bench: backend {b!r} is not available here (available: {', '.join(available)})")
+    caps = _capabilities(getattr(args, "capability", None))
+    if caps and "cpu" in backends:  # the cpu backend once per build: "cpu:AVX2", "cpu:DEFAULT", ...
+        i = backends.index("cpu")
+        backends = backends[:i] + [f"cpu:{c}" for c in caps] + backends[i + 1:]
     ops = list(args.ops) if args.ops else list(cases.OP_NAMES)
     ops = [o for o in cases.OP_NAMES if o in ops]  # canonical order
     if args.tasks < 1:
         raise SystemExit("fastmerge bench: --tasks must be >= 1")
     return {
         "quick": quick,
-        "backends": [b for b in ("cpu", "reference") if b in backends] + [b for b in backends if b not in ("cpu", "reference")],
+        "backends": [b for b in backends if is_cpu(b)] + [b for b in backends if b == "reference"]
+                    + [b for b in backends if not is_cpu(b) and b != "reference"],
         "ops": ops,
         "sizes": list(args.sizes) if args.sizes else list(QUICK_SIZES if quick else DEFAULT_SIZES),
         "T": args.tasks,
@@ -451,7 +494,8 @@ def run(args) -> int:
     ops = cfg["ops"]
     backends = cfg["backends"]
     wants_ties = any(cases.OPS[o].is_ties for o in ops)
-    aux_avg = wants_ties and "uniform_average" not in ops and "cpu" in backends
+    aux_avg = wants_ties and "uniform_average" not in ops and any(is_cpu(b) for b in backends)
+    picked = fastmerge.cpu_capability()
 
     def ref_runs(d: int) -> bool:
         return not (args.no_reference and d > args.ref_limit)
@@ -465,7 +509,7 @@ def run(args) -> int:
                     if be == "reference" and not ref_runs(d):
                         continue
                     aux = op == "uniform_average" and aux_avg
-                    if aux and be != "cpu":
+                    if aux and not is_cpu(be):
                         continue
                     plan.append((dt, d, op, be, aux))
     n_time = sum(1 for p in plan if not (p[3] == "reference" and p[1] >= REF_SINGLE_SHOT and not args.no_memory))
@@ -508,8 +552,12 @@ def run(args) -> int:
                            "min_bytes": op.min_bytes(T, d, x.elt),
                            "output_bytes": op.out_bytes(T, d, len(offsets) - 1, x.elt)}
                     rows[(op_name, be)] = row
+                    if be.startswith("cpu:"):
+                        row["capability"] = be.split(":", 1)[1]
+                    elif be == "cpu":
+                        row["capability"] = picked
                     if aux:
-                        aux_rows[(dt, d)] = row  # timed only for the TIES / average ratio
+                        aux_rows[(dt, d, be)] = row  # timed only for the TIES / average ratio
                     else:
                         results.append(row)
                     if be == "reference" and d >= REF_SINGLE_SHOT and not args.no_memory:
@@ -517,7 +565,7 @@ def run(args) -> int:
                         continue  # timed by its memory probe below
                     step += 1
                     log.start(f"({step}/{total_steps}) time {op_name:<21} {label:>7} {dt} {be:<9}")
-                    fn = op.bind(x, be)
+                    fn = op.bind(x, use_backend(be))
                     if be == "reference":
                         if d >= REF_SINGLE_SHOT:
                             warmup, reps_for = 0, (lambda w: 1)
@@ -531,7 +579,7 @@ def run(args) -> int:
                     else:
                         warmup = max(1, args.warmup)
                         reps_for = auto_reps(args.reps, cfg["target_s"], cfg["min_reps"], cfg["max_reps"])
-                    settle = PrefetchSettle() if be == "cpu" else None
+                    settle = PrefetchSettle() if is_cpu(be) else None
                     try:
                         times, extras, warm = time_calls(fn, warmup, reps_for, settle)
                     except Exception as e:  # keep going: the row says what failed
@@ -544,7 +592,7 @@ def run(args) -> int:
                     if extras:
                         for k in extras[0]:
                             row[f"{k}_median_s"] = float(np.median([e[k] for e in extras]))
-                    if op.is_ties and be == "cpu":
+                    if op.is_ties and is_cpu(be):
                         st = fastmerge.ties_stats()
                         row["ties_stats"] = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in st.items()}
                     msg = f"median {fmt_time(row['median_s'])} ({len(times)} rep{'s' if len(times) != 1 else ''})"
@@ -566,7 +614,8 @@ def run(args) -> int:
                     row = rows[(op_name, be)]
                     step += 1
                     log.start(f"({step}/{total_steps}) mem  {op_name:<21} {label:>7} {dt} {be:<9}")
-                    spec = {"op": op_name, "backend": be, "d": d, "T": T, "dtype": dt, "offsets": offsets,
+                    spec = {"op": op_name, "backend": "cpu" if is_cpu(be) else be, "capability": row.get("capability"),
+                            "d": d, "T": T, "dtype": dt, "offsets": offsets,
                             "seed": args.seed, "sigma": args.sigma, "threads": threads, "inputs_file": inputs_file}
                     res = probe.run(spec)
                     if "error" in res:
@@ -595,6 +644,7 @@ def run(args) -> int:
         if probe is not None:
             probe.close()
         shutil.rmtree(scratch, ignore_errors=True)
+        _C.set_cpu_capability(picked)
         log.end()
 
     log.start("memory bandwidth again (end of run)")
@@ -616,7 +666,9 @@ def run(args) -> int:
             r["speedup_vs_reference"] = ref["median_s"] / r["median_s"]
     for r in results:
         if cases.OPS[r["op"]].is_ties and "median_s" in r:
-            avg = by_key.get((r["dtype"], r["d"], "uniform_average", "cpu")) or aux_rows.get((r["dtype"], r["d"]))
+            # the average of the same build (the first cpu build for the reference's rows)
+            be = r["backend"] if is_cpu(r["backend"]) else next((b for b in backends if is_cpu(b)), "cpu")
+            avg = by_key.get((r["dtype"], r["d"], "uniform_average", be)) or aux_rows.get((r["dtype"], r["d"], be))
             if avg is not None and "median_s" in avg:
                 r["fused_average_median_s"] = avg["median_s"]
                 r["ratio_to_fused_average"] = r["median_s"] / avg["median_s"]
@@ -628,7 +680,8 @@ def run(args) -> int:
         "config": {
             "ops": ops, "sizes": sizes, "T": T, "dtypes": cfg["dtypes"], "backends": backends, "quick": cfg["quick"],
             "reps": args.reps, "ref_reps": args.ref_reps, "warmup": args.warmup, "threads": threads,
-            "seed": args.seed, "sigma": args.sigma, "base_std": 0.02, "ties": {"density": cases.TIES_DENSITY,
+            "seed": args.seed, "sigma": args.sigma, "capabilities": [b.split(":", 1)[1] for b in backends if b.startswith("cpu:")],
+            "base_std": 0.02, "ties": {"density": cases.TIES_DENSITY,
             "lam": cases.TIES_LAM, "merge": "mean"}, "task_arithmetic_lam": cases.TA_LAM,
             "memory": None if args.no_memory else args.memory_mode,
             "no_reference": args.no_reference, "ref_limit": args.ref_limit, "ref_single_shot": REF_SINGLE_SHOT,
@@ -727,8 +780,10 @@ def render(report: dict) -> str:
         f"machine   : {m['cpu_model']}; {m['logical_cores']} logical cores ({m['usable_cores']} usable), "
         f"L3 {fmt_bytes(m['l3_cache_bytes'])}, RAM {fmt_bytes(m['mem_total_bytes'])}, "
         f"transparent huge pages: {m['transparent_hugepages']}",
-        f"software  : torch {m['torch']}, fastmerge {m['fastmerge']}, CPU kernels {m['cpu_capability']} "
-        f"(this CPU: {', '.join(m['cpu_capabilities'])}), Python {m['python']}, {cfg['threads']} torch threads",
+        f"software  : torch {m['torch']}, fastmerge {m['fastmerge']}, CPU kernels "
+        + (f"{', '.join(cfg['capabilities'])} side by side (picked at run time: {m['cpu_capability']}; "
+           if cfg.get("capabilities") else f"{m['cpu_capability']} (")
+        + f"this CPU: {', '.join(m['cpu_capabilities'])}), Python {m['python']}, {cfg['threads']} torch threads",
         *([_prefetch_line(m["streaming_prefetch"])] if m.get("streaming_prefetch") else []),
         f"bandwidth : read {bw['read_median_GBps']:.1f} GB/s (best {bw['read_best_GBps']:.1f}; each sample the "
         f"faster of 1 stream, median {bw.get('read_1_stream_median_GBps', float('nan')):.1f}, and "
@@ -744,10 +799,10 @@ def render(report: dict) -> str:
         f"task arithmetic lam {cfg['task_arithmetic_lam']}; merge_ties_tensor and block_scale use one block per tensor",
     ]
     order_op = {o: i for i, o in enumerate(cases.OP_NAMES)}
-    order_be = {"cpu": 0, "reference": 1}
+    order_be = {b: i for i, b in enumerate(cfg["backends"])}
     for dt in cfg["dtypes"]:
         rows = [r for r in report["results"] if r["dtype"] == dt]
-        rows.sort(key=lambda r: (r["d"], order_op.get(r["op"], 99), order_be.get(r["backend"], 9), r["backend"]))
+        rows.sort(key=lambda r: (r["d"], order_op.get(r["op"], 99), order_be.get(r["backend"], 99), r["backend"]))
         out.append("")
         out.append(f"== {dt}, T = {cfg['T']} ==")
         out.extend(_table([_row_cells(r) for r in rows]))
@@ -761,6 +816,8 @@ def render(report: dict) -> str:
         "vs ref: reference median / this median, same size.",
         "peak extra: peak RSS during the first call at that size in a fresh process minus RSS with the inputs built "
         "(kernel high-water mark); x out: peak extra / output size (outputs under 1 MiB: -).",
-        "Nx avg (TIES): median / the fused (cpu) uniform_average median on the same inputs.",
+        "Nx avg (TIES): median / the fused (cpu) uniform_average median on the same inputs, same kernel build.",
+        "cpu:CAP: the fused kernels forced to one instruction-set build (--capability); plain cpu: the build "
+        "picked at run time, named on the software line.",
     ]
     return "\n".join(out)

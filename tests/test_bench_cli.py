@@ -147,3 +147,31 @@ def test_stream_read_reads_every_word_whatever_the_streams(nbytes):
         assert np.uint64(got & (2**64 - 1)) == want, streams
     with pytest.raises(ValueError, match="streams"):
         _C.stream_read(x, 0)
+
+
+def test_bench_capability_runs_each_build_side_by_side(tmp_path):
+    from fastmerge import _C
+
+    supported = list(_C.cpu_capabilities())
+    out = tmp_path / "caps.json"
+    proc = _run(["bench", "--quick", "--sizes", "70000", "--reps", "3", "--stream-mib", "64", "--no-memory",
+                 "--backends", "cpu", "--ops", "uniform_average", "merge_ties", "--capability", "all", "--json", str(out)])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    order = [c for c in ("AVX512", "AVX2", "DEFAULT") if c in supported]
+    assert data["config"]["capabilities"] == order
+    rows = {(r["op"], r["backend"]): r for r in data["results"]}
+    for cap in order:
+        avg, ties = rows[("uniform_average", f"cpu:{cap}")], rows[("merge_ties", f"cpu:{cap}")]
+        assert avg["capability"] == cap and ties["capability"] == cap
+        # each build's TIES is compared with the average of the same build
+        assert ties["fused_average_median_s"] == avg["median_s"]
+        assert f"cpu:{cap}" in proc.stdout
+    assert "side by side" in proc.stdout
+    # a build the CPU cannot run, or no such build, is refused by name
+    bad = [c for c in ("AVX512", "AVX2") if c not in supported]
+    if bad:
+        proc = _run(["bench", "--quick", "--sizes", "1000", "--no-memory", "--capability", bad[0]])
+        assert proc.returncode != 0 and f"cannot run the {bad[0]} build" in proc.stderr
+    proc = _run(["bench", "--quick", "--sizes", "1000", "--no-memory", "--capability", "SSE9"])
+    assert proc.returncode != 0 and "unknown --capability 'SSE9'" in proc.stderr
