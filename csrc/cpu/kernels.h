@@ -491,6 +491,13 @@ inline typename SimdVec<double>::F gram_tau(const acc_t* x, const acc_t* b) {
   }
 }
 
+// c_u += a_u * b for the four rows u of one tile column.
+template <bool exact, typename F>
+inline void madd_col(F& c0, F& c1, F& c2, F& c3, const F& a0, const F& a1, const F& a2, const F& a3, const F& b) {
+  c0 = madd<exact>(c0, a0, b); c1 = madd<exact>(c1, a1, b);
+  c2 = madd<exact>(c2, a2, b); c3 = madd<exact>(c3, a3, b);
+}
+
 // The 10 upper pairs of a diagonal tile: c_uv += a_u * a_v for u <= v.
 template <bool exact, typename F>
 inline void gram_diag_madds(F& c00, F& c01, F& c02, F& c03, F& c11, F& c12, F& c13, F& c22, F& c23, F& c33,
@@ -551,17 +558,13 @@ inline void gram_tile(typename SimdVec<double>::F* acc, typename SimdVec<double>
     if constexpr (kDiag) gram_diag_madds<exact>(d00, d01, d02, d03, d11, d12, d13, d22, d23, d33, a0, a1, a2, a3);
     if constexpr (kOff) {
       F b = gram_tau<exact>(y0 + j, bp + j);
-      c00 = madd<exact>(c00, a0, b); c10 = madd<exact>(c10, a1, b);
-      c20 = madd<exact>(c20, a2, b); c30 = madd<exact>(c30, a3, b);
+      madd_col<exact>(c00, c10, c20, c30, a0, a1, a2, a3, b);
       b = gram_tau<exact>(y1 + j, bp + j);
-      c01 = madd<exact>(c01, a0, b); c11 = madd<exact>(c11, a1, b);
-      c21 = madd<exact>(c21, a2, b); c31 = madd<exact>(c31, a3, b);
+      madd_col<exact>(c01, c11, c21, c31, a0, a1, a2, a3, b);
       b = gram_tau<exact>(y2 + j, bp + j);
-      c02 = madd<exact>(c02, a0, b); c12 = madd<exact>(c12, a1, b);
-      c22 = madd<exact>(c22, a2, b); c32 = madd<exact>(c32, a3, b);
+      madd_col<exact>(c02, c12, c22, c32, a0, a1, a2, a3, b);
       b = gram_tau<exact>(y3 + j, bp + j);
-      c03 = madd<exact>(c03, a0, b); c13 = madd<exact>(c13, a1, b);
-      c23 = madd<exact>(c23, a2, b); c33 = madd<exact>(c33, a3, b);
+      madd_col<exact>(c03, c13, c23, c33, a0, a1, a2, a3, b);
     }
   }
   feed = f;
@@ -595,11 +598,9 @@ inline void gram_tile_half(typename SimdVec<double>::F* acc, int v0, const acc_t
     const F a0 = gram_tau<exact>(x0 + j, bp + j), a1 = gram_tau<exact>(x1 + j, bp + j);
     const F a2 = gram_tau<exact>(x2 + j, bp + j), a3 = gram_tau<exact>(x3 + j, bp + j);
     F b = gram_tau<exact>(y0 + j, bp + j);
-    c00 = madd<exact>(c00, a0, b); c10 = madd<exact>(c10, a1, b);
-    c20 = madd<exact>(c20, a2, b); c30 = madd<exact>(c30, a3, b);
+    madd_col<exact>(c00, c10, c20, c30, a0, a1, a2, a3, b);
     b = gram_tau<exact>(y1 + j, bp + j);
-    c01 = madd<exact>(c01, a0, b); c11 = madd<exact>(c11, a1, b);
-    c21 = madd<exact>(c21, a2, b); c31 = madd<exact>(c31, a3, b);
+    madd_col<exact>(c01, c11, c21, c31, a0, a1, a2, a3, b);
   }
   feed = f;
   acc[v0] = c00; acc[v0 + 1] = c01; acc[4 + v0] = c10; acc[5 + v0] = c11;
