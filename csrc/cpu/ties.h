@@ -603,7 +603,7 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
           for (int t = 0; t < Tl; ++t) {
             const TiesTaskPar<acc_t>& q = tp[t];
             const acc_t* x = xv[t];
-            acc_t* tb = trb + t * kSub - sb;
+            acc_t* tb = trb + t * kSub;  // position j at tb[j - sb]
             const F wv = F{} + q.w, cv = F{} + q.c;
             I bigv = chkv;
             if (q.brk) {
@@ -633,7 +633,7 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
                 if constexpr (WRITE) {
                   I keep = ab >= cv;
                   if constexpr (TAIL) keep &= valid;
-                  simd_store(tb + j, (F)((I)tau & keep));
+                  simd_store(tb + (j - sb), (F)((I)tau & keep));
                 }
               }
               lc[t] += lcv;
@@ -646,7 +646,7 @@ void ties_pass(const TiesArgs& a, const TiesPlan<typename AccOf<in_t>::type>& P,
                 if constexpr (WRITE) {
                   I keep = (F)ai >= cv;
                   if constexpr (TAIL) keep &= valid;
-                  simd_store(tb + j, (F)((I)tau & keep));
+                  simd_store(tb + (j - sb), (F)((I)tau & keep));
                 }
               }
             }
