@@ -288,6 +288,17 @@ def test_density_outside_the_interval(llamas, tmp_path, density):
     no_leftovers(out)
 
 
+@pytest.mark.parametrize("density,epsilon", [(0.5, 0.5), (0.2, 0.3), (0.8, 0.25)])
+def test_della_probabilities_outside_the_interval(llamas, tmp_path, density, epsilon):
+    cfg = ties_config(llamas, density).replace("merge_method: ties", "merge_method: della")
+    cfg = cfg.replace(f"density: {density}", f"density: {density}, epsilon: {epsilon}")
+    out = str(tmp_path / "o")
+    with pytest.raises(ConfigError, match=rf"model .*ft0: DELLA's keep probabilities density \+/- epsilon "
+                                        rf"\({density} \+/- {epsilon}\) for tensor .* must lie inside \(0, 1\)"):
+        merge_checkpoints(cfg, out, quiet=True)
+    no_leftovers(out)
+
+
 def test_plan_errors(llamas, tmp_path):
     out = str(tmp_path / "o")
     cases = [
@@ -430,8 +441,33 @@ def test_scalars_integers_and_float64(tmp_path):
         for n in ("w", "scale", "count", "x64"):
             assert a.get(n).shape == b.get(n).shape and a.get(n).dtype == b.get(n).dtype, n
             assert torch.equal(a.get(n), b.get(n)), (method, n)
+            # and the formula worked here in float64 (for float64 both runs take the same PyTorch code)
+            if n != "count":
+                ins = [Checkpoint(p).get(n).double() for p in paths]
+                want = _ties64(ins[0], ins[1:], 0.5) if method == "ties" else sum(ins) / 3
+                tol = 1e-15 if n == "x64" else 1e-6
+                torch.testing.assert_close(a.get(n).double(), want, rtol=tol, atol=tol, msg=f"{method} {n}")
         assert a.get("count").item() == 7 and a.get("x64").dtype == torch.float64
         assert a.get("scale").shape == ()
+        assert a.get("scale").item() == (2.5 if method == "ties" else 2.0)  # scales 1, 2, 3
+
+
+def _ties64(base, thetas, density):
+    """TIES with weights 1, worked entry by entry: each delta keeps its k = max(1, int(density n)) largest
+    magnitudes, the sign of the kept sum is elected, and the agreeing kept deltas are averaged."""
+    kept = []
+    for t in thetas:
+        d = (t - base).reshape(-1).tolist()
+        k = max(1, int(density * len(d)))
+        top = sorted(range(len(d)), key=lambda i: -abs(d[i]))[:k]
+        kept.append([d[i] if i in top else 0.0 for i in range(len(d))])
+    out = []
+    for i in range(len(kept[0])):
+        col = [k[i] for k in kept]
+        sign = 1.0 if sum(col) >= 0 else -1.0
+        agree = [x for x in col if x != 0 and (x > 0) == (sign > 0)]
+        out.append(sum(agree) / len(agree) if agree else 0.0)
+    return base + torch.tensor(out, dtype=torch.float64).reshape(base.shape)
 
 
 def test_overflow_in_the_fused_pass_is_an_error(tmp_path):

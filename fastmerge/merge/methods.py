@@ -10,17 +10,20 @@ reference for the conventions). The fast paths:
   applies each model's keep rule (exact magnitude ranks from :mod:`fastmerge.merge.select`, or the
   counter-based random stream), weights, elects signs, and writes the output dtype. L1 rescaling adds one
   deterministic pass (``_C.ckpt_abs_sums``);
-- ``della``, ``della_linear``: the per-row rank probabilities in PyTorch, then the fused pass;
+- ``della``, ``della_linear``: the per-row rank probabilities and keep draws in vectorised PyTorch
+  (written apart from the twin's), then the fused pass;
 - ``model_stock``: the Gram matrix of the task vectors (``fastmerge.task_vector_cosine``, float64)
   and one ``fastmerge.task_arithmetic`` pass (``filter_wise: true`` runs per row in PyTorch);
-- ``slerp`` (over the whole flattened tensor, as mergekit 0.1.5) and ``passthrough``: vectorised
-  PyTorch.
+- ``slerp`` (over the whole flattened tensor, as mergekit 0.1.5): the pair's Gram matrix
+  (``_C.gram``, float64) and one fused pass for c0 v0 + c1 v1;
+- ``passthrough``: vectorised PyTorch.
 
 On CUDA tensors (``--device cuda``) every method runs its PyTorch formulation on the GPU.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -152,6 +155,40 @@ def _ranks(method: str, p: dict, n: int):
     return n_bot, n_bot + target, False
 
 
+def della_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
+    """DELLA's MagPrune keep probabilities (float32, flat in ``delta``'s order). The ranking runs along
+    dim 1, as mergekit's does (a matrix: within each row; a 1-D tensor is one row): the entry of rank r in
+    ascending |delta| (0-based, equal magnitudes ordered by index) among m is kept with probability
+    (density - epsilon) + 2 epsilon r / (m - 1); m = 1 has no rank spread (0 / 0: never kept, where
+    mergekit's formula gives NaN)."""
+    x = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    m = x.shape[1]
+    mags = x.abs().float().movedim(1, -1)  # the ranked axis last, contiguous below
+    pos = torch.sort(mags.contiguous(), dim=-1, stable=True).indices  # pos[..., r]: the index of rank r
+    rank = torch.empty_like(pos)
+    rank.scatter_(-1, pos, torch.arange(m, dtype=pos.dtype).expand_as(pos).contiguous())
+    frac = rank.float() / float(m - 1) if m > 1 else torch.full(mags.shape, float("nan"))
+    lo = torch.tensor(density - epsilon, dtype=torch.float32)
+    step = torch.tensor(epsilon, dtype=torch.float32) * 2
+    return (lo + frac * step).movedim(-1, 1).reshape(-1)
+
+
+def _della_keep(C, delta: Tensor, density: float, epsilon: float, key: int) -> Tensor:
+    """Entry i is kept when its 24 random bits (the compiled stream) fall below p_i * 2^24."""
+    p = della_probabilities(delta, density, epsilon).double() * float(1 << 24)
+    bits = C.ckpt_random_bits(key, 0, delta.numel())
+    return (bits.double() < p).reshape(-1)
+
+
+def _l1_rescaled(delta: Tensor, kept: Tensor) -> Tensor:
+    """``kept`` scaled by |delta|_1 / |kept|_1 (sums in float64), unless either sum is below 1e-7."""
+    before = float(delta.abs().sum(dtype=torch.float64))
+    after = float(kept.abs().sum(dtype=torch.float64))
+    if _f32(before) < 1e-7 or _f32(after) < 1e-7:
+        return kept
+    return kept * _f32(np.float32(before) / np.float32(after))
+
+
 def _gta_fast(job: Job, sparsification: Optional[str], consensus: Optional[str], default_normalize: bool,
               default_rescale: bool) -> Tensor:
     C = _C()
@@ -165,17 +202,18 @@ def _gta_fast(job: Job, sparsification: Optional[str], consensus: Optional[str],
     rules = streams = top_k = None
     probs = [1.0] * T
     if sparsification == "della" and any(sparse):
-        # the per-row rank probabilities: PyTorch; the masked, rescaled deltas then enter the fused pass
+        # the per-row rank probabilities and the keep draws here (vectorised, not the twin's code); the
+        # masked, rescaled deltas then enter the fused pass
         b = R.work(base)
         masked = []
         for th, p, k, sp in zip(thetas, job.per, job.keys, sparse):
             if not sp:
                 masked.append(th)
                 continue
-            delta = (R.work(th) - b).reshape(shape)
-            mask = R.della_mask(delta, float(p["density"]), float(p["epsilon"]), k).reshape(-1)
-            d = delta.reshape(-1)
-            masked.append(b + (R.rescale_l1(d, mask) if rescale else d * mask))
+            d = R.work(th) - b
+            keep = _della_keep(C, d.reshape(shape), float(p["density"]), float(p["epsilon"]), k)
+            kept = torch.where(keep, d, torch.zeros_like(d))
+            masked.append(b + (_l1_rescaled(d, kept) if rescale else kept))
         flat = _common([b] + masked)
         base, thetas = flat[0], flat[1:]
         sparse = [False] * T
@@ -265,9 +303,36 @@ def _linear(job: Job) -> Tensor:
     return R.linear(job.inputs, ws, normalize).to(job.out_dtype)
 
 
+def slerp_coefficients(t: float, gram: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8):
+    """(c0, c1) with slerp(v0, v1) = c0 v0 + c1 v1, from the float64 Gram matrix of (v0, v1): the angle of
+    the normalised pair (a norm at or below eps counts as 1); linear, (1 - t, t), where |cos| exceeds
+    dot_threshold."""
+    n0, n1 = math.sqrt(float(gram[0, 0])), math.sqrt(float(gram[1, 1]))
+    n0, n1 = (n0 if n0 > eps else 1.0), (n1 if n1 > eps else 1.0)
+    cos = min(1.0, max(-1.0, float(gram[0, 1]) / (n0 * n1)))
+    if abs(cos) > dot_threshold:
+        return 1.0 - t, t
+    angle = math.acos(cos)
+    return math.sin((1.0 - t) * angle) / math.sin(angle), math.sin(t * angle) / math.sin(angle)
+
+
 def _slerp(job: Job) -> Tensor:
     t = float(job.shared["t"])
-    return R.slerp(t, job.base, job.inputs[0]).to(job.out_dtype)
+    if not _fused(job, job.base):
+        return R.slerp(t, job.base, job.inputs[0]).to(job.out_dtype)
+    # two passes over the pair: their Gram matrix (float64 dot products, chunk by chunk; the pages stay
+    # mapped), then c0 v0 + c1 v1 through the fused pass, which releases them
+    C = _C()
+    v0, v1 = _common([job.base, job.inputs[0]])
+    n = v0.numel()
+    zero = torch.zeros(min(n, CHUNK), dtype=v0.dtype)
+    gram = torch.zeros(2, 2, dtype=torch.float64)
+    for a, b in _chunks(n):
+        if b > a:
+            gram += C.gram(zero[:b - a], [v0[a:b], v1[a:b]])
+    c0, c1 = slerp_coefficients(t, gram)
+    return _fused_merge(C, job, None, [v0, v1], [c0, c1], None, None, [1.0, 1.0], [1.0, 1.0], 0, False, 1.0, False,
+                        job.base.shape)
 
 
 def _model_stock(job: Job) -> Tensor:
@@ -337,4 +402,8 @@ def reference_run(method: Method, job: Job) -> Tensor:
                         bool(job.shared.get("normalize", True))).to(job.out_dtype)
     if method.name == "model_stock":
         return R.model_stock(job.base, job.inputs, bool(job.shared.get("filter_wise", False))).to(job.out_dtype)
+    if method.name == "slerp":
+        return R.slerp(float(job.shared["t"]), job.base, job.inputs[0]).to(job.out_dtype)
+    if method.name == "passthrough":
+        return R.passthrough(job.inputs[0], job.per[0].get("scale")).to(job.out_dtype)
     return method.run(Job(**{**job.__dict__, "fast": False, "sink": None, "buffer": None}))

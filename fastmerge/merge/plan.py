@@ -207,6 +207,11 @@ class _Resolver:
         for p in self.method.params:
             if p.scope == "input" or (p.scope == "non_base" and not is_base):
                 out[p.name] = self.value(p, scopes, tensor, t, f"model {src.model}")
+        if (self.method.gta or {}).get("sparsification") == "della" and out.get("density", 1.0) < 1:
+            d, e = out["density"], out["epsilon"]
+            if not (0 < d - e and d + e < 1):  # mergekit 0.1.5 refuses these too
+                raise ConfigError(f"model {src.model}: DELLA's keep probabilities density +/- epsilon "
+                                  f"({d} +/- {e}) for tensor {tensor} must lie inside (0, 1); lower epsilon")
         return out
 
 
