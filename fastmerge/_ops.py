@@ -285,7 +285,18 @@ def task_vector_cosine_op(base: Tensor, thetas: list[Tensor], gram: bool, backen
         G = _cuda_op("gram", V.named_inputs("base", base, "thetas", thetas), base, list(thetas))
     else:
         G = _C.gram(base, list(thetas))
-    return G if gram else R.gram_to_cosine(G)
+    return G if gram else _cosine_of(G)
+
+
+def _cosine_of(G: Tensor) -> Tensor:
+    """cos_ij = G_ij / sqrt(G_ii G_jj), clamped to [-1, 1]; against a zero vector 0 (never NaN), and 1 on
+    the diagonal of a nonzero one. (The kernels' own conversion; the twin has its own.)"""
+    d = G.diagonal().clamp(min=0)
+    denom = (d.unsqueeze(1) * d.unsqueeze(0)).sqrt()  # one rounding: opposite vectors give exactly -1
+    live = denom > 0
+    C = torch.where(live, G / torch.where(live, denom, torch.ones_like(denom)), torch.zeros_like(G)).clamp_(-1.0, 1.0)
+    C.diagonal().copy_((d > 0).to(G.dtype))
+    return C
 
 
 @task_vector_cosine_op.register_fake

@@ -88,12 +88,17 @@ def _C():
     return C
 
 
+def _wide(x: Tensor) -> Tensor:
+    """float32 for arithmetic, float64 kept."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _common(tensors: Sequence[Tensor]) -> List[Tensor]:
     """Flat contiguous views, converted to float32 only when the inputs' dtypes differ."""
     dts = {t.dtype for t in tensors}
     flat = [t.reshape(-1) for t in tensors]
     if len(dts) > 1:
-        flat = [R.work(t) for t in flat]
+        flat = [_wide(t) for t in flat]
     return [t if t.is_contiguous() else t.contiguous() for t in flat]
 
 
@@ -204,13 +209,13 @@ def _gta_fast(job: Job, sparsification: Optional[str], consensus: Optional[str],
     if sparsification == "della" and any(sparse):
         # the per-row rank probabilities and the keep draws here (vectorised, not the twin's code); the
         # masked, rescaled deltas then enter the fused pass
-        b = R.work(base)
+        b = _wide(base)
         masked = []
         for th, p, k, sp in zip(thetas, job.per, job.keys, sparse):
             if not sp:
                 masked.append(th)
                 continue
-            d = R.work(th) - b
+            d = _wide(th) - b
             keep = _della_keep(C, d.reshape(shape), float(p["density"]), float(p["epsilon"]), k)
             kept = torch.where(keep, d, torch.zeros_like(d))
             masked.append(b + (_l1_rescaled(d, kept) if rescale else kept))
@@ -360,7 +365,7 @@ def _model_stock(job: Job) -> Tensor:
 def _passthrough(job: Job) -> Tensor:
     scale = job.per[0].get("scale")
     x = job.inputs[0]
-    return (x if scale is None else R.work(x) * float(scale)).to(job.out_dtype)
+    return (x if scale is None else _wide(x) * float(scale)).to(job.out_dtype)
 
 
 METHODS: Dict[str, Method] = {}
