@@ -32,6 +32,10 @@ def test_gram_and_cosine_match_reference(d, T):
     assert_gram_close(G, Gr)
     C = fastmerge.task_vector_cosine(base, thetas, backend="cpu")
     torch.testing.assert_close(C, ref.task_vector_cosine(base, thetas), rtol=1e-12, atol=1e-12)
+    # and the formula, computed here: τ_u·τ_v / (|τ_u| |τ_v|) with τ = θ − base taken in float32
+    tau = torch.stack([(x - base).double() for x in thetas])
+    n = tau.norm(dim=1)
+    torch.testing.assert_close(C, (tau @ tau.T) / torch.outer(n, n), rtol=1e-12, atol=1e-12)
     assert torch.equal(G, G.T)
 
 
@@ -60,6 +64,7 @@ def test_zero_task_vector_has_cosine_zero_never_nan():
 def test_cosine_non_contiguous_and_threads():
     base, thetas = make_tasks(400_009, 5, seed=2)
     expect = fastmerge.task_vector_cosine(base, thetas, gram=True)
+    assert_gram_close(expect, ref.task_vector_cosine(base, thetas, gram=True))
     assert torch.equal(fastmerge.task_vector_cosine(strided(base), [strided(x) for x in thetas], gram=True), expect)
     torch.set_num_threads(1)
     one = fastmerge.task_vector_cosine(base, thetas, gram=True)

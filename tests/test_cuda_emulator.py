@@ -52,13 +52,26 @@ def test_kernel_checks_name_the_input():
         _cuda.ops().merge_ties(base, [th[0], th[1][:9]], 0.2, 1.0, 0, torch.tensor([0, 10]), None, 0)
 
 
+def _coefs(T):
+    return torch.randn(T, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(T))
+
+
+def _grad(d):
+    return torch.randn(d, generator=torch.Generator().manual_seed(d))
+
+
+def _blocks(d):
+    return [0, 5, d // 2, d]
+
+
+def _layout(d):
+    return [0, 1, 9000, d]
+
+
 def _all_ops(d: int, T: int):
     base, th = make_tasks(d, T, seed=11)
     th[1][: d // 4] = 2 * base[: d // 4] - th[0][: d // 4]  # exact TIES cancellations with task 0
-    coefs = torch.randn(T, 3, dtype=torch.float64)
-    blocks = [0, 5, d // 2, d]
-    g = torch.randn(d)
-    layout = [0, 1, 9000, d]
+    coefs, blocks, g, layout = _coefs(T), _blocks(d), _grad(d), _layout(d)
     return base, th, {
         "average": lambda: fastmerge.uniform_average(th, weights=list(range(1, T + 1)), backend="cuda"),
         "task_arithmetic": lambda: fastmerge.task_arithmetic(strided(base), th, 0.3, backend="cuda"),
@@ -81,7 +94,21 @@ def test_results_do_not_depend_on_block_or_thread_order(monkeypatch):
     monkeypatch.setenv("FASTMERGE_CUDA_EMULATE_ORDER", "reverse")
     for k, f in calls.items():
         assert torch.equal(bits(f()), bits(forward[k])), k
-    assert torch.equal(bits(forward["ties"]), bits(ref.merge_ties(base, th, density=0.2)))
+    # and the results are the reference's: bit for bit where the reference keeps the kernels'
+    # operation order, to the last bits of a float64 sum where the order of the sum differs
+    T, d = len(th), base.numel()
+    same = {"average": ref.uniform_average(th, weights=list(range(1, T + 1))),
+            "task_arithmetic": ref.task_arithmetic(base, th, 0.3),
+            "block_scale": ref.block_scale(base, th, _coefs(T).float(), _blocks(d)),
+            "ties": ref.merge_ties(base, th, density=0.2),
+            "ties_tensor": ref.merge_ties(base, th, density=0.3, merge="max", scope="tensor", layout=_layout(d))}
+    for k, expect in same.items():
+        assert torch.equal(bits(forward[k]), bits(expect)), k
+    G, Gr = forward["gram"], ref.task_vector_cosine(base, th, gram=True)
+    scale = torch.sqrt(torch.outer(Gr.diagonal(), Gr.diagonal()))  # a dot product's error scales with the norms
+    assert bool(((G - Gr).abs() <= 1e-12 * scale).all())
+    _, gc = ref.block_scale_backward(_grad(d), th, _coefs(T), _blocks(d))
+    torch.testing.assert_close(forward["block_scale_backward"], gc, rtol=1e-12, atol=1e-12)
 
 
 @needs_emulator

@@ -7,7 +7,25 @@ import torch
 
 import fastmerge
 from fastmerge import reference as ref
-from conftest import AWKWARD_SIZES, DTYPES, make_tasks, strided
+from conftest import AWKWARD_SIZES, make_tasks, strided
+
+FLOATS = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# significand bits (the implicit one included): rounding to the dtype moves a value by at most
+# |x| * 2^-P (half a unit in the last place), down to the subnormals, where half a step is TINY
+P = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24, torch.float64: 53}
+TINY = {torch.bfloat16: 2.0 ** -134, torch.float16: 2.0 ** -25, torch.float32: 2.0 ** -150, torch.float64: 0.0}
+
+
+def assert_rounded_from(out, exact, mag, terms):
+    """``out`` is ``exact`` (float64) rounded to ``out.dtype`` after ``terms`` roundings in the
+    accumulation type (float32, or float64 for float64 inputs) of values of size up to ``mag``: within
+    half a unit in the last place of the output plus what the accumulation can add."""
+    u = 2.0 ** -53 if out.dtype == torch.float64 else 2.0 ** -24
+    acc_err = terms * u * mag
+    tol = (exact.abs() + acc_err) * 2.0 ** -P[out.dtype] + acc_err + TINY[out.dtype]
+    err = (out.double() - exact).abs()
+    i = int((err - tol).argmax())
+    assert bool((err <= tol).all()), f"error {float(err[i]):.3g} above its bound {float(tol[i]):.3g} at index {i}"
 
 
 @pytest.mark.parametrize("d", AWKWARD_SIZES)
@@ -20,37 +38,68 @@ def test_uniform_average_matches_reference_fp32(d, T):
     assert torch.equal(out, expect)
 
 
-@pytest.mark.parametrize("dtype,rtol,atol", DTYPES + [(torch.float64, 1e-12, 1e-12)])
-@pytest.mark.parametrize("d", [1, 257, 4099])
-def test_uniform_average_dtypes_and_weights(dtype, rtol, atol, d):
-    _, thetas = make_tasks(d, 4, dtype=dtype, seed=3)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("d", [1, 2, 257, 4099])
+def test_uniform_average_dtypes_and_weights(dtype, d):
+    # task vectors of order 1 (not 0.01): a wrong weight moves the result by far more than an ulp
+    _, thetas = make_tasks(d, 4, dtype=dtype, seed=3, scale=100.0)
     w = [0.5, 2.0, 0.0, 1.25]
     out = fastmerge.uniform_average(thetas, weights=w, backend="cpu")
-    expect = ref.uniform_average(thetas, weights=w)
     assert out.dtype == dtype
-    torch.testing.assert_close(out, expect, rtol=rtol, atol=atol)
-    naive = sum(wt * x.double() for wt, x in zip(w, thetas)) / sum(w)
-    torch.testing.assert_close(out.double(), naive, rtol=max(rtol, 1e-6), atol=max(atol, 1e-6))
+    # same operation order as the twin, no fused multiply-add: bit for bit in every dtype
+    assert torch.equal(out, ref.uniform_average(thetas, weights=w))
+    # and both are the weighted mean of the inputs, up to rounding
+    xs = [x.double() for x in thetas]
+    naive = sum(wt * x for wt, x in zip(w, xs)) / sum(w)
+    assert_rounded_from(out, naive, sum(wt * x.abs() for wt, x in zip(w, xs)) / sum(w), 2 * len(w) + 2)
 
 
-@pytest.mark.parametrize("dtype,rtol,atol", DTYPES)
+@pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("d", [1, 2, 513, 65537])
-def test_task_arithmetic_matches_reference(dtype, rtol, atol, d):
-    base, thetas = make_tasks(d, 3, dtype=dtype, seed=d)
+def test_task_arithmetic_matches_reference(dtype, d):
+    base, thetas = make_tasks(d, 3, dtype=dtype, seed=d, scale=100.0)
     for lam in (0.4, [1.0, -0.5, 0.3]):
         out = fastmerge.task_arithmetic(base, thetas, lam=lam, backend="cpu")
         expect = ref.task_arithmetic(base, thetas, lam=lam)
         assert torch.equal(out, expect), (dtype, d, lam)
         lams = [lam] * 3 if isinstance(lam, float) else lam
-        naive = base.double() + sum(l * (x.double() - base.double()) for l, x in zip(lams, thetas))
-        torch.testing.assert_close(out.double(), naive, rtol=max(rtol, 1e-5), atol=max(atol, 1e-5))
+        b = base.double()
+        naive = b + sum(l * (x.double() - b) for l, x in zip(lams, thetas))
+        mag = b.abs() + sum(abs(l) * (x.double().abs() + b.abs()) for l, x in zip(lams, thetas))
+        assert_rounded_from(out, naive, mag, 3 * len(lams) + 1)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_hand_worked_values_every_dtype(dtype):
+    # small dyadic numbers: every sum and result is exact in every dtype, so the results are exact
+    x = [torch.tensor(v, dtype=dtype) for v in ([1.0, -3.0], [2.0, 0.5], [4.0, 1.5])]
+    # (1 + 2*2 + 4) / 4 = 2.25 and (-3 + 2*0.5 + 1.5) / 4 = -0.125; unweighted: 7/3 and -1/3
+    out = fastmerge.uniform_average(x, weights=[1.0, 2.0, 1.0], backend="cpu")
+    assert torch.equal(out, torch.tensor([2.25, -0.125], dtype=dtype))
+    assert torch.equal(fastmerge.uniform_average(x[:1], weights=[3.0], backend="cpu"), x[0])
+    assert torch.equal(fastmerge.uniform_average([x[0], x[2]], backend="cpu"), torch.tensor([2.5, -0.75], dtype=dtype))
+    # d = 1: (1*1 + 3*2) / 4 = 1.75
+    one = [v[:1] for v in x]
+    assert torch.equal(fastmerge.uniform_average(one[:2], weights=[1.0, 3.0], backend="cpu"),
+                       torch.tensor([1.75], dtype=dtype))
+    base = torch.tensor([1.0, -2.0], dtype=dtype)
+    t1 = torch.tensor([2.0, 0.0], dtype=dtype)   # task vector (1, 2)
+    t2 = torch.tensor([0.5, -1.0], dtype=dtype)  # task vector (-0.5, 1)
+    # base + 0.5*(1, 2) + 2*(-0.5, 1) = (0.5, 1); the base alone is (1, -2), without t2 (1.5, -1)
+    out = fastmerge.task_arithmetic(base, [t1, t2], lam=[0.5, 2.0], backend="cpu")
+    assert torch.equal(out, torch.tensor([0.5, 1.0], dtype=dtype))
+    assert torch.equal(fastmerge.task_arithmetic(base[1:], [t1[1:], t2[1:]], lam=0.25, backend="cpu"),
+                       torch.tensor([-1.25], dtype=dtype))  # -2 + 0.25*2 + 0.25*1
+    # the same from the twin
+    assert torch.equal(ref.uniform_average(x, weights=[1.0, 2.0, 1.0]), torch.tensor([2.25, -0.125], dtype=dtype))
+    assert torch.equal(ref.task_arithmetic(base, [t1, t2], lam=[0.5, 2.0]), torch.tensor([0.5, 1.0], dtype=dtype))
 
 
 def test_stacked_input_equals_list_input():
     base, thetas = make_tasks(1021, 4, seed=1)
     stacked = torch.stack(thetas)
-    assert torch.equal(fastmerge.uniform_average(stacked), fastmerge.uniform_average(thetas))
-    assert torch.equal(fastmerge.task_arithmetic(base, stacked, 0.3), fastmerge.task_arithmetic(base, thetas, 0.3))
+    assert torch.equal(fastmerge.uniform_average(stacked), ref.uniform_average(thetas))
+    assert torch.equal(fastmerge.task_arithmetic(base, stacked, 0.3), ref.task_arithmetic(base, thetas, 0.3))
 
 
 def test_non_contiguous_inputs():
@@ -58,11 +107,12 @@ def test_non_contiguous_inputs():
     nb = strided(base, 3)
     nts = [strided(x, 2) for x in thetas]
     assert not nb.is_contiguous()
-    assert torch.equal(fastmerge.uniform_average(nts), fastmerge.uniform_average(thetas))
-    assert torch.equal(fastmerge.task_arithmetic(nb, nts, 0.7), fastmerge.task_arithmetic(base, thetas, 0.7))
+    expect = ref.uniform_average(thetas)
+    assert torch.equal(fastmerge.uniform_average(nts), expect)
+    assert torch.equal(fastmerge.task_arithmetic(nb, nts, 0.7), ref.task_arithmetic(base, thetas, 0.7))
     # a [d, T] tensor seen through its transpose: every row is a strided view
     cols = torch.stack(thetas, dim=1)
-    assert torch.equal(fastmerge.uniform_average(cols.t()), fastmerge.uniform_average(thetas))
+    assert torch.equal(fastmerge.uniform_average(cols.t()), expect)
     # multi-dimensional tensors keep their shape
     mats = [x.view(4099, 1) for x in thetas]
     assert fastmerge.uniform_average(mats).shape == (4099, 1)

@@ -277,8 +277,9 @@ def test_bench_merge_with_two_ranks(tmp_path):
         fm = e["fastmerge"]
         assert fm["rc"] == 0 and [x["rc"] for x in fm["each"]] == [0, 0]
         each = sorted(x["seconds"] for x in fm["each"])
-        assert fm["seconds"] == (each[0] + each[1]) / 2
-        assert fm["peak_rss_bytes"] == max(x["peak_rss_bytes"] for x in fm["each"])
+        # how the runs are summarised is tested on scripted runs in test_bench_merge.py
+        assert each[0] <= fm["seconds"] <= each[1]
+        assert all(x["peak_rss_bytes"] > 50 << 20 for x in fm["each"])  # a Python process that imported torch
         assert fm["merge_seconds"] > 0
         d = e["fastmerge_2_ranks"]
         assert d["rc"] == 0 and d["identical_to_one_process"] is True and len(d["ranks"]) == 2

@@ -36,11 +36,16 @@ def test_sizes_and_modes(d, merge):
 @pytest.mark.parametrize("T", [1, 2, 3, 8])
 def test_densities(density, T):
     base, thetas = make_tasks(3001, T, seed=T)
-    _, parts = check(base, thetas, density=density, lam=0.8)
+    out, parts = check(base, thetas, density=density, lam=0.8)
     if density == 1.0:
         assert bool(parts["mask"].all())
-    if density == 1e-6:  # k = n: only the entries equal to the max magnitude survive
-        assert int(parts["mask"].sum()) >= T
+    if density == 1e-6:
+        # k = n: only the entries equal to the max magnitude survive, one per task here (no ties), and
+        # the output moves from the base exactly where some task has its largest |θ − base|
+        tops = {int((x - base).abs().argmax()) for x in thetas}
+        assert parts["mask"].sum(1).tolist() == [1] * T
+        assert set(parts["mask"].nonzero()[:, 1].tolist()) == tops
+        assert set((out != base).nonzero().flatten().tolist()) == tops
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
@@ -88,6 +93,16 @@ def test_weights_multiply_first():
     base, thetas = make_tasks(2049, 3, seed=5)
     check(base, thetas, density=0.25, weights=[0.5, 2.0, 1.0])
     check(base, thetas, density=0.25, weights=[3.0, 3.0, 3.0], merge="max")
+    # by hand: weights 2 and 0.5 scale the task vectors before the sign election and the mean
+    t1 = torch.tensor([1.0, -0.25, 0.5, -0.75, 0.25])
+    t2 = torch.tensor([-1.0, 0.5, 0.5, -0.5, -0.125])
+    # weighted: [2, -0.5, 1, -1.5, 0.5] and [-0.5, 0.25, 0.25, -0.25, -0.0625]; sums [1.5, -0.25, 1.25, -1.75,
+    # 0.4375]; mean of the entries with the elected sign: [2, -0.5, 0.625, -0.875, 0.5]
+    # (unweighted, position 0 would cancel: 1 - 1 = 0)
+    out, _ = check(torch.zeros(5), [t1, t2], density=1.0, weights=[2.0, 0.5])
+    assert torch.equal(out, torch.tensor([2.0, -0.5, 0.625, -0.875, 0.5]))
+    out, _ = check(torch.zeros(5), [t1, t2], density=1.0, weights=[2.0, 0.5], merge="max")
+    assert torch.equal(out, torch.tensor([2.0, -0.5, 1.0, -1.5, 0.5]))
 
 
 def test_scope_tensor():
@@ -122,7 +137,7 @@ def test_large_problem_uses_the_sampled_bracket_and_stays_exact():
 
 def test_non_contiguous_and_stacked_inputs():
     base, thetas = make_tasks(5003, 3, seed=4)
-    expect = fastmerge.merge_ties(base, thetas)
+    expect = ref.merge_ties(base, thetas)
     assert torch.equal(fastmerge.merge_ties(strided(base), [strided(x, 3) for x in thetas]), expect)
     assert torch.equal(fastmerge.merge_ties(base, torch.stack(thetas)), expect)
     assert torch.equal(fastmerge.merge_ties(base, torch.stack(thetas, 1).t()), expect)

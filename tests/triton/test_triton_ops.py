@@ -19,6 +19,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "tr
 if not (INTERPRET or torch.cuda.is_available()):
     pytest.skip("Triton kernel tests need TRITON_INTERPRET=1 (CPU tensors) or a CUDA GPU", allow_module_level=True)
 
+import fastmerge  # noqa: E402
 from fastmerge import reference as _ref  # noqa: E402
 
 
@@ -77,19 +78,40 @@ BS = _kernel_module("block_scale")
 
 # 1, 2, primes and 2^k ± 1, kept small for the interpreter (~3e6 elements/s)
 SIZES = [1, 2, 3, 31, 127, 257, 1021, 4099]
-DTYPES = [
-    (torch.float32, 1e-6, 1e-6),
-    (torch.bfloat16, 1e-2, 1e-2),
-    (torch.float16, 1e-3, 1e-3),
-    (torch.float64, 1e-12, 1e-12),
-]
+FLOATS = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# significand bits (the implicit one included): rounding to the dtype moves a value by at most
+# |x| * 2^-P (half a unit in the last place), down to the subnormals, where half a step is TINY
+P = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24, torch.float64: 53}
+TINY = {torch.bfloat16: 2.0 ** -134, torch.float16: 2.0 ** -25, torch.float32: 2.0 ** -150, torch.float64: 0.0}
 
 
-def make_tasks(d, T, device, dtype=torch.float32, seed=0):
+def make_tasks(d, T, device, dtype=torch.float32, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     base = (torch.randn(d, generator=g) * 0.05).to(dtype)
-    thetas = [(base.float() + torch.randn(d, generator=g) * 0.01).to(dtype) for _ in range(T)]
+    thetas = [(base.float() + scale * torch.randn(d, generator=g) * 0.01).to(dtype) for _ in range(T)]
     return base.to(device), [x.to(device) for x in thetas]
+
+
+def assert_rounded_from(out, exact, mag, terms):
+    """``out`` is ``exact`` (float64) rounded to ``out.dtype`` after ``terms`` roundings in the
+    accumulation type (float32, or float64 for float64 inputs) of values of size up to ``mag``: within
+    half a unit in the last place of the output plus what the accumulation can add."""
+    u = 2.0 ** -53 if out.dtype == torch.float64 else 2.0 ** -24
+    acc_err = terms * u * mag
+    tol = (exact.abs() + acc_err) * 2.0 ** -P[out.dtype] + acc_err + TINY[out.dtype]
+    err = (out.double() - exact).abs()
+    i = int((err - tol).argmax())
+    assert bool((err <= tol).all()), f"error {float(err[i]):.3g} above its bound {float(tol[i]):.3g} at index {i}"
+
+
+def cosine_formula(base, thetas):
+    """cos(τ_u, τ_v) = τ_u·τ_v / (|τ_u| |τ_v|) of τ_t = θ_t − base (taken in float32, as every op does),
+    in float64; a zero vector has cosine 0 with everything."""
+    acc = torch.float64 if base.dtype == torch.float64 else torch.float32
+    tau = torch.stack([(x.cpu().to(acc) - base.cpu().to(acc)).double() for x in thetas])
+    n = tau.norm(dim=1)
+    C = (tau @ tau.T) / torch.outer(n, n)
+    return torch.nan_to_num(C, nan=0.0)
 
 
 def strided(x, step=2):
@@ -135,16 +157,18 @@ def test_uniform_average_matches_reference(device, d, T):
     assert torch.equal(out, ref.uniform_average(thetas))
 
 
-@pytest.mark.parametrize("dtype,rtol,atol", DTYPES)
-@pytest.mark.parametrize("d", [1, 257, 4099])
-def test_uniform_average_dtypes_and_weights(device, dtype, rtol, atol, d):
-    _, thetas = make_tasks(d, 4, device, dtype=dtype, seed=3)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("d", [1, 2, 257, 4099])
+def test_uniform_average_dtypes_and_weights(device, dtype, d):
+    # task vectors of order 1 (not 0.01): a wrong weight moves the result by far more than an ulp
+    _, thetas = make_tasks(d, 4, device, dtype=dtype, seed=3, scale=100.0)
     w = [0.5, 2.0, 0.0, 1.25]
     out = UA.uniform_average(thetas, w)
     assert out.dtype == dtype and out.device == thetas[0].device
     assert torch.equal(out, ref.uniform_average(thetas, weights=w))
-    naive = sum(wt * x.double() for wt, x in zip(w, thetas)) / sum(w)
-    torch.testing.assert_close(out.double(), naive, rtol=max(rtol, 1e-6), atol=max(atol, 1e-6))
+    xs = [x.cpu().double() for x in thetas]
+    naive = sum(wt * x for wt, x in zip(w, xs)) / sum(w)
+    assert_rounded_from(out.cpu(), naive, sum(wt * x.abs() for wt, x in zip(w, xs)) / sum(w), 2 * len(w) + 2)
 
 
 def test_uniform_average_exact_on_small_integers(device):
@@ -155,16 +179,36 @@ def test_uniform_average_exact_on_small_integers(device):
 
 # ---------------------------------------------------------------- task_arithmetic
 
-@pytest.mark.parametrize("dtype,rtol,atol", DTYPES)
+@pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("d", [1, 2, 513, 4099])
-def test_task_arithmetic_matches_reference(device, dtype, rtol, atol, d):
-    base, thetas = make_tasks(d, 3, device, dtype=dtype, seed=d)
+def test_task_arithmetic_matches_reference(device, dtype, d):
+    base, thetas = make_tasks(d, 3, device, dtype=dtype, seed=d, scale=100.0)
     for lam in ([0.4] * 3, [1.0, -0.5, 0.3]):
         out = TA.task_arithmetic(base, thetas, lam)
         assert out.dtype == dtype
         assert torch.equal(out, ref.task_arithmetic(base, thetas, lam=lam)), (dtype, d, lam)
-        naive = base.double() + sum(l * (x.double() - base.double()) for l, x in zip(lam, thetas))
-        torch.testing.assert_close(out.double(), naive, rtol=max(rtol, 1e-5), atol=max(atol, 1e-5))
+        b = base.cpu().double()
+        xs = [x.cpu().double() for x in thetas]
+        naive = b + sum(l * (x - b) for l, x in zip(lam, xs))
+        mag = b.abs() + sum(abs(l) * (x.abs() + b.abs()) for l, x in zip(lam, xs))
+        assert_rounded_from(out.cpu(), naive, mag, 3 * len(lam) + 1)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_hand_worked_values(device, dtype):
+    # small dyadic numbers: every sum and result is exact in every dtype (d = 2 and d = 1)
+    x = [torch.tensor(v, dtype=dtype, device=device) for v in ([1.0, -3.0], [2.0, 0.5], [4.0, 1.5])]
+    # (1 + 2*2 + 4) / 4 = 2.25 and (-3 + 2*0.5 + 1.5) / 4 = -0.125 (unweighted: 7/3 and -1/3)
+    assert torch.equal(UA.uniform_average(x, [1.0, 2.0, 1.0]).cpu(), torch.tensor([2.25, -0.125], dtype=dtype))
+    assert torch.equal(UA.uniform_average([v[:1] for v in x[:2]], [1.0, 3.0]).cpu(),
+                       torch.tensor([1.75], dtype=dtype))  # (1*1 + 3*2) / 4
+    base = torch.tensor([1.0, -2.0], dtype=dtype, device=device)
+    t1 = torch.tensor([2.0, 0.0], dtype=dtype, device=device)   # task vector (1, 2)
+    t2 = torch.tensor([0.5, -1.0], dtype=dtype, device=device)  # task vector (-0.5, 1)
+    # base + 0.5*(1, 2) + 2*(-0.5, 1) = (0.5, 1); the base alone is (1, -2), without t2 (1.5, -1)
+    assert torch.equal(TA.task_arithmetic(base, [t1, t2], [0.5, 2.0]).cpu(), torch.tensor([0.5, 1.0], dtype=dtype))
+    assert torch.equal(TA.task_arithmetic(base[1:], [t1[1:], t2[1:]], [0.25, 0.25]).cpu(),
+                       torch.tensor([-1.25], dtype=dtype))  # -2 + 0.25*2 + 0.25*1
 
 
 @pytest.mark.parametrize("T", [1, 8])
@@ -211,7 +255,15 @@ def test_gram_matches_reference(device, small_chunks, d, T):
     # the products are exact in float64; only the summation order differs
     torch.testing.assert_close(G, ref.task_vector_cosine(base, thetas, gram=True), rtol=1e-12, atol=1e-300)
     assert torch.equal(G, G.T)
-    torch.testing.assert_close(ref.gram_to_cosine(G), ref.task_vector_cosine(base, thetas), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("d", [1, 2, 127])
+@pytest.mark.parametrize("T", [1, 3, 9])
+def test_cosine_on_this_backend_is_the_formula(device, small_chunks, d, T):
+    base, thetas = make_tasks(d, T, device, seed=d * 5 + T)
+    C = fastmerge.task_vector_cosine(base, thetas, backend="triton")
+    assert C.dtype == torch.float64 and C.shape == (T, T)
+    torch.testing.assert_close(C.cpu(), cosine_formula(base, thetas), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
@@ -224,21 +276,34 @@ def test_gram_dtypes(device, dtype):
 def test_gram_strided_stacked_and_deterministic(device, small_chunks):
     base, thetas = make_tasks(4099, 5, device, seed=2)
     G = TV.gram(base, thetas)
+    torch.testing.assert_close(G, ref.task_vector_cosine(base, thetas, gram=True), rtol=1e-12, atol=1e-300)
     assert torch.equal(TV.gram(base, thetas), G)  # two runs: bit-identical
     assert torch.equal(TV.gram(strided(base), [strided(x) for x in thetas]), G)
     assert torch.equal(TV.gram(base, list(torch.stack(thetas).unbind(0))), G)
 
 
+def cosine(base, thetas):
+    return fastmerge.task_vector_cosine(base, thetas, backend="triton").cpu()
+
+
 def test_zero_task_vector_cosine_zero_never_nan(device):
     base, thetas = make_tasks(1000, 3, device, seed=1)
     thetas[1] = base.clone()
-    C = ref.gram_to_cosine(TV.gram(base, thetas))
+    C = cosine(base, thetas)
     assert not torch.isnan(C).any()
-    assert torch.equal(C[1], torch.zeros(3, dtype=torch.float64, device=device))
+    assert torch.equal(C[1], torch.zeros(3, dtype=torch.float64)) and torch.equal(C[:, 1], C[1])
     assert C[0, 0] == 1.0 and C[2, 2] == 1.0
+    torch.testing.assert_close(C, cosine_formula(base, thetas), rtol=1e-12, atol=1e-12)
+    # hand-worked: opposite vectors -1 exactly (never beyond), orthogonal 0, (1, 0) and (1, 1) 1/sqrt(2)
+    z = torch.zeros(4, device=device)
     v = torch.tensor([1.0, 2, 3, 4], device=device)
-    C2 = ref.gram_to_cosine(TV.gram(torch.zeros(4, device=device), [v, -v]))
-    assert C2[0, 1] == -1.0
+    C2 = cosine(z, [v, -v, torch.tensor([2.0, -1, 0, 0], device=device), 3 * v])
+    assert C2[0, 1] == -1.0 and C2[1, 0] == -1.0 and C2[1, 3] == -1.0
+    assert C2[0, 2] == 0.0 and C2[2, 0] == 0.0
+    assert C2[0, 3] == 1.0 and bool((C2.diagonal() == 1.0).all())
+    C3 = cosine(torch.zeros(2, device=device), [torch.tensor([1.0, 0.0], device=device),
+                                                 torch.tensor([1.0, 1.0], device=device)])
+    assert abs(float(C3[0, 1]) - 0.5 ** 0.5) <= 1e-15
     assert torch.equal(TV.gram(base, [base.clone()]), torch.zeros(1, 1, dtype=torch.float64, device=device))
 
 
@@ -266,9 +331,9 @@ def test_block_scale_forward_and_backward(device, small_chunks, kind, d, T):
         assert torch.equal(gc[:, b], torch.zeros(T, dtype=torch.float64, device=device))
 
 
-@pytest.mark.parametrize("dtype,rtol,atol", DTYPES)
+@pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("coef_dtype", [torch.float32, torch.float64])
-def test_block_scale_dtypes(device, dtype, rtol, atol, coef_dtype):
+def test_block_scale_dtypes(device, dtype, coef_dtype):
     d, T = 2003, 3
     base, vecs = make_tasks(d, T, device, dtype=dtype, seed=4)
     off = torch.tensor([0, 1, 1000, 1000, 1600, d])
@@ -292,6 +357,8 @@ def test_block_scale_strided_stacked_and_deterministic(device, small_chunks, d):
     grad = torch.randn(d).to(device)
     out = BS.block_scale(base, vecs, coefs, off)
     gc = BS.block_scale_backward(grad, vecs, coefs, off)
+    assert torch.equal(out, ref.block_scale(base, vecs, coefs, off))
+    torch.testing.assert_close(gc, ref.block_scale_backward(grad, vecs, coefs.double(), off)[1], rtol=1e-12, atol=1e-12)
     assert torch.equal(BS.block_scale(base, vecs, coefs, off), out)
     assert torch.equal(BS.block_scale_backward(grad, vecs, coefs, off), gc)  # bit-identical
     rows = list(torch.stack(vecs).unbind(0))
