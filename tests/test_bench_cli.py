@@ -54,6 +54,16 @@ def test_bench_quick_json(tmp_path):
     assert data["machine"]["cpu_capability"]
     assert data["total_seconds"] > 0
 
+    T = data["config"]["T"]
+    assert data["config"]["dtypes"] == ["fp32"] and T >= 2
+    # the least traffic of one call, in fp32 vectors of d entries each read or written once:
+    # uniform average: T inputs + the output; task arithmetic, TIES: the base, T inputs + the output;
+    # cosine: the base + T inputs (the T x T result is negligible); block_scale forward: the base, T
+    # inputs + the output; its backward: the output's gradient + T inputs; forward + backward: both
+    vectors = {"uniform_average": T + 1, "task_arithmetic": T + 2, "merge_ties": T + 2, "merge_ties_tensor": T + 2,
+               "task_vector_cosine": T + 1, "block_scale": T + 2, "block_scale_backward": T + 1,
+               "block_scale_fwd_bwd": (T + 2) + (T + 1)}
+    assert set(vectors) == set(cases.OP_NAMES)
     rows = {(r["op"], r["backend"], r["d"]): r for r in data["results"]}
     for op in cases.OP_NAMES:
         for be in ("cpu", "reference"):
@@ -64,13 +74,18 @@ def test_bench_quick_json(tmp_path):
                 assert r["reps"] == 3 and len(r["times_s"]) == 3
                 assert all(t > 0 for t in r["times_s"])
                 assert r["median_s"] > 0 and r["min_s"] > 0 and r["iqr_s"] >= 0
-                assert r["min_bytes"] > 0 and r["GBps"] > 0 and r["pct_read_bw"] > 0
+                times = sorted(r["times_s"])
+                assert r["median_s"] == pytest.approx(times[1], rel=1e-12) and r["min_s"] == times[0]
+                assert r["min_bytes"] == vectors[op] * 4 * d
+                assert r["GBps"] == pytest.approx(vectors[op] * 4 * d / times[1] / 1e9, rel=1e-12)
+                assert r["pct_read_bw"] == pytest.approx(100 * r["GBps"] / bw["read_median_GBps"], rel=1e-12)
                 mem = r["memory"]
                 assert "error" not in mem, mem.get("error")
                 assert mem["before_bytes"] > 0 and mem["peak_bytes"] >= mem["before_bytes"]
                 assert mem["peak_extra_bytes"] >= 0 and mem["output_bytes"] > 0
                 if be == "cpu":
-                    assert r["speedup_vs_reference"] > 0
+                    ref_median = sorted(rows[(op, "reference", d)]["times_s"])[1]
+                    assert r["speedup_vs_reference"] == pytest.approx(ref_median / times[1], rel=1e-12)
                 if cases.OPS[op].is_ties:
                     assert r["ratio_to_fused_average"] > 0
                     if be == "cpu":

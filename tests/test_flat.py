@@ -1,5 +1,6 @@
 """Tests for the flat-buffer layer (fastmerge.flat)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -87,7 +88,7 @@ def test_layout_equality_hash_and_immutability():
     assert a == b and hash(a) == hash(b)  # dtype is not part of equality
     assert a != c
     assert len({a, b, c}) == 2
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'names'"):
         a.names = ("x",)
 
 
@@ -154,12 +155,22 @@ def test_from_module_options():
 def test_layout_of_and_flatten_module():
     model = _small_mlp()
     layout, flat = flatten_module(model)
-    assert layout == layout_of(model) == layout_of(model.state_dict())
+    # Linear(5, 7), ReLU, Linear(7, 3): the names and shapes written out
+    mlp_names = ("0.weight", "0.bias", "2.weight", "2.bias")
+    mlp_shapes = ((7, 5), (7,), (3, 7), (3,))
+    for got in (layout, layout_of(model), layout_of(model.state_dict())):
+        assert got.names == mlp_names
+        assert tuple(tuple(s) for s in got.shapes) == mlp_shapes
+        assert got.numel == 35 + 7 + 21 + 3
     assert layout_of(layout) is layout
-    assert layout_of(MIXED_SHAPES) == FlatLayout.from_shapes(MIXED_SHAPES)
-    assert layout_of(dict(MIXED_SHAPES)) == FlatLayout.from_shapes(MIXED_SHAPES)
-    assert flat.numel() == sum(p.numel() for p in model.parameters())
-    with pytest.raises(TypeError):
+    mixed_names = ("scalar", "one", "prime", "matrix", "cube", "single_row", "empty")
+    mixed_shapes = ((), (1,), (13,), (7, 5), (3, 2, 4), (1, 11), (0, 3))
+    for got in (layout_of(MIXED_SHAPES), layout_of(dict(MIXED_SHAPES))):
+        assert got.names == mixed_names
+        assert tuple(tuple(s) for s in got.shapes) == mixed_shapes
+        assert got.offsets == (0, 1, 2, 15, 50, 74, 85, 85)
+    assert flat.numel() == 66
+    with pytest.raises(TypeError, match="cannot derive a FlatLayout from int"):
         layout_of(42)
 
 

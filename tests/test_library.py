@@ -13,6 +13,27 @@ from fastmerge import reference as ref
 from conftest import make_tasks
 
 
+# TIES worked by hand (density 0.5 keeps |τ| >= the 2nd smallest of each task's four; λ = 0.5):
+#   τ_0 = [3, -1, 0.5, 2]  keeps [3, -1, 0, 2];   τ_1 = [-2, -1, 0.25, 1]  keeps [-2, -1, 0, 1]
+#   sums [1, -2, 0, 3]: signs [+, -, (0: the majority +), +]; agreeing means [3, -1, 0, 1.5]
+#   base + 0.5 * that, with base = 1
+_HAND_BASE = torch.ones(4)
+_HAND_THETAS = [torch.tensor([4.0, 0.0, 1.5, 3.0]), torch.tensor([-1.0, 0.0, 1.25, 2.0])]
+_HAND_TIES = torch.tensor([2.5, 0.5, 1.0, 1.75])
+
+
+def _count_reference_ties(monkeypatch) -> list:
+    """Count the calls that reach the reference twin of merge_ties (the dispatcher looks it up per call)."""
+    calls = []
+    real = ref.merge_ties
+    monkeypatch.setattr(ref, "merge_ties", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _hand_ties():
+    return fastmerge.merge_ties(_HAND_BASE, _HAND_THETAS, density=0.5, lam=0.5)
+
+
 def _op_cases():
     base, thetas = make_tasks(300, 3, seed=0)
     off = torch.tensor([0, 100, 101, 300])
@@ -61,10 +82,14 @@ def test_torch_compile_fullgraph():
 def test_backend_selection_and_env(monkeypatch):
     base, thetas = make_tasks(50, 2)
     assert _ops.resolve_backend(None, torch.device("cpu")) == "cpu"
+    calls = _count_reference_ties(monkeypatch)
+    assert torch.equal(_hand_ties(), _HAND_TIES) and calls == []          # the compiled kernels by default
     monkeypatch.setenv("FASTMERGE_BACKEND", "reference")
     assert _ops.resolve_backend(None, torch.device("cpu")) == "reference"
     assert _ops.resolve_backend("cpu", torch.device("cpu")) == "cpu"
-    torch.testing.assert_close(fastmerge.merge_ties(base, thetas), ref.merge_ties(base, thetas))
+    assert torch.equal(_hand_ties(), _HAND_TIES) and calls == [1]         # the variable sends it to the twin
+    assert torch.equal(fastmerge.merge_ties(_HAND_BASE, _HAND_THETAS, 0.5, 0.5, backend="cpu"), _HAND_TIES)
+    assert calls == [1]                                                   # the argument overrides the variable
     monkeypatch.setenv("FASTMERGE_BACKEND", "bogus")
     with pytest.raises(ValueError, match="unknown backend"):
         fastmerge.uniform_average(thetas)
@@ -103,9 +128,10 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(_ops, "_C_ERROR", ImportError("simulated"))
     monkeypatch.setattr(_ops, "_warned", set())
     monkeypatch.delenv("FASTMERGE_BACKEND", raising=False)
+    calls = _count_reference_ties(monkeypatch)
     with pytest.warns(RuntimeWarning, match="pip install --no-build-isolation"):
-        out = fastmerge.merge_ties(base, thetas)
-    torch.testing.assert_close(out, ref.merge_ties(base, thetas))
+        out = _hand_ties()
+    assert torch.equal(out, _HAND_TIES) and calls == [1]    # the reference ran, and gave the hand result
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fastmerge.merge_ties(base, thetas)  # warned once only

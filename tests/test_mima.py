@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 
 from conftest import cache_with_builtin
 import fastmerge
-from fastmerge import models
+from fastmerge import models, reference
 from fastmerge.data import BUILTIN_TASKS, builtin_suite, builtin_task, check_root, load_paper_dataset
 from fastmerge.flat import FlatLayout
 from fastmerge.mima import MimaConfig, _Stopped, error_landscape, lr_at, run_mima
@@ -156,7 +157,10 @@ def test_lr_schedule_warmup_then_cosine():
     lrs = [lr_at(s, cfg) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(b <= a for a, b in zip(lrs[9:], lrs[10:]))
-    assert lrs[10] == pytest.approx(1.0) and lrs[99] == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    # after the 10 warm-up steps, 90 cosine steps: step 55 is half-way (0.5); the last step, 89/90 of the
+    # way, is 0.5 (1 + cos(178°)) = 0.5 (1 - cos 2°) = sin²(1°)
+    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5, abs=1e-12)
+    assert lrs[99] == pytest.approx(0.017452406437283512 ** 2, rel=1e-12)
     assert MimaConfig(steps=480).resolved().warmup == 48
 
 
@@ -173,35 +177,87 @@ def test_config_errors(kw, msg):
 
 # ----------------------------------------------------------------------------------- the loop
 
-def test_mima_run_records_reports_and_checkpoints(tmp_path):
+def _cosines_by_hand(vectors: torch.Tensor) -> list:
+    """T x T cosines of the rows of ``vectors``, in float64."""
+    v = vectors.double()
+    n = v.norm(dim=1)
+    return (v @ v.t() / (n[:, None] * n[None, :])).tolist()
+
+
+def _builtin_theta0() -> torch.Tensor:
+    """θ0 of the built-in suite: the image encoder's parameters of the cached built-in CLIP, in order."""
+    clip = models.load_clip(models.TINY, "builtin")[0]
+    return torch.cat([p.detach().flatten() for p in clip.visual.parameters()])
+
+
+def test_mima_run_records_reports_and_checkpoints(tmp_path, monkeypatch):
+    # keep the inputs of every cosine call: (base, task models) of each iteration, for the checks below
+    calls = []
+    real_cosine = fastmerge.task_vector_cosine
+    monkeypatch.setattr(fastmerge, "task_vector_cosine",
+                        lambda base, thetas, **kw: calls.append((base.clone(), thetas.clone())) or
+                        real_cosine(base, thetas, **kw))
     res = run_mima(small_cfg(tmp_path / "run"), log=lambda _m: None)
+    monkeypatch.undo()
     assert set(res["runs"]) == {"1", "2"}
     r1, r2 = res["runs"]["1"], res["runs"]["2"]
     assert [it["iteration"] for it in r2["iterations"]] == [1, 2] and r2["K"] == 4
-    # N = 1: θ̄ = θ0, so δ = τ
-    assert r1["iterations"][0]["cos_tau"] == r1["iterations"][0]["cos_delta"]
-    # iteration 1 of N = 2 trains from θ0 too; iteration 2 trains from the average of iteration 1
-    it1 = r2["iterations"][0]
-    assert it1["cos_tau"] == it1["cos_delta"]
-    assert r2["iterations"][1]["cos_tau"] != r2["iterations"][1]["cos_delta"]
+    out = tmp_path / "run"
+    load = lambda path: FlatLayout.load_safetensors(path)[1]
+    task_models = {n: torch.stack([load(out / f"N{n}" / "checkpoints" / f"task-{t}.safetensors") for t in TASKS3])
+                   for n in ("1", "2")}
+    theta0 = _builtin_theta0()
+    # two calls per iteration (τ: against θ0; δ: against the average the iteration started from), in order
+    # N = 1 (iteration 1), then N = 2 (iterations 1 and 2); the last iteration's models are the checkpoints
+    assert len(calls) == 6
+    assert all(torch.equal(base, theta0) for base, _ in calls[:5])
+    assert all(torch.equal(calls[i][1], calls[i + 1][1]) for i in (0, 2, 4))
+    assert torch.equal(calls[0][1], task_models["1"]) and torch.equal(calls[4][1], task_models["2"])
+    first_models = calls[2][1]                     # N = 2 after iteration 1
+    theta_bar = first_models.double().mean(0)
+    torch.testing.assert_close(calls[5][0].double(), theta_bar, rtol=0, atol=1e-6)
+    # the recorded cosines against cosines worked out here in float64
+    close = lambda got, want, tol: torch.testing.assert_close(torch.tensor(got, dtype=torch.float64),
+                                                              torch.tensor(want, dtype=torch.float64), rtol=0, atol=tol)
+    it = r1["iterations"][0]                       # N = 1: θ̄ = θ0, so δ = τ
+    tau = _cosines_by_hand(task_models["1"] - theta0)
+    close(it["cos_tau"], tau, 1e-9)
+    close(it["cos_delta"], tau, 1e-9)
+    it1, it2 = r2["iterations"]
+    tau1 = _cosines_by_hand(first_models - theta0)
+    close(it1["cos_tau"], tau1, 1e-9)
+    close(it1["cos_delta"], tau1, 1e-9)            # iteration 1 of N = 2 trains from θ0 too
+    close(it2["cos_tau"], _cosines_by_hand(task_models["2"] - theta0), 1e-9)
+    delta2 = _cosines_by_hand(task_models["2"].double() - theta_bar)
+    close(it2["cos_delta"], delta2, 1e-5)          # against the average of iteration 1
+    assert max(abs(a - b) for ra, rb in zip(delta2, it2["cos_tau"]) for a, b in zip(ra, rb)) > 1e-2
     for key in ("uniform", "task_arithmetic", "ties", "task_arithmetic_no_val", "ties_no_val"):
         m = r2["final"]["merges"][key]
         assert len(m["test_acc"]) == 3 and 0 <= m["abs"] <= 100
-    assert r2["final"]["merges"]["task_arithmetic"]["lam"] in [round(0.05 * i, 2) for i in range(21)]
-    assert r2["final"]["merges"]["ties_no_val"]["lam"] == 1.0
-    out = tmp_path / "run"
+    # the merged checkpoints against the merges written out (task arithmetic) or the reference twin (TIES)
     ck = out / "N2" / "checkpoints"
-    thetas = [FlatLayout.load_safetensors(ck / f"task-{n}.safetensors")[1] for n in TASKS3]
-    uniform = FlatLayout.load_safetensors(ck / "merge-uniform.safetensors")[1]
-    assert torch.equal(uniform, fastmerge.uniform_average(thetas))
-    # the last iteration's δ cosines are those of the task models against the previous average
+    thetas = task_models["2"]
+    merges = r2["final"]["merges"]
+    torch.testing.assert_close(load(ck / "merge-uniform.safetensors").double(), thetas.double().mean(0),
+                               rtol=0, atol=1e-6)
+    tau_sum = (thetas.double() - theta0.double()).sum(0)
+    for key in ("task_arithmetic", "task_arithmetic_no_val"):
+        lam = merges[key]["lam"]
+        torch.testing.assert_close(load(ck / f"merge-{key}.safetensors").double(), theta0.double() + lam * tau_sum,
+                                   rtol=0, atol=1e-6)
+    assert merges["task_arithmetic_no_val"]["lam"] == 0.4 and merges["ties_no_val"]["lam"] == 1.0
+    assert merges["task_arithmetic"]["lam"] in [round(0.05 * i, 2) for i in range(21)]
+    for key in ("ties", "ties_no_val"):
+        want = reference.merge_ties(theta0, list(thetas), density=0.2, lam=merges[key]["lam"])
+        torch.testing.assert_close(load(ck / f"merge-{key}.safetensors"), want, rtol=0, atol=1e-6)
     for f in ("results.json", "report.md", "plots/cosine_boxplots.png", "plots/accuracy_vs_N.png",
               "plots/error_landscape.png", "N1/result.json"):
         assert (out / f).is_file(), f
     assert "Uniform Averaging" in (out / "report.md").read_text()
     assert not (out / "N2" / "state-rank0.pt").exists()  # resume state is dropped once a run finishes
     assert "landscape" in r2 and len(r2["landscape"]["error"][2]) == 3
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileExistsError, match=f"{re.escape(str(out))} already holds a run; pass --resume to continue "
+                                              "it or choose another --out"):
         run_mima(small_cfg(tmp_path / "run"), log=lambda _m: None)
 
 
@@ -209,8 +265,9 @@ def test_resume_after_stop_matches_uninterrupted(tmp_path):
     cfg = small_cfg(tmp_path / "a", iterations=(4,), landscape=None, checkpoints=True)
     full = run_mima(cfg, log=lambda _m: None)
     cfg_b = small_cfg(tmp_path / "b", iterations=(4,), landscape=None, checkpoints=True)
-    with pytest.raises(_Stopped):
+    with pytest.raises(_Stopped, match="stopped after iteration 2 as asked") as stopped:
         run_mima(cfg_b, log=lambda _m: None, stop_after=2)
+    assert stopped.value.iteration == 2
     assert (tmp_path / "b" / "N4" / "state-rank0.pt").is_file()
     with pytest.raises(ValueError, match="different settings"):
         run_mima(small_cfg(tmp_path / "b", iterations=(4,), landscape=None, lr=1e-4), resume=True, log=lambda _m: None)
@@ -329,13 +386,30 @@ def test_error_landscape_geometry(tmp_path):
     g = torch.Generator().manual_seed(0)
     th0 = suite.theta0
     thetas = torch.stack([th0 + 0.01 * torch.randn(th0.shape, generator=g) for _ in range(3)])
-    L = error_landscape(suite, Evaluator(suite), thetas, 0, 1, grid=3, limit=12)
+    ev = Evaluator(suite)
+    L = error_landscape(suite, ev, thetas, 0, 1, grid=3, limit=12)
     ta, tb = thetas[0].double() - th0.double(), thetas[1].double() - th0.double()
+    # the plane's basis built here: u along τ_a, v the unit part of τ_b orthogonal to u
+    u = ta / ta.norm()
+    v = tb - (tb @ u) * u
+    v = v / v.norm()
     assert L["theta_a"][0] == pytest.approx(float(ta.norm()), rel=1e-9) and abs(L["theta_a"][1]) < 1e-9
     assert math.hypot(*L["theta_b"]) == pytest.approx(float(tb.norm()), rel=1e-9)
-    assert L["theta_b"][0] == pytest.approx(float(ta @ tb / ta.norm()), rel=1e-9)
+    xb, yb = L["theta_b"]
+    torch.testing.assert_close(th0.double() + xb * u + yb * v, thetas[1].double(), rtol=0, atol=1e-9)
+    # the grid: the three points' box, widened by a quarter of its larger side on each side
+    xs_pts, ys_pts = [0.0, float(ta.norm()), xb], [0.0, 0.0, yb]
+    span = max(max(xs_pts) - min(xs_pts), max(ys_pts) - min(ys_pts))
+    want_x = [min(xs_pts) - span / 4, (min(xs_pts) + max(xs_pts)) / 2, max(xs_pts) + span / 4]
+    want_y = [min(ys_pts) - span / 4, (min(ys_pts) + max(ys_pts)) / 2, max(ys_pts) + span / 4]
+    assert L["x"] == pytest.approx(want_x, rel=1e-6) and L["y"] == pytest.approx(want_y, rel=1e-6)
     err = torch.tensor(L["error"])
-    assert err.shape == (3, 3, 3) and torch.allclose(err[2], (err[0] + err[1]) / 2)
+    assert err.shape == (3, 3, 3)
+    # two opposite corners evaluated here: row iy is y, column ix is x
+    for iy, ix in ((0, 2), (2, 0)):
+        theta = (th0.double() + want_x[ix] * u + want_y[iy] * v).float()
+        ea, eb = (100.0 - ev.accuracy(theta, t, "test", 12) for t in (0, 1))
+        assert err[:, iy, ix].tolist() == pytest.approx([ea, eb, (ea + eb) / 2], abs=1e-4)
 
 
 def test_distributed_resume_when_ranks_stopped_one_iteration_apart(tmp_path):
@@ -391,7 +465,6 @@ def test_mean_std():
 
 def test_seeds_report_mean_and_std_over_seed_runs(tmp_path):
     from fastmerge.mima import run_mima_seeds
-    from fastmerge.report import pm
 
     kw = dict(iterations=(1, 2), landscape=None, checkpoints=False)
     res = run_mima_seeds(small_cfg(tmp_path / "s", **kw), seeds=2, log=lambda _m: None)
@@ -403,11 +476,13 @@ def test_seeds_report_mean_and_std_over_seed_runs(tmp_path):
     assert one["runs"]["2"]["final"]["merges"]["uniform"]["abs"] == r1["runs"]["2"]["final"]["merges"]["uniform"]["abs"]
     assert one["runs"]["2"]["final"]["cos_tau"] == r1["runs"]["2"]["final"]["cos_tau"]
     md = (tmp_path / "s" / "report.md").read_text()
+    # two seeds: mean a + (b - a) / 2 and sample standard deviation |a - b| / sqrt(2), formatted here
+    by_hand = lambda a, b, digits: f"{(a + b) / 2:.{digits}f} ± {abs(a - b) / math.sqrt(2):.{digits}f}"
     for n in ("1", "2"):
         uni = [r["runs"][n]["final"]["merges"]["uniform"]["abs"] for r in res["results"]]
-        assert pm(uni) in md
+        assert by_hand(*uni, 1) in md
         cos = [r["runs"][n]["final"]["median_cos_tau"] for r in res["results"]]
-        assert pm(cos, 3) in md
+        assert by_hand(*cos, 3) in md
     for f in ("summary.json", "plots/accuracy_vs_N_seeds.png", "seed-0/report.md", "seed-1/results.json"):
         assert (tmp_path / "s" / f).is_file(), f
     with pytest.raises(ValueError, match="at least 1"):

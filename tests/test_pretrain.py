@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -126,15 +128,32 @@ def test_pretraining_is_deterministic_and_moves_both_towers():
     assert rec["config"]["steps"] == TINY.steps and rec["distinct_captions"] > 1
 
 
-@pytest.mark.parametrize("bad", [dict(steps=0), dict(batch_size=1), dict(lr=0.0), dict(warmup=6), dict(corpus_size=0)])
-def test_bad_settings(bad):
-    with pytest.raises(ValueError):
+_RANGES = ("pretraining needs corpus_size >= 1, steps >= 1, batch_size >= 2, lr > 0 and weight_decay >= 0")
+
+
+@pytest.mark.parametrize("bad,msg", [
+    (dict(steps=0), _RANGES), (dict(batch_size=1), _RANGES), (dict(lr=0.0), _RANGES),
+    (dict(weight_decay=-0.1), _RANGES), (dict(corpus_size=0), _RANGES),
+    (dict(warmup=6), "warmup must be in [0, steps), got 6 for 6 steps"),
+    (dict(warmup=-1), "warmup must be in [0, steps), got -1 for 6 steps"),
+])
+def test_bad_settings(bad, msg):
+    with pytest.raises(ValueError, match=re.escape(msg)):
         replace(TINY, **bad).check()
+    assert replace(TINY, warmup=5).check().warmup == 5     # the edges that are allowed
+    assert replace(TINY, batch_size=2, warmup=0).check().batch_size == 2
 
 
 def test_settings_change_the_cache_key():
-    assert TINY.key() != pretrain.DEFAULT.key() and TINY.key() == replace(pretrain.DEFAULT, **TINY_PRETRAIN).key()
+    # the key: the first 16 hex digits of the SHA-256 of the settings as JSON with sorted keys,
+    # the corpus version among them; the JSON of TINY written out by hand
+    v = pretrain.CORPUS_VERSION
+    blob = ('{"batch_size": 16, "corpus_size": 96, "corpus_version": %d, "lr": 0.001, "model": "fastmerge-vit-tiny", '
+            '"seed": 0, "steps": 6, "warmup": 1, "weight_decay": 0.1}' % v)
+    assert TINY.key() == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    assert TINY.key() != pretrain.DEFAULT.key()
     assert replace(TINY, seed=1).key() != TINY.key()
+    assert pretrain.checkpoint_path(TINY).name == f"fastmerge-vit-tiny-{TINY.key()}.pt"
 
 
 def test_cache_trains_once_reloads_and_retrains_a_corrupted_file(tmp_path, monkeypatch):
@@ -143,7 +162,8 @@ def test_cache_trains_once_reloads_and_retrains_a_corrupted_file(tmp_path, monke
     path = pretrain.ensure_pretrained(TINY, log=msgs.append, progress=False, report=False)
     assert path.parent == tmp_path / "pretrained" and path.is_file()
     rec = json.loads(path.with_suffix(".json").read_text())
-    assert rec["config"] == json.loads(json.dumps(TINY.__dict__)) and len(rec["sha256"]) == 64
+    assert rec["config"] == json.loads(json.dumps(TINY.__dict__))
+    assert rec["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert any("training it once" in m for m in msgs)
 
     def refuse(*a, **k):
