@@ -476,7 +476,7 @@ def test_seeds_report_mean_and_std_over_seed_runs(tmp_path):
     assert one["runs"]["2"]["final"]["merges"]["uniform"]["abs"] == r1["runs"]["2"]["final"]["merges"]["uniform"]["abs"]
     assert one["runs"]["2"]["final"]["cos_tau"] == r1["runs"]["2"]["final"]["cos_tau"]
     md = (tmp_path / "s" / "report.md").read_text()
-    # two seeds: mean a + (b - a) / 2 and sample standard deviation |a - b| / sqrt(2), formatted here
+    # two seeds a, b: mean (a + b) / 2 and sample standard deviation |a - b| / sqrt(2), formatted here
     by_hand = lambda a, b, digits: f"{(a + b) / 2:.{digits}f} ± {abs(a - b) / math.sqrt(2):.{digits}f}"
     for n in ("1", "2"):
         uni = [r["runs"][n]["final"]["merges"]["uniform"]["abs"] for r in res["results"]]
