@@ -32,6 +32,7 @@ SMALL_SIZES = _helpers.SMALL_SIZES
 DTYPES = _helpers.DTYPES
 make_tasks = _helpers.make_tasks  # CPU tensors; move them with .to(device)
 strided = _helpers.strided
+assert_rounded_from = _helpers.assert_rounded_from
 
 
 def pytest_collection_modifyitems(config, items):

@@ -79,10 +79,6 @@ BS = _kernel_module("block_scale")
 # 1, 2, primes and 2^k ± 1, kept small for the interpreter (~3e6 elements/s)
 SIZES = [1, 2, 3, 31, 127, 257, 1021, 4099]
 FLOATS = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-# significand bits (the implicit one included): rounding to the dtype moves a value by at most
-# |x| * 2^-P (half a unit in the last place), down to the subnormals, where half a step is TINY
-P = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24, torch.float64: 53}
-TINY = {torch.bfloat16: 2.0 ** -134, torch.float16: 2.0 ** -25, torch.float32: 2.0 ** -150, torch.float64: 0.0}
 
 
 def make_tasks(d, T, device, dtype=torch.float32, seed=0, scale=1.0):
@@ -92,16 +88,7 @@ def make_tasks(d, T, device, dtype=torch.float32, seed=0, scale=1.0):
     return base.to(device), [x.to(device) for x in thetas]
 
 
-def assert_rounded_from(out, exact, mag, terms):
-    """``out`` is ``exact`` (float64) rounded to ``out.dtype`` after ``terms`` roundings in the
-    accumulation type (float32, or float64 for float64 inputs) of values of size up to ``mag``: within
-    half a unit in the last place of the output plus what the accumulation can add."""
-    u = 2.0 ** -53 if out.dtype == torch.float64 else 2.0 ** -24
-    acc_err = terms * u * mag
-    tol = (exact.abs() + acc_err) * 2.0 ** -P[out.dtype] + acc_err + TINY[out.dtype]
-    err = (out.double() - exact).abs()
-    i = int((err - tol).argmax())
-    assert bool((err <= tol).all()), f"error {float(err[i]):.3g} above its bound {float(tol[i]):.3g} at index {i}"
+from conftest import assert_rounded_from  # noqa: E402  (the main suite's bound, shared)
 
 
 def cosine_formula(base, thetas):
